@@ -1,0 +1,164 @@
+"""Bearer-token authentication with scopes.
+
+Callers are configured in a JSON file (`LOYALTY_AUTH_TOKENS_FILE`, default state_dir/tokens.json):
+
+    {"callers": [{"principal": "orders", "token_sha256": "<hex>", "scopes": ["profile.write"],
+                  "expires_at": "2027-01-01T00:00:00Z"}]}
+
+Only token hashes are stored, so the file is not a secret. Zero config: on first use the file is
+created with development tokens (their plaintext goes to state_dir/dev-tokens.json, mode 0600).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import hashlib
+import json
+import os
+import secrets
+import tempfile
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+
+from libs import errors
+
+# Scopes a principal may hold as a wildcard: "*" (everything) or "rewards.*" (one service's).
+WILDCARD = "*"
+
+
+@dataclass(frozen=True, slots=True)
+class Principal:
+    name: str
+    scopes: frozenset[str]
+    expires_at: datetime | None = None
+
+    def allows(self, scope: str) -> bool:
+        if WILDCARD in self.scopes or scope in self.scopes:
+            return True
+        prefix = scope.split(".", 1)[0]
+        return f"{prefix}.*" in self.scopes
+
+
+# The caller of the RPC being served, for handlers (audit actor) and logs.
+current_principal: contextvars.ContextVar[Principal | None] = contextvars.ContextVar("current_principal", default=None)
+
+
+def hash_token(token: str) -> str:
+    return hashlib.sha256(token.encode()).hexdigest()
+
+
+class TokenRegistry:
+    def __init__(self, principals_by_hash: Mapping[str, Principal]) -> None:
+        self._by_hash = dict(principals_by_hash)
+
+    @classmethod
+    def from_file(cls, path: Path) -> TokenRegistry:
+        data = json.loads(path.read_text())
+        by_hash: dict[str, Principal] = {}
+        for entry in data.get("callers", []):
+            expires = entry.get("expires_at")
+            by_hash[entry["token_sha256"]] = Principal(
+                name=entry["principal"],
+                scopes=frozenset(entry.get("scopes", [])),
+                expires_at=datetime.fromisoformat(expires) if expires else None,
+            )
+        return cls(by_hash)
+
+    def authenticate(self, authorization: str | None) -> Principal:
+        if not authorization:
+            raise errors.unauthenticated("missing bearer token: send metadata 'authorization: Bearer <token>'",
+                                         reason="TOKEN_MISSING")
+        scheme, _, token = authorization.partition(" ")
+        if scheme.lower() != "bearer" or not token.strip():
+            raise errors.unauthenticated("authorization must be 'Bearer <token>'", reason="TOKEN_MALFORMED")
+        principal = self._by_hash.get(hash_token(token.strip()))
+        if principal is None:
+            raise errors.unauthenticated("unknown bearer token", reason="TOKEN_UNKNOWN")
+        if principal.expires_at is not None and principal.expires_at <= datetime.now(UTC):
+            raise errors.unauthenticated("bearer token expired", reason="TOKEN_EXPIRED")
+        return principal
+
+    @staticmethod
+    def authorize(principal: Principal, scopes: Iterable[str], method: str) -> None:
+        missing = sorted(scope for scope in scopes if not principal.allows(scope))
+        if missing:
+            raise errors.permission_denied(
+                f"{principal.name} lacks scope(s) {', '.join(missing)} for {method}",
+                reason="SCOPE_MISSING", missing_scopes=",".join(missing), method=method,
+            )
+
+
+# Development callers: one token per service (what it needs to call the others), an operator with
+# everything, an analyst, and a read-only caller. Real deployments write their own tokens file.
+DEV_CALLERS: dict[str, list[str]] = {
+    "admin": [WILDCARD],
+    "profile": ["rewards.write", "rewards.read"],
+    "scoring": ["profile.read", "rewards.admin", "rewards.read"],
+    "rewards": ["risk.assess", "scoring.run", "profile.read"],
+    "risk": ["rewards.admin", "profile.read"],
+    "gateway": [],
+    "analyst": ["profile.read", "scoring.read", "scoring.run", "rewards.read", "risk.read", "risk.review",
+                "audit.read"],
+    "storefront": ["profile.write", "profile.read", "rewards.read", "rewards.write", "scoring.read"],
+    "readonly": ["profile.read", "scoring.read", "rewards.read", "risk.read"],
+}
+
+
+def _atomic_write(path: Path, text: str, mode: int) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    try:
+        os.fchmod(fd, mode)
+        with os.fdopen(fd, "w") as handle:
+            handle.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+
+
+def ensure_dev_tokens(state_dir: Path) -> dict[str, str]:
+    """Create (once) and return the development tokens {principal: token}.
+
+    Several processes may start at once: the first to create the plaintext file wins (O_EXCL on a
+    lock file), the others wait for it and read the same tokens.
+    """
+    plain = state_dir / "dev-tokens.json"
+    hashed = state_dir / "tokens.json"
+    lock = state_dir / ".dev-tokens.lock"
+    state_dir.mkdir(parents=True, exist_ok=True)
+    if not plain.exists():
+        try:
+            fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600)
+        except FileExistsError:
+            fd = -1
+        if fd >= 0:
+            os.close(fd)
+            try:
+                tokens = {name: f"dev-{name}-{secrets.token_urlsafe(24)}" for name in DEV_CALLERS}
+                callers = [
+                    {"principal": name, "token_sha256": hash_token(tokens[name]), "scopes": scopes}
+                    for name, scopes in DEV_CALLERS.items()
+                ]
+                _atomic_write(hashed, json.dumps({"callers": callers}, indent=2) + "\n", 0o644)
+                _atomic_write(plain, json.dumps(tokens, indent=2) + "\n", 0o600)
+            finally:
+                lock.unlink(missing_ok=True)
+        else:
+            _wait_for(plain)
+    loaded: dict[str, str] = json.loads(plain.read_text())
+    return loaded
+
+
+def _wait_for(path: Path, timeout_s: float = 10.0) -> None:
+    import time
+
+    deadline = time.monotonic() + timeout_s
+    while not path.exists():
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"{path} was not created by the process holding the lock")
+        time.sleep(0.05)

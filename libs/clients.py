@@ -1,0 +1,105 @@
+"""One client factory: a channel to another service with auth metadata, trace-context propagation,
+a deadline on every call, and retries on UNAVAILABLE for idempotent RPCs only (gRPC service config,
+built from the `idempotent` flag each RPC declares in the protos)."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import grpc
+from google.protobuf import descriptor
+from opentelemetry import propagate
+
+from libs.contracts import contracts_for
+from libs.settings import Settings
+
+RETRY_ATTEMPTS_MAX = 4
+RETRY_BACKOFF_S_INITIAL = 0.05
+RETRY_BACKOFF_S_MAX = 1.0
+
+
+def service_config(services: Iterable[descriptor.ServiceDescriptor], deadline_ms: int) -> str:
+    """Retry policy for idempotent RPCs; every method gets a default timeout."""
+    idempotent: list[dict[str, str]] = []
+    others: list[dict[str, str]] = []
+    for service in services:
+        for contract in contracts_for(service).values():
+            name = {"service": contract.service, "method": contract.name}
+            (idempotent if contract.idempotent and not contract.client_streaming else others).append(name)
+    timeout = f"{deadline_ms / 1000:.3f}s"
+    method_config: list[dict[str, Any]] = []
+    if idempotent:
+        method_config.append({
+            "name": idempotent,
+            "timeout": timeout,
+            "retryPolicy": {
+                "maxAttempts": RETRY_ATTEMPTS_MAX,
+                "initialBackoff": f"{RETRY_BACKOFF_S_INITIAL}s",
+                "maxBackoff": f"{RETRY_BACKOFF_S_MAX}s",
+                "backoffMultiplier": 2,
+                "retryableStatusCodes": ["UNAVAILABLE"],
+            },
+        })
+    if others:
+        method_config.append({"name": others, "timeout": timeout})
+    return json.dumps({"methodConfig": method_config})
+
+
+class _Metadata:
+    """Adds the bearer token and the current trace context; sets the default deadline."""
+
+    def __init__(self, token: str | None, deadline_s: float) -> None:
+        self._token = token
+        self._deadline_s = deadline_s
+
+    def details(self, call_details: grpc.aio.ClientCallDetails) -> grpc.aio.ClientCallDetails:
+        metadata = list(call_details.metadata or ())
+        if self._token and not any(key == "authorization" for key, _ in metadata):
+            metadata.append(("authorization", f"Bearer {self._token}"))
+        carrier: dict[str, str] = {}
+        propagate.inject(carrier)
+        metadata.extend(carrier.items())
+        timeout = call_details.timeout if call_details.timeout is not None else self._deadline_s
+        return grpc.aio.ClientCallDetails(call_details.method, timeout, grpc.aio.Metadata(*metadata),
+                                          call_details.credentials, call_details.wait_for_ready)
+
+
+class _UnaryUnary(_Metadata, grpc.aio.UnaryUnaryClientInterceptor):
+    async def intercept_unary_unary(self, continuation: Callable[..., Any], client_call_details: Any,
+                                    request: Any) -> Any:
+        return await continuation(self.details(client_call_details), request)
+
+
+class _UnaryStream(_Metadata, grpc.aio.UnaryStreamClientInterceptor):
+    async def intercept_unary_stream(self, continuation: Callable[..., Any], client_call_details: Any,
+                                     request: Any) -> Any:
+        return await continuation(self.details(client_call_details), request)
+
+
+def open_channel(
+    target: str,
+    settings: Settings,
+    services: Iterable[descriptor.ServiceDescriptor],
+    token: str | None = None,
+) -> grpc.aio.Channel:
+    """A channel to `target` for the given services' RPCs. `token` defaults to the process's own."""
+    services = list(services)
+    deadline_s = settings.client_deadline_ms / 1000
+    bearer = token if token is not None else settings.client_token
+    interceptors: list[Any] = [_UnaryUnary(bearer, deadline_s), _UnaryStream(bearer, deadline_s)]
+    options = [
+        ("grpc.service_config", service_config(services, settings.client_deadline_ms)),
+        ("grpc.enable_retries", 1),
+        ("grpc.max_receive_message_length", settings.max_message_bytes),
+        ("grpc.max_send_message_length", settings.max_message_bytes),
+    ]
+    if settings.tls_ca_file is not None:
+        credentials = grpc.ssl_channel_credentials(
+            root_certificates=settings.tls_ca_file.read_bytes(),
+            private_key=settings.tls_key_file.read_bytes() if settings.tls_key_file else None,
+            certificate_chain=settings.tls_cert_file.read_bytes() if settings.tls_cert_file else None,
+        )
+        return grpc.aio.secure_channel(target, credentials, options=options, interceptors=interceptors)
+    return grpc.aio.insecure_channel(target, options=options, interceptors=interceptors)

@@ -1,0 +1,88 @@
+"""PostgreSQL access: where the database is (external DATABASE_URL or the embedded pgserver
+cluster), and an asyncpg pool whose connections work inside one service's schema."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+import asyncpg
+
+from libs.settings import Settings
+
+log = logging.getLogger(__name__)
+
+EMBEDDED_DATABASE = "loyalty"
+
+
+def embedded_pgdata(settings: Settings) -> Path:
+    return settings.state_dir / "pgdata"
+
+
+def start_embedded_postgres(pgdata: Path, keep_running: bool = True) -> Any:
+    """Start (or attach to) the embedded PostgreSQL in `pgdata` and make sure our database exists.
+
+    pgserver runs the server as a detached postmaster shared by every process that points at the
+    same folder, so the supervisor and a service started alone agree on one cluster.
+    """
+    import pgserver
+
+    pgdata.mkdir(parents=True, exist_ok=True)
+    server = pgserver.get_server(pgdata, cleanup_mode=None if keep_running else "stop")
+    exists = server.psql(f"SELECT 1 FROM pg_database WHERE datname = '{EMBEDDED_DATABASE}';")
+    if "1 row" not in exists:
+        server.psql(f"CREATE DATABASE {EMBEDDED_DATABASE};")
+    return server
+
+
+def stop_embedded_postgres(pgdata: Path) -> None:
+    import pgserver
+
+    server = pgserver.get_server(pgdata, cleanup_mode="stop")
+    server.cleanup()
+
+
+def resolve_database_url(settings: Settings) -> str:
+    """DATABASE_URL if set, else the embedded cluster under the state folder (started if needed)."""
+    if settings.database_url:
+        return settings.database_url
+    server = start_embedded_postgres(embedded_pgdata(settings))
+    return str(server.get_uri(EMBEDDED_DATABASE))
+
+
+async def create_pool(dsn: str, schema: str, settings: Settings) -> asyncpg.Pool:
+    """A pool whose connections resolve unqualified names in the service's own schema first."""
+    pool = await asyncpg.create_pool(
+        dsn,
+        min_size=min(settings.db_pool_min, settings.db_pool_max),
+        max_size=settings.db_pool_max,
+        timeout=settings.db_connect_timeout_s,
+        command_timeout=settings.db_command_timeout_s,
+        server_settings={"search_path": f"{schema},public", "application_name": f"loyalty-{schema}"},
+    )
+    assert pool is not None
+    return pool
+
+
+async def wait_for_database(dsn: str, wait_s_max: float) -> None:
+    """Retry until the database answers, with back-off, or raise after `wait_s_max` seconds."""
+    deadline = time.monotonic() + wait_s_max
+    backoff_s = 0.1
+    while True:
+        try:
+            connection = await asyncpg.connect(dsn, timeout=5)
+            try:
+                await connection.fetchval("SELECT 1")
+            finally:
+                await connection.close()
+            return
+        except (OSError, asyncpg.PostgresError, asyncio.TimeoutError) as error:
+            if time.monotonic() + backoff_s > deadline:
+                raise
+            log.warning("database not reachable yet, retrying", extra={"error": type(error).__name__,
+                                                                        "retry_in_s": backoff_s})
+            await asyncio.sleep(backoff_s)
+            backoff_s = min(backoff_s * 2, 2.0)

@@ -1,0 +1,200 @@
+"""The server-side contract interceptor: tracing, logging, auth, validation and error mapping for
+every RPC the protos declare, in that order.
+
+They are stages of one grpc.aio interceptor rather than five, because each interceptor layer
+costs a Python call chain per RPC; the stages stay separate functions. Health and reflection are
+not in the contracts and pass through untouched (open by design, for probes).
+"""
+
+from __future__ import annotations
+
+import inspect
+import logging
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from typing import Any
+
+import grpc
+from grpc.aio import ServicerContext
+from opentelemetry import propagate, trace
+from opentelemetry.trace import SpanKind, Status, StatusCode
+
+from libs import errors
+from libs.auth import Principal, TokenRegistry, current_principal
+from libs.contracts import MethodContract
+from libs.validation import validate
+
+log = logging.getLogger("loyalty.rpc")
+_tracer = trace.get_tracer("loyalty.rpc")
+
+Behavior = Callable[[Any, ServicerContext], Any]
+
+
+def _metadata(context: ServicerContext) -> dict[str, str]:
+    return {key: value for key, value in (context.invocation_metadata() or ()) if isinstance(value, str)}
+
+
+async def _abort(context: ServicerContext, error: errors.LoyaltyError) -> None:
+    status = error.to_status()
+    await context.abort(error.code, error.message,
+                        trailing_metadata=(("grpc-status-details-bin", status.SerializeToString()),))
+
+
+class _Call:
+    """Per-call stages shared by unary and streaming wrappers."""
+
+    def __init__(self, contract: MethodContract, registry: TokenRegistry) -> None:
+        self.contract = contract
+        self.registry = registry
+
+    def admit(self, request: Any, metadata: Mapping[str, str]) -> Principal | None:
+        """Auth then validation; raises LoyaltyError. Validation runs after auth so an anonymous
+        caller learns nothing about the request shape."""
+        principal: Principal | None = None
+        if not self.contract.public:
+            principal = self.registry.authenticate(metadata.get("authorization"))
+            self.registry.authorize(principal, self.contract.scopes, self.contract.full_method)
+        if request is not None:
+            violations = validate(request)
+            if violations:
+                raise errors.invalid_argument(violations)
+        return principal
+
+    def log_outcome(self, code: grpc.StatusCode, started: float, principal: Principal | None,
+                    reason: str | None) -> None:
+        elapsed_ms = round((time.perf_counter() - started) * 1000, 3)
+        level = logging.INFO
+        if code == grpc.StatusCode.INTERNAL or code == grpc.StatusCode.UNKNOWN:
+            level = logging.ERROR
+        log.log(level, "rpc", extra={
+            "rpc_method": self.contract.full_method, "code": code.name, "duration_ms": elapsed_ms,
+            "principal": principal.name if principal else None, "reason": reason,
+        })
+
+
+def _classify(error: BaseException, method: str) -> errors.LoyaltyError:
+    if isinstance(error, errors.LoyaltyError):
+        return error
+    if isinstance(error, NotImplementedError):
+        return errors.unimplemented(method)
+    log.exception("unhandled error", extra={"rpc_method": method})
+    return errors.LoyaltyError(grpc.StatusCode.INTERNAL, "INTERNAL", "internal error")
+
+
+def _wrap_unary(inner: Behavior, call: _Call) -> Behavior:
+    async def behavior(request: Any, context: ServicerContext) -> Any:
+        started = time.perf_counter()
+        metadata = _metadata(context)
+        principal: Principal | None = None
+        code, reason = grpc.StatusCode.OK, None
+        parent = propagate.extract(metadata)
+        with _tracer.start_as_current_span(call.contract.full_method[1:], context=parent, kind=SpanKind.SERVER,
+                                           record_exception=False, set_status_on_exception=False) as span:
+            span.set_attribute("rpc.system", "grpc")
+            span.set_attribute("rpc.service", call.contract.service)
+            span.set_attribute("rpc.method", call.contract.name)
+            token = None
+            try:
+                principal = call.admit(request, metadata)
+                token = current_principal.set(principal)
+                result = inner(request, context)
+                if inspect.isawaitable(result):
+                    result = await result
+                return result
+            except Exception as raw:
+                if isinstance(raw, grpc.aio.AbortError):  # the handler aborted itself
+                    code = context.code() or grpc.StatusCode.UNKNOWN  # type: ignore[assignment]
+                    raise
+                error = _classify(raw, call.contract.full_method)
+                code, reason = error.code, error.reason
+                span.set_status(Status(StatusCode.ERROR, error.reason))
+                await _abort(context, error)
+            finally:
+                if token is not None:
+                    current_principal.reset(token)
+                span.set_attribute("rpc.grpc.status_code", code.value[0])
+                call.log_outcome(code, started, principal, reason)
+    return behavior
+
+
+def _wrap_server_stream(inner: Callable[[Any, ServicerContext], AsyncIterator[Any]], call: _Call) -> Behavior:
+    async def behavior(request: Any, context: ServicerContext) -> AsyncIterator[Any]:
+        started = time.perf_counter()
+        metadata = _metadata(context)
+        principal: Principal | None = None
+        code, reason = grpc.StatusCode.OK, None
+        parent = propagate.extract(metadata)
+        with _tracer.start_as_current_span(call.contract.full_method[1:], context=parent, kind=SpanKind.SERVER,
+                                           record_exception=False, set_status_on_exception=False) as span:
+            token = None
+            try:
+                principal = call.admit(request, metadata)
+                token = current_principal.set(principal)
+                stream = inner(request, context)
+                if inspect.isawaitable(stream):
+                    stream = await stream
+                async for item in stream:
+                    yield item
+            except Exception as raw:
+                if isinstance(raw, grpc.aio.AbortError):
+                    raise
+                error = _classify(raw, call.contract.full_method)
+                code, reason = error.code, error.reason
+                span.set_status(Status(StatusCode.ERROR, error.reason))
+                await _abort(context, error)
+            finally:
+                if token is not None:
+                    current_principal.reset(token)
+                call.log_outcome(code, started, principal, reason)
+    return behavior
+
+
+def _wrap_auth_only(inner: Behavior, call: _Call) -> Behavior:
+    """Client-streaming RPCs: auth before the handler reads the stream (items are validated by it)."""
+    async def behavior(request_iterator: Any, context: ServicerContext) -> Any:
+        try:
+            call.admit(None, _metadata(context))
+        except errors.LoyaltyError as error:
+            await _abort(context, error)
+        result = inner(request_iterator, context)
+        return await result if inspect.isawaitable(result) else result
+    return behavior
+
+
+class ContractInterceptor(grpc.aio.ServerInterceptor):
+    def __init__(self, contracts: Mapping[str, MethodContract], registry: TokenRegistry) -> None:
+        self._contracts = dict(contracts)
+        self._registry = registry
+        self._wrapped: dict[str, grpc.RpcMethodHandler] = {}
+
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler:
+        handler = await continuation(handler_call_details)
+        method = handler_call_details.method
+        contract = self._contracts.get(method)
+        if handler is None or contract is None:
+            return handler
+        wrapped = self._wrapped.get(method)
+        if wrapped is None:
+            wrapped = self._wrap(handler, _Call(contract, self._registry))
+            self._wrapped[method] = wrapped
+        return wrapped
+
+    @staticmethod
+    def _wrap(handler: grpc.RpcMethodHandler, call: _Call) -> grpc.RpcMethodHandler:
+        serializers: dict[str, Any] = {
+            "request_deserializer": handler.request_deserializer,
+            "response_serializer": handler.response_serializer,
+        }
+        if handler.unary_unary is not None:
+            return grpc.unary_unary_rpc_method_handler(_wrap_unary(handler.unary_unary, call), **serializers)
+        if handler.unary_stream is not None:
+            return grpc.unary_stream_rpc_method_handler(_wrap_server_stream(handler.unary_stream, call),
+                                                        **serializers)
+        if handler.stream_unary is not None:
+            return grpc.stream_unary_rpc_method_handler(_wrap_auth_only(handler.stream_unary, call), **serializers)
+        assert handler.stream_stream is not None
+        return grpc.stream_stream_rpc_method_handler(_wrap_auth_only(handler.stream_stream, call), **serializers)

@@ -1,0 +1,133 @@
+"""Shared fixtures: one real PostgreSQL per test session (embedded pgserver in a temporary folder,
+or a fresh database on the cluster DATABASE_URL names), and real service processes."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import secrets
+import shutil
+import tempfile
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+from urllib.parse import urlparse, urlunparse
+
+import asyncpg
+import pytest
+
+from libs.auth import DEV_CALLERS, ensure_dev_tokens
+from libs.settings import SERVICE_NAMES
+from tests.support.processes import RunningProcess, start_module
+
+
+def _replace_database(url: str, database: str) -> str:
+    parts = urlparse(url)
+    return urlunparse(parts._replace(path=f"/{database}"))
+
+
+@pytest.fixture(scope="session")
+def pg_dsn() -> Iterator[str]:
+    """A DSN to an empty database that lives for the test session."""
+    external = os.environ.get("DATABASE_URL")
+    database = f"loyalty_test_{os.getpid()}_{secrets.token_hex(3)}"
+    if external:
+        async def create() -> None:
+            connection = await asyncpg.connect(external)
+            try:
+                await connection.execute(f'CREATE DATABASE "{database}"')
+            finally:
+                await connection.close()
+
+        async def drop() -> None:
+            connection = await asyncpg.connect(external)
+            try:
+                await connection.execute(f'DROP DATABASE IF EXISTS "{database}" WITH (FORCE)')
+            finally:
+                await connection.close()
+
+        asyncio.run(create())
+        yield _replace_database(external, database)
+        asyncio.run(drop())
+        return
+    import pgserver
+
+    pgdata = Path(tempfile.mkdtemp(prefix="loyalty-test-pg-"))
+    server = pgserver.get_server(pgdata, cleanup_mode="stop")
+    try:
+        server.psql(f"CREATE DATABASE {database};")
+        yield str(server.get_uri(database))
+    finally:
+        server.cleanup()
+        shutil.rmtree(pgdata, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def state_dir() -> Iterator[Path]:
+    path = Path(tempfile.mkdtemp(prefix="loyalty-test-state-"))
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def dev_tokens(state_dir: Path) -> dict[str, str]:
+    return ensure_dev_tokens(state_dir)
+
+
+@pytest.fixture(scope="session")
+def service_env(pg_dsn: str, state_dir: Path, dev_tokens: dict[str, str]) -> dict[str, str]:
+    return {
+        "DATABASE_URL": pg_dsn,
+        "LOYALTY_STATE_DIR": str(state_dir),
+        "LOYALTY_GRACE_PERIOD_S": "5",
+        "LOYALTY_LOG_JSON": "true",
+    }
+
+
+@pytest.fixture(scope="session")
+def services(service_env: dict[str, str], state_dir: Path) -> Iterator[dict[str, RunningProcess]]:
+    """The four real services, each in its own process on a free loopback port, SERVING."""
+    running = {name: start_module(name, f"services.{name}", service_env, state_dir / "logs")
+               for name in SERVICE_NAMES}
+    try:
+        for process in running.values():
+            process.wait_status("SERVING")
+        yield running
+    finally:
+        for process in running.values():
+            process.terminate()
+
+
+@pytest.fixture
+async def db(pg_dsn: str) -> AsyncIterator[asyncpg.Connection]:
+    connection = await asyncpg.connect(pg_dsn)
+    try:
+        yield connection
+    finally:
+        await connection.close()
+
+
+def bearer(token: str) -> tuple[tuple[str, str]]:
+    return (("authorization", f"Bearer {token}"),)
+
+
+def scopes_of(principal: str) -> list[str]:
+    return DEV_CALLERS[principal]
+
+
+__all__ = ["bearer", "json", "scopes_of"]
+
+
+@pytest.fixture(scope="session")
+def test_protos_dir() -> Iterator[Path]:
+    """The test-only protos (tests/support/protos) compiled once and importable."""
+    import sys
+
+    from tests.support.protos_build import build_test_protos
+
+    out = Path(tempfile.mkdtemp(prefix="loyalty-test-protos-"))
+    build_test_protos(out)
+    sys.path.insert(0, str(out))
+    yield out
+    sys.path.remove(str(out))
+    shutil.rmtree(out, ignore_errors=True)

@@ -1,0 +1,105 @@
+"""The `loyalty` command for developers and operators.
+
+    loyalty up [--services profile,risk]   run the suite (embedded PostgreSQL unless DATABASE_URL)
+    loyalty status                          health of every service
+    loyalty services [--addr HOST:PORT]     services each server lists through reflection
+    loyalty tokens                          the development bearer tokens and their scopes
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+
+import grpc
+from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+
+from libs.auth import DEV_CALLERS
+from libs.settings import SERVICE_NAMES, get_settings
+from tools.supervisor import health_status, run_up
+
+
+def list_services(address: str, timeout_s: float = 3.0) -> list[str]:
+    """Ask a server's reflection service which services it offers."""
+    with grpc.insecure_channel(address) as channel:
+        stub = reflection_pb2_grpc.ServerReflectionStub(channel)
+        responses = stub.ServerReflectionInfo(iter([reflection_pb2.ServerReflectionRequest(list_services="")]),
+                                              timeout=timeout_s)
+        for response in responses:
+            return sorted(service.name for service in response.list_services_response.service)
+    return []
+
+
+def _cmd_up(args: argparse.Namespace) -> int:
+    services = [s.strip() for s in args.services.split(",")] if args.services else list(SERVICE_NAMES)
+    unknown = sorted(set(services) - set(SERVICE_NAMES))
+    if unknown:
+        print(f"unknown service(s): {', '.join(unknown)}; choose from {', '.join(SERVICE_NAMES)}", file=sys.stderr)
+        return 2
+    return run_up(get_settings(), services)
+
+
+def _cmd_status(args: argparse.Namespace) -> int:
+    settings = get_settings()
+    statuses = {name: health_status(settings.addr_for(name)) for name in SERVICE_NAMES}
+    if args.json:
+        print(json.dumps(statuses))
+    else:
+        for name, status in statuses.items():
+            print(f"{name:9} {settings.addr_for(name):21} {status}")
+    return 0 if all(status == "SERVING" for status in statuses.values()) else 1
+
+
+def _cmd_services(args: argparse.Namespace) -> int:
+    settings = get_settings()
+    addresses = [args.addr] if args.addr else [settings.addr_for(name) for name in SERVICE_NAMES]
+    failed = False
+    for address in addresses:
+        try:
+            names = list_services(address)
+        except grpc.RpcError as error:
+            print(f"{address}: unreachable ({error.code().name})", file=sys.stderr)
+            failed = True
+            continue
+        print(f"{address}: {', '.join(names)}")
+    return 1 if failed else 0
+
+
+def _cmd_tokens(args: argparse.Namespace) -> int:
+    path = get_settings().state_dir / "dev-tokens.json"
+    if not path.exists():
+        print(f"no development tokens yet ({path}); `loyalty up` creates them", file=sys.stderr)
+        return 1
+    tokens = json.loads(path.read_text())
+    for name, token in tokens.items():
+        print(f"{name:11} {token}  scopes: {' '.join(DEV_CALLERS.get(name, []))}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="loyalty", description="Loyalty suite: operator and developer commands")
+    sub = parser.add_subparsers(dest="command", required=True)
+    up = sub.add_parser("up", help="run all services on this machine until Ctrl-C")
+    up.add_argument("--services", help="comma-separated subset, e.g. profile,rewards")
+    up.set_defaults(func=_cmd_up)
+    status = sub.add_parser("status", help="health of every service")
+    status.add_argument("--json", action="store_true")
+    status.set_defaults(func=_cmd_status)
+    services = sub.add_parser("services", help="list services through server reflection")
+    services.add_argument("--addr", help="host:port of one server")
+    services.set_defaults(func=_cmd_services)
+    tokens = sub.add_parser("tokens", help="print the development tokens")
+    tokens.set_defaults(func=_cmd_tokens)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    code: int = args.func(args)
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())

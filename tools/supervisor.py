@@ -1,0 +1,233 @@
+"""`loyalty up`: one process that runs the whole suite on this machine.
+
+It starts the embedded PostgreSQL (unless DATABASE_URL points elsewhere), creates development
+tokens, starts the four services on their loopback ports, waits until every health check says
+SERVING, prints what runs where, restarts a service that dies (with back-off, bounded), and on
+Ctrl-C or SIGTERM stops the services (each drains its in-flight calls) and then PostgreSQL.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import IO
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from libs.auth import ensure_dev_tokens
+from libs.db import EMBEDDED_DATABASE, embedded_pgdata, start_embedded_postgres, stop_embedded_postgres
+from libs.settings import SERVICE_NAMES, Settings
+
+READY_TIMEOUT_S = 90.0
+RESTARTS_MAX = 5
+RESTART_BACKOFF_S_MAX = 10.0
+STOP_TIMEOUT_S_EXTRA = 5.0
+
+
+@dataclass
+class Child:
+    name: str
+    address: str
+    log_path: Path
+    process: subprocess.Popen[bytes] | None = None
+    log_file: IO[bytes] | None = None
+    restarts: int = 0
+    next_restart_at: float = 0.0
+    started_at: float = field(default=0.0)
+
+
+def health_status(address: str, timeout_s: float = 1.0) -> str:
+    """The overall health of the server at `address`: SERVING, NOT_SERVING or UNREACHABLE."""
+    with grpc.insecure_channel(address) as channel:
+        try:
+            reply = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(service=""),
+                                                              timeout=timeout_s)
+        except grpc.RpcError:
+            return "UNREACHABLE"
+    return str(health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status))
+
+
+class Supervisor:
+    def __init__(self, settings: Settings, services: Sequence[str] = SERVICE_NAMES) -> None:
+        self.settings = settings
+        self.services = list(services)
+        self.embedded = settings.database_url is None
+        self.database_url = settings.database_url or ""
+        self.children: list[Child] = []
+        self.stopping = False
+        self.tokens: dict[str, str] = {}
+
+    # -- start-up ---------------------------------------------------------------------------------
+    def start_database(self) -> None:
+        if not self.embedded:
+            print(f"database      external (DATABASE_URL)", flush=True)
+            return
+        pgdata = embedded_pgdata(self.settings)
+        started = time.monotonic()
+        server = start_embedded_postgres(pgdata)
+        self.database_url = str(server.get_uri(EMBEDDED_DATABASE))
+        print(f"database      embedded PostgreSQL in {pgdata} ({time.monotonic() - started:.1f}s)", flush=True)
+
+    def _child_env(self, name: str) -> dict[str, str]:
+        env = dict(os.environ)
+        env["DATABASE_URL"] = self.database_url
+        env["LOYALTY_STATE_DIR"] = str(self.settings.state_dir)
+        env["LOYALTY_PORT"] = self.settings.addr_for(name).rsplit(":", 1)[1]
+        if self.tokens:
+            env.setdefault("LOYALTY_CLIENT_TOKEN", self.tokens[name])
+        for other in SERVICE_NAMES:
+            env[f"LOYALTY_{other.upper()}_ADDR"] = self.settings.addr_for(other)
+        return env
+
+    def spawn(self, child: Child) -> None:
+        if child.log_file is None:
+            child.log_path.parent.mkdir(parents=True, exist_ok=True)
+            child.log_file = child.log_path.open("ab")
+        child.process = subprocess.Popen(
+            [sys.executable, "-m", f"services.{child.name}"],
+            env=self._child_env(child.name),
+            stdout=child.log_file,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,  # Ctrl-C reaches the supervisor only; it stops children in order
+        )
+        child.started_at = time.monotonic()
+
+    def start_services(self) -> None:
+        if self.settings.auth_tokens_file is None:
+            self.tokens = ensure_dev_tokens(self.settings.state_dir)
+        logs = self.settings.state_dir / "logs"
+        for name in self.services:
+            child = Child(name=name, address=self.settings.addr_for(name), log_path=logs / f"{name}.log")
+            self.spawn(child)
+            self.children.append(child)
+
+    def wait_until_serving(self, timeout_s: float = READY_TIMEOUT_S) -> bool:
+        deadline = time.monotonic() + timeout_s
+        pending = {child.name for child in self.children}
+        while pending and time.monotonic() < deadline and not self.stopping:
+            for child in self.children:
+                if child.name not in pending:
+                    continue
+                if child.process is not None and child.process.poll() is not None:
+                    print(f"{child.name:13} exited with {child.process.returncode} during start-up; "
+                          f"see {child.log_path}", file=sys.stderr, flush=True)
+                    _print_tail(child.log_path)
+                    return False
+                if health_status(child.address) == "SERVING":
+                    pending.discard(child.name)
+            time.sleep(0.2)
+        if pending:
+            print(f"not SERVING after {timeout_s:.0f}s: {', '.join(sorted(pending))}", file=sys.stderr, flush=True)
+            return False
+        return True
+
+    # -- running ----------------------------------------------------------------------------------
+    def watch(self) -> None:
+        """Restart a service that died, with back-off; give up after RESTARTS_MAX restarts."""
+        while not self.stopping:
+            now = time.monotonic()
+            for child in self.children:
+                process = child.process
+                if process is None or process.poll() is None:
+                    continue
+                if child.restarts >= RESTARTS_MAX:
+                    print(f"{child.name} keeps dying (exit {process.returncode}); not restarting. "
+                          f"See {child.log_path}", file=sys.stderr, flush=True)
+                    child.process = None
+                    continue
+                if child.next_restart_at == 0.0:
+                    backoff = min(2.0 ** child.restarts, RESTART_BACKOFF_S_MAX)
+                    child.next_restart_at = now + backoff
+                    print(f"{child.name} exited with {process.returncode}; restarting in {backoff:.0f}s",
+                          file=sys.stderr, flush=True)
+                elif now >= child.next_restart_at:
+                    child.restarts += 1
+                    child.next_restart_at = 0.0
+                    self.spawn(child)
+            time.sleep(0.5)
+
+    # -- shutdown ---------------------------------------------------------------------------------
+    def stop(self) -> None:
+        self.stopping = True
+        for child in self.children:
+            if child.process is not None and child.process.poll() is None:
+                child.process.send_signal(signal.SIGTERM)
+        deadline = time.monotonic() + self.settings.grace_period_s + STOP_TIMEOUT_S_EXTRA
+        for child in self.children:
+            if child.process is None:
+                continue
+            try:
+                child.process.wait(timeout=max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                print(f"{child.name} did not stop in time; killing it", file=sys.stderr, flush=True)
+                child.process.kill()
+                child.process.wait()
+            if child.log_file is not None:
+                child.log_file.close()
+        if self.embedded:
+            stop_embedded_postgres(embedded_pgdata(self.settings))
+
+    def summary(self) -> str:
+        lines = ["", "Loyalty is up:"]
+        for child in self.children:
+            lines.append(f"  {child.name:9} grpc://{child.address}   log {child.log_path}")
+        lines.append(f"  database  {'embedded, data in ' + str(embedded_pgdata(self.settings)) if self.embedded else 'DATABASE_URL'}")
+        if self.tokens:
+            tokens_path = self.settings.state_dir / "dev-tokens.json"
+            lines += [
+                "",
+                f"Development tokens (bearer, per caller with its scopes): {tokens_path}",
+                f"  admin token: {self.tokens['admin']}",
+                "  e.g. metadata=[('authorization', 'Bearer ' + token)] on any stub call",
+            ]
+        lines += [
+            "",
+            "Try:",
+            f"  .venv/bin/loyalty status",
+            "  .venv/bin/python -m tools.cli services      # lists services through server reflection",
+            "",
+            "Ctrl-C stops everything.",
+        ]
+        return "\n".join(lines)
+
+
+def _print_tail(path: Path, lines: int = 30) -> None:
+    try:
+        content = path.read_text(errors="replace").splitlines()[-lines:]
+    except FileNotFoundError:
+        return
+    for line in content:
+        print(f"    {line}", file=sys.stderr)
+
+
+def run_up(settings: Settings, services: Sequence[str] = SERVICE_NAMES) -> int:
+    supervisor = Supervisor(settings, services)
+
+    def on_signal(signum: int, _frame: object) -> None:
+        supervisor.stopping = True
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    try:
+        supervisor.start_database()
+        supervisor.start_services()
+        if not supervisor.wait_until_serving():
+            return 1
+        print(supervisor.summary(), flush=True)
+        (settings.state_dir / "up.json").write_text(json.dumps(
+            {"pid": os.getpid(), "services": {c.name: c.address for c in supervisor.children}}, indent=2))
+        supervisor.watch()
+        return 0
+    finally:
+        print("stopping...", flush=True)
+        supervisor.stop()
+        (settings.state_dir / "up.json").unlink(missing_ok=True)
+        print("stopped", flush=True)
