@@ -93,7 +93,8 @@ def ensure_node_tools() -> None:
 
 def ensure_stubs() -> None:
     """Generate the Python stubs when the protos or the generator changed (never committed)."""
-    inputs = sorted((ROOT / "protos").rglob("*.proto")) + [ROOT / "tools" / "gen_protos.py", ROOT / "requirements.lock"]
+    inputs = [*sorted((ROOT / "protos").rglob("*.proto")), ROOT / "tools" / "gen_protos.py",
+              ROOT / "requirements.lock"]
     stamp = GEN / ".loyalty-stamp"
     want = _digest(inputs)
     if _stamp_ok(stamp, want):

@@ -66,13 +66,13 @@ class _Metadata:
                                           call_details.credentials, call_details.wait_for_ready)
 
 
-class _UnaryUnary(_Metadata, grpc.aio.UnaryUnaryClientInterceptor):
+class _UnaryUnary(_Metadata, grpc.aio.UnaryUnaryClientInterceptor):  # type: ignore[type-arg]
     async def intercept_unary_unary(self, continuation: Callable[..., Any], client_call_details: Any,
                                     request: Any) -> Any:
         return await continuation(self.details(client_call_details), request)
 
 
-class _UnaryStream(_Metadata, grpc.aio.UnaryStreamClientInterceptor):
+class _UnaryStream(_Metadata, grpc.aio.UnaryStreamClientInterceptor):  # type: ignore[type-arg]
     async def intercept_unary_stream(self, continuation: Callable[..., Any], client_call_details: Any,
                                      request: Any) -> Any:
         return await continuation(self.details(client_call_details), request)

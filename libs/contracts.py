@@ -3,9 +3,12 @@ response types, streaming, required scopes and retry safety (`(loyalty.common.v1
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+import importlib
+import pkgutil
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from types import ModuleType
+from typing import Any
 
 from google.protobuf import descriptor, message_factory
 from google.protobuf.message import Message
@@ -67,3 +70,20 @@ def all_scopes(services: Iterable[descriptor.ServiceDescriptor]) -> set[str]:
         for contract in contracts_for(service).values():
             scopes |= contract.scopes
     return scopes
+
+
+def package_modules(package: str, suffix: str = "_pb2") -> list[ModuleType]:
+    """Every generated module of a proto package (e.g. loyalty.rewards.v1) ending in `suffix`."""
+    root = importlib.import_module(package)
+    return [importlib.import_module(f"{package}.{info.name}")
+            for info in pkgutil.iter_modules(root.__path__) if info.name.endswith(suffix)]
+
+
+def grpc_binding(package: str, service: str) -> tuple[type[Any], Callable[[Any, Any], None]]:
+    """The generated servicer base class and `add_...Servicer_to_server` for one service."""
+    for module in package_modules(package, "_pb2_grpc"):
+        add = getattr(module, f"add_{service}Servicer_to_server", None)
+        if add is not None:
+            base: type[Any] = getattr(module, f"{service}Servicer")
+            return base, add
+    raise ContractError(f"no generated gRPC binding for {package}.{service}")

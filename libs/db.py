@@ -31,7 +31,8 @@ def start_embedded_postgres(pgdata: Path, keep_running: bool = True) -> Any:
     import pgserver
 
     pgdata.mkdir(parents=True, exist_ok=True)
-    server = pgserver.get_server(pgdata, cleanup_mode=None if keep_running else "stop")
+    server = pgserver.get_server(  # type: ignore[attr-defined]
+        pgdata, cleanup_mode=None if keep_running else "stop")
     exists = server.psql(f"SELECT 1 FROM pg_database WHERE datname = '{EMBEDDED_DATABASE}';")
     if "1 row" not in exists:
         server.psql(f"CREATE DATABASE {EMBEDDED_DATABASE};")
@@ -41,7 +42,8 @@ def start_embedded_postgres(pgdata: Path, keep_running: bool = True) -> Any:
 def stop_embedded_postgres(pgdata: Path) -> None:
     import pgserver
 
-    server = pgserver.get_server(pgdata, cleanup_mode="stop")
+    server = pgserver.get_server(  # type: ignore[attr-defined]
+        pgdata, cleanup_mode="stop")
     server.cleanup()
 
 
@@ -79,7 +81,7 @@ async def wait_for_database(dsn: str, wait_s_max: float) -> None:
             finally:
                 await connection.close()
             return
-        except (OSError, asyncpg.PostgresError, asyncio.TimeoutError) as error:
+        except (TimeoutError, OSError, asyncpg.PostgresError) as error:
             if time.monotonic() + backoff_s > deadline:
                 raise
             log.warning("database not reachable yet, retrying", extra={"error": type(error).__name__,

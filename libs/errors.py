@@ -9,11 +9,13 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import grpc
 from google.protobuf import any_pb2
 from google.rpc import code_pb2, error_details_pb2, status_pb2
 
+# ErrorInfo.domain is "<service>.loyalty" (e.g. rewards.loyalty); this is used outside a service.
 ERROR_DOMAIN = "loyalty"
 
 
@@ -38,9 +40,9 @@ class LoyaltyError(Exception):
     def __post_init__(self) -> None:
         Exception.__init__(self, self.message)
 
-    def to_status(self) -> status_pb2.Status:
+    def to_status(self, domain: str = ERROR_DOMAIN) -> status_pb2.Status:
         details: list[any_pb2.Any] = []
-        info = error_details_pb2.ErrorInfo(reason=self.reason, domain=ERROR_DOMAIN, metadata=dict(self.metadata))
+        info = error_details_pb2.ErrorInfo(reason=self.reason, domain=domain, metadata=dict(self.metadata))
         packed = any_pb2.Any()
         packed.Pack(info)
         details.append(packed)
@@ -120,15 +122,17 @@ class ErrorDetails:
     """What a client reads back from a failed call's `grpc-status-details-bin` trailer."""
 
     reason: str | None
+    domain: str | None
     metadata: dict[str, str]
     violations: list[FieldViolation]
 
 
 def details_from_rpc_error(error: grpc.aio.AioRpcError | grpc.RpcError) -> ErrorDetails:
     """Decode ErrorInfo and BadRequest from a failed call (for clients and tests)."""
-    trailers = error.trailing_metadata() or ()
+    trailers: Any = error.trailing_metadata() or ()
     raw = next((value for key, value in trailers if key == "grpc-status-details-bin"), None)
     reason: str | None = None
+    domain: str | None = None
     metadata: dict[str, str] = {}
     violations: list[FieldViolation] = []
     if isinstance(raw, bytes):
@@ -137,9 +141,9 @@ def details_from_rpc_error(error: grpc.aio.AioRpcError | grpc.RpcError) -> Error
             if detail.Is(error_details_pb2.ErrorInfo.DESCRIPTOR):
                 info = error_details_pb2.ErrorInfo()
                 detail.Unpack(info)
-                reason, metadata = info.reason, dict(info.metadata)
+                reason, domain, metadata = info.reason, info.domain, dict(info.metadata)
             elif detail.Is(error_details_pb2.BadRequest.DESCRIPTOR):
                 bad = error_details_pb2.BadRequest()
                 detail.Unpack(bad)
                 violations = [FieldViolation(v.field, v.description) for v in bad.field_violations]
-    return ErrorDetails(reason, metadata, violations)
+    return ErrorDetails(reason, domain, metadata, violations)

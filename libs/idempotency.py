@@ -1,5 +1,5 @@
 """AIP-155 request ids: a mutation retried with the same id and payload returns the first result;
-the same id with another payload is refused with ALREADY_EXISTS / IDEMPOTENCY_KEY_REUSED."""
+the same id with another payload is refused with ALREADY_EXISTS / REQUEST_ID_REUSED."""
 
 from __future__ import annotations
 
@@ -50,7 +50,7 @@ async def run_once(
         if bytes(row["payload_sha256"]) != digest:
             raise errors.already_exists(
                 f"request_id {request_id!r} was already used with a different payload",
-                reason="IDEMPOTENCY_KEY_REUSED", request_id=request_id,
+                reason="REQUEST_ID_REUSED", request_id=request_id,
             )
         return response_type.FromString(bytes(row["response"]))
     response = await mutate()

@@ -12,10 +12,9 @@ import inspect
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast
 
 import grpc
-from grpc.aio import ServicerContext
 from opentelemetry import propagate, trace
 from opentelemetry.trace import SpanKind, Status, StatusCode
 
@@ -27,15 +26,18 @@ from libs.validation import validate
 log = logging.getLogger("loyalty.rpc")
 _tracer = trace.get_tracer("loyalty.rpc")
 
-Behavior = Callable[[Any, ServicerContext], Any]
+if TYPE_CHECKING:  # the stubs' generics do not exist at run time
+    ServicerContext = grpc.aio.ServicerContext[Any, Any]
+    Handler = grpc.RpcMethodHandler[Any, Any]
+Behavior = Callable[[Any, "ServicerContext"], Any]
 
 
 def _metadata(context: ServicerContext) -> dict[str, str]:
     return {key: value for key, value in (context.invocation_metadata() or ()) if isinstance(value, str)}
 
 
-async def _abort(context: ServicerContext, error: errors.LoyaltyError) -> None:
-    status = error.to_status()
+async def _abort(context: ServicerContext, error: errors.LoyaltyError, domain: str = errors.ERROR_DOMAIN) -> None:
+    status = error.to_status(domain)
     await context.abort(error.code, error.message,
                         trailing_metadata=(("grpc-status-details-bin", status.SerializeToString()),))
 
@@ -46,6 +48,8 @@ class _Call:
     def __init__(self, contract: MethodContract, registry: TokenRegistry) -> None:
         self.contract = contract
         self.registry = registry
+        # "loyalty.rewards.v1.RewardsService" -> "rewards.loyalty", the ErrorInfo domain.
+        self.domain = f"{contract.service.split('.')[1]}.loyalty" if contract.service.count(".") >= 2 else "loyalty"
 
     def admit(self, request: Any, metadata: Mapping[str, str]) -> Principal | None:
         """Auth then validation; raises LoyaltyError. Validation runs after auth so an anonymous
@@ -103,12 +107,12 @@ def _wrap_unary(inner: Behavior, call: _Call) -> Behavior:
                 return result
             except Exception as raw:
                 if isinstance(raw, grpc.aio.AbortError):  # the handler aborted itself
-                    code = context.code() or grpc.StatusCode.UNKNOWN  # type: ignore[assignment]
+                    code = context.code() or grpc.StatusCode.UNKNOWN
                     raise
                 error = _classify(raw, call.contract.full_method)
                 code, reason = error.code, error.reason
                 span.set_status(Status(StatusCode.ERROR, error.reason))
-                await _abort(context, error)
+                await _abort(context, error, call.domain)
             finally:
                 if token is not None:
                     current_principal.reset(token)
@@ -117,7 +121,8 @@ def _wrap_unary(inner: Behavior, call: _Call) -> Behavior:
     return behavior
 
 
-def _wrap_server_stream(inner: Callable[[Any, ServicerContext], AsyncIterator[Any]], call: _Call) -> Behavior:
+def _wrap_server_stream(inner: Callable[[Any, ServicerContext], AsyncIterator[Any]],
+                        call: _Call) -> Behavior:
     async def behavior(request: Any, context: ServicerContext) -> AsyncIterator[Any]:
         started = time.perf_counter()
         metadata = _metadata(context)
@@ -141,7 +146,7 @@ def _wrap_server_stream(inner: Callable[[Any, ServicerContext], AsyncIterator[An
                 error = _classify(raw, call.contract.full_method)
                 code, reason = error.code, error.reason
                 span.set_status(Status(StatusCode.ERROR, error.reason))
-                await _abort(context, error)
+                await _abort(context, error, call.domain)
             finally:
                 if token is not None:
                     current_principal.reset(token)
@@ -155,23 +160,23 @@ def _wrap_auth_only(inner: Behavior, call: _Call) -> Behavior:
         try:
             call.admit(None, _metadata(context))
         except errors.LoyaltyError as error:
-            await _abort(context, error)
+            await _abort(context, error, call.domain)
         result = inner(request_iterator, context)
         return await result if inspect.isawaitable(result) else result
     return behavior
 
 
-class ContractInterceptor(grpc.aio.ServerInterceptor):
+class ContractInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
     def __init__(self, contracts: Mapping[str, MethodContract], registry: TokenRegistry) -> None:
         self._contracts = dict(contracts)
         self._registry = registry
-        self._wrapped: dict[str, grpc.RpcMethodHandler] = {}
+        self._wrapped: dict[str, Handler] = {}
 
     async def intercept_service(
         self,
-        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[Handler]],
         handler_call_details: grpc.HandlerCallDetails,
-    ) -> grpc.RpcMethodHandler:
+    ) -> Handler:
         handler = await continuation(handler_call_details)
         method = handler_call_details.method
         contract = self._contracts.get(method)
@@ -184,17 +189,21 @@ class ContractInterceptor(grpc.aio.ServerInterceptor):
         return wrapped
 
     @staticmethod
-    def _wrap(handler: grpc.RpcMethodHandler, call: _Call) -> grpc.RpcMethodHandler:
+    def _wrap(handler: Handler, call: _Call) -> Handler:
         serializers: dict[str, Any] = {
             "request_deserializer": handler.request_deserializer,
             "response_serializer": handler.response_serializer,
         }
+        behavior: Any
         if handler.unary_unary is not None:
-            return grpc.unary_unary_rpc_method_handler(_wrap_unary(handler.unary_unary, call), **serializers)
+            behavior = _wrap_unary(cast(Any, handler.unary_unary), call)
+            return grpc.unary_unary_rpc_method_handler(behavior, **serializers)
         if handler.unary_stream is not None:
-            return grpc.unary_stream_rpc_method_handler(_wrap_server_stream(handler.unary_stream, call),
-                                                        **serializers)
+            behavior = _wrap_server_stream(cast(Any, handler.unary_stream), call)
+            return grpc.unary_stream_rpc_method_handler(behavior, **serializers)
         if handler.stream_unary is not None:
-            return grpc.stream_unary_rpc_method_handler(_wrap_auth_only(handler.stream_unary, call), **serializers)
+            behavior = _wrap_auth_only(cast(Any, handler.stream_unary), call)
+            return grpc.stream_unary_rpc_method_handler(behavior, **serializers)
         assert handler.stream_stream is not None
-        return grpc.stream_stream_rpc_method_handler(_wrap_auth_only(handler.stream_stream, call), **serializers)
+        behavior = _wrap_auth_only(cast(Any, handler.stream_stream), call)
+        return grpc.stream_stream_rpc_method_handler(behavior, **serializers)

@@ -76,7 +76,8 @@ class ServiceSpec:
 def _server_credentials(settings: Settings) -> grpc.ServerCredentials | None:
     if not settings.tls_enabled:
         return None
-    assert settings.tls_cert_file is not None and settings.tls_key_file is not None
+    assert settings.tls_cert_file is not None
+    assert settings.tls_key_file is not None
     ca = settings.tls_ca_file.read_bytes() if settings.tls_ca_file else None
     return grpc.ssl_server_credentials(
         [(settings.tls_key_file.read_bytes(), settings.tls_cert_file.read_bytes())],
@@ -96,7 +97,7 @@ class ServiceProcess:
         self.spec = spec
         self.settings = settings
         self.runtime = Runtime(service=spec.name, settings=settings)
-        self.health = health.aio.HealthServicer()
+        self.health = health.aio.HealthServicer()  # type: ignore[attr-defined]
         self.services = service_descriptors(spec.pb2_modules)
         self.contracts: dict[str, MethodContract] = {}
         for descriptor in self.services:

@@ -31,7 +31,9 @@ class Settings(BaseSettings):
 
     # Database. Unset: the embedded PostgreSQL under state_dir (started by `loyalty up`, or by the
     # service itself when run alone).
-    database_url: str | None = Field(default=None, validation_alias=AliasChoices("DATABASE_URL", "LOYALTY_DATABASE_URL"))
+    database_url: str | None = Field(
+        default=None, validation_alias=AliasChoices("DATABASE_URL", "LOYALTY_DATABASE_URL")
+    )
     db_pool_min: int = Field(default=2, ge=1, le=64)
     db_pool_max: int = Field(default=8, ge=1, le=256)
     db_connect_timeout_s: float = Field(default=10.0, gt=0)
@@ -67,7 +69,8 @@ class Settings(BaseSettings):
 
     # Telemetry and logs.
     otel_exporter_otlp_endpoint: str | None = Field(
-        default=None, validation_alias=AliasChoices("OTEL_EXPORTER_OTLP_ENDPOINT", "LOYALTY_OTEL_EXPORTER_OTLP_ENDPOINT")
+        default=None,
+        validation_alias=AliasChoices("OTEL_EXPORTER_OTLP_ENDPOINT", "LOYALTY_OTEL_EXPORTER_OTLP_ENDPOINT"),
     )
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     log_json: bool = True

@@ -108,7 +108,8 @@ def _scalar_checks(fd: descriptor.FieldDescriptor, rules: Any) -> list[Callable[
             checks.append(lambda v: f"must be <= {f_high}" if not v <= f_high else None)
         checks.append(lambda v: "must be a finite number" if v != v or v in (float("inf"), float("-inf")) else None)
     elif fd.type == _FD.TYPE_ENUM and rules.defined_only:
-        known = frozenset(fd.enum_type.values_by_number)
+        enum_type: Any = fd.enum_type
+        known = frozenset(enum_type.values_by_number)
         checks.append(lambda v: "must be one of the declared values" if v not in known else None)
     return checks
 
@@ -171,7 +172,8 @@ class _Compiler:
 
     def _singular_message(self, fd: descriptor.FieldDescriptor, rules: Any) -> list[Check]:
         name = fd.name
-        nested = self.plan(fd.message_type)
+        message_type: Any = fd.message_type
+        nested = self.plan(message_type)
         required = rules.required
 
         def message_field(msg: Message, path: str, out: Violations) -> None:
@@ -184,18 +186,19 @@ class _Compiler:
                 prefix = f"{path}{name}."
                 for check in nested:
                     check(child, prefix, out)
-        return [message_field] if (required or self._has_rules(fd.message_type)) else []
+        return [message_field] if (required or self._has_rules(message_type)) else []
 
     def _repeated(self, fd: descriptor.FieldDescriptor, rules: Any) -> list[Check]:
         name = fd.name
         low = rules.min_items if rules.HasField("min_items") else (1 if rules.required else 0)
         high = rules.max_items if rules.HasField("max_items") else None
-        is_map = fd.type == _FD.TYPE_MESSAGE and fd.message_type.GetOptions().map_entry
+        message_type = fd.message_type if fd.type == _FD.TYPE_MESSAGE else None
+        is_map = message_type is not None and message_type.GetOptions().map_entry
         item_checks = _scalar_checks(fd, rules.items) if rules.HasField("items") else []
         item_required = rules.items.required if rules.HasField("items") else False
         nested: list[Check] = []
-        if fd.type == _FD.TYPE_MESSAGE and not is_map and not rules.items_checked_by_handler:
-            nested = self.plan(fd.message_type) if self._has_rules(fd.message_type) else []
+        if message_type is not None and not is_map and not rules.items_checked_by_handler:
+            nested = self.plan(message_type) if self._has_rules(message_type) else []
         unique = rules.unique
 
         def repeated_field(msg: Message, path: str, out: Violations) -> None:
@@ -220,8 +223,8 @@ class _Compiler:
             if nested:
                 for index, child in enumerate(items):
                     prefix = f"{path}{name}[{index}]."
-                    for check in nested:
-                        check(child, prefix, out)
+                    for nested_check in nested:
+                        nested_check(child, prefix, out)
 
         if low or high is not None or unique or item_checks or item_required or nested:
             return [repeated_field]
@@ -244,6 +247,7 @@ _COMPILER = _Compiler()
 def validate(message: Message, path: str = "") -> Violations:
     """All violations of the declared rules in `message`; empty when it is valid."""
     out: Violations = []
-    for check in _COMPILER.plan(message.DESCRIPTOR):
+    descriptor_: Any = message.DESCRIPTOR
+    for check in _COMPILER.plan(descriptor_):
         check(message, path, out)
     return out

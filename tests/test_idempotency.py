@@ -21,7 +21,8 @@ SCHEMA = "idem_test"
 async def schema(db: asyncpg.Connection, tmp_path: Path) -> str:
     migrations = tmp_path / "m"
     migrations.mkdir()
-    (migrations / "0001_counter.sql").write_text("CREATE TABLE counter (n int NOT NULL); INSERT INTO counter VALUES (0);")
+    (migrations / "0001_counter.sql").write_text(
+        "CREATE TABLE counter (n int NOT NULL); INSERT INTO counter VALUES (0);")
     await migrate(db, SCHEMA, migrations)
     await db.execute(f"UPDATE {SCHEMA}.counter SET n = 0; DELETE FROM {SCHEMA}.idempotency_keys")
     return SCHEMA
@@ -58,7 +59,7 @@ async def test_same_id_other_payload_is_refused_and_writes_nothing(pg_dsn: str, 
         with pytest.raises(errors.LoyaltyError) as caught:
             await _increment(pool, "req-1", "b")
         assert caught.value.code == grpc.StatusCode.ALREADY_EXISTS
-        assert caught.value.reason == "IDEMPOTENCY_KEY_REUSED"
+        assert caught.value.reason == "REQUEST_ID_REUSED"
         assert await pool.fetchval("SELECT n FROM counter") == 1
     finally:
         await pool.close()

@@ -68,7 +68,7 @@ class Supervisor:
     # -- start-up ---------------------------------------------------------------------------------
     def start_database(self) -> None:
         if not self.embedded:
-            print(f"database      external (DATABASE_URL)", flush=True)
+            print("database      external (DATABASE_URL)", flush=True)
             return
         pgdata = embedded_pgdata(self.settings)
         started = time.monotonic()
@@ -179,7 +179,8 @@ class Supervisor:
         lines = ["", "Loyalty is up:"]
         for child in self.children:
             lines.append(f"  {child.name:9} grpc://{child.address}   log {child.log_path}")
-        lines.append(f"  database  {'embedded, data in ' + str(embedded_pgdata(self.settings)) if self.embedded else 'DATABASE_URL'}")
+        where = f"embedded, data in {embedded_pgdata(self.settings)}" if self.embedded else "DATABASE_URL"
+        lines.append(f"  database  {where}")
         if self.tokens:
             tokens_path = self.settings.state_dir / "dev-tokens.json"
             lines += [
@@ -191,7 +192,7 @@ class Supervisor:
         lines += [
             "",
             "Try:",
-            f"  .venv/bin/loyalty status",
+            "  .venv/bin/loyalty status",
             "  .venv/bin/python -m tools.cli services      # lists services through server reflection",
             "",
             "Ctrl-C stops everything.",

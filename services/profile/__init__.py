@@ -1,0 +1,1 @@
+"""The profile service. See README.md beside this file."""

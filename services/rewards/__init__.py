@@ -1,0 +1,1 @@
+"""The rewards service. See README.md beside this file."""

@@ -1,0 +1,1 @@
+"""The risk service. See README.md beside this file."""

@@ -1,0 +1,16 @@
+"""`python -m services.risk`: run the risk service alone (zero config: embedded PostgreSQL)."""
+
+from __future__ import annotations
+
+import sys
+
+from libs.server import run
+from services.risk.bootstrap import build_spec
+
+
+def main() -> int:
+    return run(build_spec())
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""The scoring service. See README.md beside this file."""
