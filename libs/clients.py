@@ -20,20 +20,20 @@ RETRY_BACKOFF_S_INITIAL = 0.05
 RETRY_BACKOFF_S_MAX = 1.0
 
 
-def service_config(services: Iterable[descriptor.ServiceDescriptor], deadline_ms: int) -> str:
-    """Retry policy for idempotent RPCs; every method gets a default timeout."""
+def service_config(services: Iterable[descriptor.ServiceDescriptor]) -> str:
+    """Retry policy for idempotent RPCs. No timeout here: gRPC would cap every call with it, even
+    a caller's longer deadline (a feature stream of a million members); the client interceptor
+    sets the default deadline only on calls that carry none."""
     idempotent: list[dict[str, str]] = []
     others: list[dict[str, str]] = []
     for service in services:
         for contract in contracts_for(service).values():
             name = {"service": contract.service, "method": contract.name}
             (idempotent if contract.idempotent and not contract.client_streaming else others).append(name)
-    timeout = f"{deadline_ms / 1000:.3f}s"
     method_config: list[dict[str, Any]] = []
     if idempotent:
         method_config.append({
             "name": idempotent,
-            "timeout": timeout,
             "retryPolicy": {
                 "maxAttempts": RETRY_ATTEMPTS_MAX,
                 "initialBackoff": f"{RETRY_BACKOFF_S_INITIAL}s",
@@ -43,7 +43,7 @@ def service_config(services: Iterable[descriptor.ServiceDescriptor], deadline_ms
             },
         })
     if others:
-        method_config.append({"name": others, "timeout": timeout})
+        method_config.append({"name": others})
     return json.dumps({"methodConfig": method_config})
 
 
@@ -90,7 +90,7 @@ def open_channel(
     bearer = token if token is not None else settings.client_token
     interceptors: list[Any] = [_UnaryUnary(bearer, deadline_s), _UnaryStream(bearer, deadline_s)]
     options = [
-        ("grpc.service_config", service_config(services, settings.client_deadline_ms)),
+        ("grpc.service_config", service_config(services)),
         ("grpc.enable_retries", 1),
         ("grpc.max_receive_message_length", settings.max_message_bytes),
         ("grpc.max_send_message_length", settings.max_message_bytes),

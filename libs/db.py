@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -22,17 +23,14 @@ def embedded_pgdata(settings: Settings) -> Path:
     return settings.state_dir / "pgdata"
 
 
-def start_embedded_postgres(pgdata: Path, keep_running: bool = True) -> Any:
+def start_embedded_postgres(pgdata: Path) -> Any:
     """Start (or attach to) the embedded PostgreSQL in `pgdata` and make sure our database exists.
 
     pgserver runs the server as a detached postmaster shared by every process that points at the
     same folder, so the supervisor and a service started alone agree on one cluster.
     """
-    import pgserver
-
     pgdata.mkdir(parents=True, exist_ok=True)
-    server = pgserver.get_server(  # type: ignore[attr-defined]
-        pgdata, cleanup_mode=None if keep_running else "stop")
+    server = pgserver_handle(pgdata)
     exists = server.psql(f"SELECT 1 FROM pg_database WHERE datname = '{EMBEDDED_DATABASE}';")
     if "1 row" not in exists:
         server.psql(f"CREATE DATABASE {EMBEDDED_DATABASE};")
@@ -40,11 +38,24 @@ def start_embedded_postgres(pgdata: Path, keep_running: bool = True) -> Any:
 
 
 def stop_embedded_postgres(pgdata: Path) -> None:
+    """Stop the embedded cluster (fast shutdown: sessions are disconnected, data is flushed).
+
+    Done with pg_ctl directly rather than pgserver's handle bookkeeping, which only stops a server
+    whose last handle in its own pid list is closing, and leaves it running after any crash."""
+    if not (pgdata / "postmaster.pid").exists():
+        return
+    from pgserver._commands import pg_ctl  # type: ignore[attr-defined]
+
+    server = pgserver_handle(pgdata)
+    pg_ctl(["-w", "-m", "fast", "stop"], pgdata=pgdata.resolve(), user=server.system_user)
+
+
+def pgserver_handle(pgdata: Path) -> Any:
     import pgserver
 
-    server = pgserver.get_server(  # type: ignore[attr-defined]
-        pgdata, cleanup_mode="stop")
-    server.cleanup()
+    # platformdirs warns on every start when XDG_RUNTIME_DIR is unset (root shells, CI): harmless.
+    warnings.filterwarnings("ignore", message="XDG_RUNTIME_DIR is not set")
+    return pgserver.get_server(pgdata, cleanup_mode=None)  # type: ignore[attr-defined]
 
 
 def resolve_database_url(settings: Settings) -> str:

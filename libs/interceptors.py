@@ -51,18 +51,20 @@ class _Call:
         # "loyalty.rewards.v1.RewardsService" -> "rewards.loyalty", the ErrorInfo domain.
         self.domain = f"{contract.service.split('.')[1]}.loyalty" if contract.service.count(".") >= 2 else "loyalty"
 
-    def admit(self, request: Any, metadata: Mapping[str, str]) -> Principal | None:
-        """Auth then validation; raises LoyaltyError. Validation runs after auth so an anonymous
-        caller learns nothing about the request shape."""
-        principal: Principal | None = None
-        if not self.contract.public:
-            principal = self.registry.authenticate(metadata.get("authorization"))
-            self.registry.authorize(principal, self.contract.scopes, self.contract.full_method)
-        if request is not None:
-            violations = validate(request)
-            if violations:
-                raise errors.invalid_argument(violations)
+    def authenticate(self, metadata: Mapping[str, str]) -> Principal | None:
+        """Token and scopes; raises LoyaltyError. Runs before validation so an anonymous caller
+        learns nothing about the request shape."""
+        if self.contract.public:
+            return None
+        principal = self.registry.authenticate(metadata.get("authorization"))
+        self.registry.authorize(principal, self.contract.scopes, self.contract.full_method)
         return principal
+
+    @staticmethod
+    def check(request: Any) -> None:
+        violations = validate(request)
+        if violations:
+            raise errors.invalid_argument(violations)
 
     def log_outcome(self, code: grpc.StatusCode, started: float, principal: Principal | None,
                     reason: str | None) -> None:
@@ -99,8 +101,9 @@ def _wrap_unary(inner: Behavior, call: _Call) -> Behavior:
             span.set_attribute("rpc.method", call.contract.name)
             token = None
             try:
-                principal = call.admit(request, metadata)
+                principal = call.authenticate(metadata)
                 token = current_principal.set(principal)
+                call.check(request)
                 result = inner(request, context)
                 if inspect.isawaitable(result):
                     result = await result
@@ -133,8 +136,9 @@ def _wrap_server_stream(inner: Callable[[Any, ServicerContext], AsyncIterator[An
                                            record_exception=False, set_status_on_exception=False) as span:
             token = None
             try:
-                principal = call.admit(request, metadata)
+                principal = call.authenticate(metadata)
                 token = current_principal.set(principal)
+                call.check(request)
                 stream = inner(request, context)
                 if inspect.isawaitable(stream):
                     stream = await stream
@@ -158,7 +162,7 @@ def _wrap_auth_only(inner: Behavior, call: _Call) -> Behavior:
     """Client-streaming RPCs: auth before the handler reads the stream (items are validated by it)."""
     async def behavior(request_iterator: Any, context: ServicerContext) -> Any:
         try:
-            call.admit(None, _metadata(context))
+            call.authenticate(_metadata(context))
         except errors.LoyaltyError as error:
             await _abort(context, error, call.domain)
         result = inner(request_iterator, context)

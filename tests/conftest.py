@@ -17,6 +17,7 @@ import asyncpg
 import pytest
 
 from libs.auth import DEV_CALLERS, ensure_dev_tokens
+from libs.db import pgserver_handle, stop_embedded_postgres
 from libs.settings import SERVICE_NAMES
 from tests.support.processes import RunningProcess, start_module
 
@@ -50,15 +51,13 @@ def pg_dsn() -> Iterator[str]:
         yield _replace_database(external, database)
         asyncio.run(drop())
         return
-    import pgserver
-
     pgdata = Path(tempfile.mkdtemp(prefix="loyalty-test-pg-"))
-    server = pgserver.get_server(pgdata, cleanup_mode="stop")
+    server = pgserver_handle(pgdata)
     try:
         server.psql(f"CREATE DATABASE {database};")
         yield str(server.get_uri(database))
     finally:
-        server.cleanup()
+        stop_embedded_postgres(pgdata)
         shutil.rmtree(pgdata, ignore_errors=True)
 
 

@@ -81,6 +81,18 @@ def test_supervisor_starts_everything_from_nothing_and_stops_cleanly(tmp_path: P
         up = json.loads((tmp_path / "state" / "up.json").read_text())
         assert up["services"] == addresses
         assert (tmp_path / "state" / "dev-tokens.json").exists()
+        assert (tmp_path / "state" / "pgdata" / "postmaster.pid").exists()
+
+        # A service that dies is restarted by the supervisor.
+        risk_pid = _pid_listening(addresses["risk"])
+        os.kill(risk_pid, signal.SIGKILL)
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            if health_status(addresses["risk"]) == "SERVING" and _pid_listening(addresses["risk"]) != risk_pid:
+                break
+            time.sleep(0.2)
+        assert health_status(addresses["risk"]) == "SERVING", log_path.read_text()
+        assert "risk exited with -9; restarting" in log_path.read_text()
     finally:
         process.send_signal(signal.SIGTERM)
         code = process.wait(timeout=60)
@@ -89,3 +101,26 @@ def test_supervisor_starts_everything_from_nothing_and_stops_cleanly(tmp_path: P
         assert health_status(address) == "UNREACHABLE"
     assert "stopped" in log_path.read_text()
     assert not (tmp_path / "state" / "up.json").exists()
+    assert not (tmp_path / "state" / "pgdata" / "postmaster.pid").exists()  # PostgreSQL stopped too
+
+
+def _pid_listening(address: str) -> int:
+    """The pid of the process listening on a loopback TCP port (from /proc, no extra tools)."""
+    port = int(address.rsplit(":", 1)[1])
+    inodes: set[str] = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        for line in Path(table).read_text().splitlines()[1:]:
+            fields = line.split()
+            if int(fields[1].rsplit(":", 1)[1], 16) == port and fields[3] == "0A":  # LISTEN
+                inodes.add(fields[9])
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            for fd in (proc / "fd").iterdir():
+                target = os.readlink(fd)
+                if target.startswith("socket:[") and target[8:-1] in inodes:
+                    return int(proc.name)
+        except (PermissionError, FileNotFoundError, ProcessLookupError):
+            continue
+    raise AssertionError(f"nobody listens on {address}")

@@ -11,6 +11,7 @@ from typing import Any
 
 import grpc
 
+from libs.auth import current_principal
 from libs.server import Runtime, ServiceSpec, run
 
 
@@ -21,6 +22,10 @@ def main() -> int:
         async def Sleep(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
             await asyncio.sleep(request.millis / 1000)
             return slow_pb2.SleepResponse(slept_millis=request.millis)
+
+        async def Peek(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
+            principal = current_principal.get()
+            return slow_pb2.PeekResponse(caller=principal.name if principal else "")
 
     def register(runtime: Runtime, server: grpc.aio.Server) -> None:
         slow_pb2_grpc.add_SlowServiceServicer_to_server(SlowServicer(), server)
