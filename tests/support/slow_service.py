@@ -15,7 +15,7 @@ from libs.auth import current_principal
 from libs.server import Runtime, ServiceSpec, run
 
 
-def main() -> int:
+def build_spec() -> ServiceSpec:
     from loyalty_testing.v1 import slow_pb2, slow_pb2_grpc
 
     class SlowServicer(slow_pb2_grpc.SlowServiceServicer):  # type: ignore[misc]
@@ -30,14 +30,17 @@ def main() -> int:
     def register(runtime: Runtime, server: grpc.aio.Server) -> None:
         slow_pb2_grpc.add_SlowServiceServicer_to_server(SlowServicer(), server)
 
-    spec = ServiceSpec(
+    return ServiceSpec(
         name="profile",  # borrows a service name only for its default port; tests set LOYALTY_PORT
         schema="loyalty_testing",
         migrations_dir=Path(tempfile.mkdtemp()),
         pb2_modules=[slow_pb2],
         register=register,
     )
-    return run(spec)
+
+
+def main() -> int:
+    return run(build_spec())
 
 
 if __name__ == "__main__":
