@@ -87,57 +87,76 @@ def _classify(error: BaseException, method: str) -> errors.LoyaltyError:
     return errors.LoyaltyError(grpc.StatusCode.INTERNAL, "INTERNAL", "internal error")
 
 
+class _Outcome:
+    """What one call ended with, for its span and its log line."""
+
+    __slots__ = ("code", "principal", "reason", "started")
+
+    def __init__(self) -> None:
+        self.started = time.perf_counter()
+        self.code = grpc.StatusCode.OK
+        self.reason: str | None = None
+        self.principal: Principal | None = None
+
+
+def _server_span(call: _Call, metadata: Mapping[str, str]) -> Any:
+    span = _tracer.start_as_current_span(
+        call.contract.full_method[1:], context=propagate.extract(metadata), kind=SpanKind.SERVER,
+        record_exception=False, set_status_on_exception=False,
+        attributes={"rpc.system": "grpc", "rpc.service": call.contract.service, "rpc.method": call.contract.name},
+    )
+    return span
+
+
+async def _fail(raw: Exception, call: _Call, context: ServicerContext, span: Any, outcome: _Outcome) -> None:
+    """Map an exception to the caller's status (re-raising a handler's own abort)."""
+    if isinstance(raw, grpc.aio.AbortError):  # the handler aborted itself
+        outcome.code = context.code() or grpc.StatusCode.UNKNOWN
+        raise raw
+    error = _classify(raw, call.contract.full_method)
+    outcome.code, outcome.reason = error.code, error.reason
+    span.set_status(Status(StatusCode.ERROR, error.reason))
+    await _abort(context, error, call.domain)
+
+
+def _finish(call: _Call, span: Any, outcome: _Outcome, token: Any) -> None:
+    if token is not None:
+        current_principal.reset(token)
+    span.set_attribute("rpc.grpc.status_code", outcome.code.value[0])
+    call.log_outcome(outcome.code, outcome.started, outcome.principal, outcome.reason)
+
+
 def _wrap_unary(inner: Behavior, call: _Call) -> Behavior:
     async def behavior(request: Any, context: ServicerContext) -> Any:
-        started = time.perf_counter()
+        outcome = _Outcome()
         metadata = _metadata(context)
-        principal: Principal | None = None
-        code, reason = grpc.StatusCode.OK, None
-        parent = propagate.extract(metadata)
-        with _tracer.start_as_current_span(call.contract.full_method[1:], context=parent, kind=SpanKind.SERVER,
-                                           record_exception=False, set_status_on_exception=False) as span:
-            span.set_attribute("rpc.system", "grpc")
-            span.set_attribute("rpc.service", call.contract.service)
-            span.set_attribute("rpc.method", call.contract.name)
+        with _server_span(call, metadata) as span:
             token = None
             try:
-                principal = call.authenticate(metadata)
-                token = current_principal.set(principal)
+                outcome.principal = call.authenticate(metadata)
+                token = current_principal.set(outcome.principal)
                 call.check(request)
                 result = inner(request, context)
                 if inspect.isawaitable(result):
                     result = await result
                 return result
             except Exception as raw:
-                if isinstance(raw, grpc.aio.AbortError):  # the handler aborted itself
-                    code = context.code() or grpc.StatusCode.UNKNOWN
-                    raise
-                error = _classify(raw, call.contract.full_method)
-                code, reason = error.code, error.reason
-                span.set_status(Status(StatusCode.ERROR, error.reason))
-                await _abort(context, error, call.domain)
+                await _fail(raw, call, context, span, outcome)
             finally:
-                if token is not None:
-                    current_principal.reset(token)
-                span.set_attribute("rpc.grpc.status_code", code.value[0])
-                call.log_outcome(code, started, principal, reason)
+                _finish(call, span, outcome, token)
     return behavior
 
 
 def _wrap_server_stream(inner: Callable[[Any, ServicerContext], AsyncIterator[Any]],
                         call: _Call) -> Behavior:
     async def behavior(request: Any, context: ServicerContext) -> AsyncIterator[Any]:
-        started = time.perf_counter()
+        outcome = _Outcome()
         metadata = _metadata(context)
-        principal: Principal | None = None
-        code, reason = grpc.StatusCode.OK, None
-        parent = propagate.extract(metadata)
-        with _tracer.start_as_current_span(call.contract.full_method[1:], context=parent, kind=SpanKind.SERVER,
-                                           record_exception=False, set_status_on_exception=False) as span:
+        with _server_span(call, metadata) as span:
             token = None
             try:
-                principal = call.authenticate(metadata)
-                token = current_principal.set(principal)
+                outcome.principal = call.authenticate(metadata)
+                token = current_principal.set(outcome.principal)
                 call.check(request)
                 stream = inner(request, context)
                 if inspect.isawaitable(stream):
@@ -145,16 +164,9 @@ def _wrap_server_stream(inner: Callable[[Any, ServicerContext], AsyncIterator[An
                 async for item in stream:
                     yield item
             except Exception as raw:
-                if isinstance(raw, grpc.aio.AbortError):
-                    raise
-                error = _classify(raw, call.contract.full_method)
-                code, reason = error.code, error.reason
-                span.set_status(Status(StatusCode.ERROR, error.reason))
-                await _abort(context, error, call.domain)
+                await _fail(raw, call, context, span, outcome)
             finally:
-                if token is not None:
-                    current_principal.reset(token)
-                call.log_outcome(code, started, principal, reason)
+                _finish(call, span, outcome, token)
     return behavior
 
 
