@@ -67,6 +67,9 @@ class Settings(BaseSettings):
     # Deadline applied to every outgoing call that does not set its own.
     client_deadline_ms: int = Field(default=5_000, ge=1, le=600_000)
 
+    # The programme currency (ISO 4217): money in events and ledgers is in its minor units.
+    currency: str = Field(default="CNY", pattern=r"^[A-Z]{3}$")
+
     # Telemetry and logs.
     otel_exporter_otlp_endpoint: str | None = Field(
         default=None,

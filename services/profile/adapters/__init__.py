@@ -1,0 +1,1 @@
+"""Profile adapters (see services/profile/README.md)."""

@@ -1,0 +1,1 @@
+"""Profile domain (see services/profile/README.md)."""

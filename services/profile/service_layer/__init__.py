@@ -1,0 +1,1 @@
+"""Profile service_layer (see services/profile/README.md)."""
