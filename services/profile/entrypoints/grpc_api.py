@@ -19,6 +19,6 @@ class ProfileServicer(MembersApi, EventsApi, profile_service_pb2_grpc.ProfileSer
 
 
 def register(runtime: Runtime, server: Any) -> None:
-    # type: ignore[abstract] until every RPC is implemented (the base answers UNIMPLEMENTED).
+    # Abstract until every RPC is implemented: the generated base answers UNIMPLEMENTED meanwhile.
     servicer = ProfileServicer(runtime)  # type: ignore[abstract]
     profile_service_pb2_grpc.add_ProfileServiceServicer_to_server(servicer, server)
