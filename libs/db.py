@@ -8,13 +8,17 @@ import logging
 import time
 import warnings
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeAlias
 
 import asyncpg
+from asyncpg.pool import PoolConnectionProxy
 
 from libs.settings import Settings
 
 log = logging.getLogger(__name__)
+
+# What repositories accept: a plain connection or one borrowed from a pool.
+DbConnection: TypeAlias = "asyncpg.Connection[asyncpg.Record] | PoolConnectionProxy[asyncpg.Record]"
 
 EMBEDDED_DATABASE = "loyalty"
 

@@ -1,7 +1,37 @@
-"""Event, portrait, feature and outbox RPCs of ProfileService."""
+"""Event, portrait, feature and outbox RPCs of ProfileService: protobuf in, use case, protobuf out."""
 
 from __future__ import annotations
 
+from typing import Any
+
+from libs import errors
+from libs.server import Runtime
+from loyalty.profile.v1 import profile_service_pb2 as pb
+from services.profile.service_layer import portraits, record_events
+from services.profile.service_layer.outbox_relay import OutboxRelay, outbox_status
+
 
 class EventsApi:
-    """Mixed into ProfileServicer; implemented in the profile issue."""
+    runtime: Runtime
+    relay: OutboxRelay | None = None
+
+    async def BatchRecordEvents(self, request: pb.BatchRecordEventsRequest, context: Any
+                                ) -> pb.BatchRecordEventsResponse:
+        return await record_events.record_events(self.runtime.pool, request, self.runtime.settings.currency)
+
+    async def ListMemberEvents(self, request: pb.ListMemberEventsRequest, context: Any
+                               ) -> pb.ListMemberEventsResponse:
+        await self._require_member(request.member_id)
+        return await portraits.list_events(self.runtime.pool, request)
+
+    async def GetMemberEvent(self, request: pb.GetMemberEventRequest, context: Any) -> pb.GetMemberEventResponse:
+        return pb.GetMemberEventResponse(event=await portraits.get_event(self.runtime.pool, request.member_id,
+                                                                         request.event_id))
+
+    async def GetOutboxStatus(self, request: pb.GetOutboxStatusRequest, context: Any) -> pb.GetOutboxStatusResponse:
+        return await outbox_status(self.runtime.pool, self.relay.last_error if self.relay else "")
+
+    async def _require_member(self, member_id: str) -> None:
+        exists = await self.runtime.pool.fetchval("SELECT true FROM members WHERE member_id = $1", member_id)
+        if not exists:
+            raise errors.not_found("member", member_id, reason="MEMBER_NOT_FOUND")

@@ -1,0 +1,201 @@
+"""The outbox relay: delivers earning events (and member life-cycle messages) to rewards.
+
+At least once, in order per member, with back-off, safe with several replicas:
+- a batch is claimed with `FOR UPDATE SKIP LOCKED` plus a per-member transaction-level advisory
+  lock, so two relays never hold rows of the same member at once (order per member holds) and
+  never wait for each other;
+- rows behind an older undelivered row of the same member that is backing off wait for it;
+- the rows are marked delivered in the same transaction that claimed them, after rewards answered.
+  A crash between the send and the mark rolls the claim back and the rows are sent again; rewards
+  is idempotent on the source event, so the member is credited once.
+- rows are grouped by the trace context they were written under, so each Accrue call continues
+  the trace of the request that recorded its events.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
+from datetime import timedelta
+from typing import Any
+
+import asyncpg
+import grpc
+from opentelemetry import propagate, trace
+
+from loyalty.profile.v1 import profile_service_pb2
+from loyalty.rewards.v1 import earning_pb2, rewards_pb2
+
+log = logging.getLogger(__name__)
+_tracer = trace.get_tracer("loyalty.profile.outbox")
+
+BATCH_ROWS_MAX = 500  # one Accrue call carries at most this many accruals
+IDLE_POLL_S = 0.1
+RETRY_BACKOFF_S_INITIAL = 0.5
+RETRY_BACKOFF_S_MAX = 60.0
+SEND_DEADLINE_S = 10.0
+
+KIND = profile_service_pb2.OutboxMessageKind
+ACCRUE_KINDS = (KIND.OUTBOX_MESSAGE_KIND_ACCRUAL, KIND.OUTBOX_MESSAGE_KIND_REVERSAL)
+
+_CLAIM_SQL = """
+SELECT o.id, o.member_id, o.kind, o.source_event_id, o.payload, o.trace_context::text AS trace_context, o.attempts
+  FROM outbox o
+ WHERE o.delivered_at IS NULL
+   AND o.next_attempt_at <= now()
+   AND NOT EXISTS (SELECT 1 FROM outbox older
+                    WHERE older.member_id = o.member_id AND older.delivered_at IS NULL AND older.id < o.id
+                      AND older.next_attempt_at > now())
+   AND pg_try_advisory_xact_lock(hashtextextended('profile.outbox:' || o.member_id, 0))
+ ORDER BY o.id
+ LIMIT $1
+   FOR UPDATE SKIP LOCKED
+"""
+
+
+@dataclass(frozen=True, slots=True)
+class OutboxRow:
+    id: int
+    member_id: str
+    kind: int
+    source_event_id: str | None
+    payload: bytes
+    trace_context: str
+    attempts: int
+
+
+# Sends one batch of accruals; raises grpc.RpcError (or anything) when rewards did not take them.
+Sender = Callable[[rewards_pb2.AccrueRequest, dict[str, str]], Awaitable[Any]]
+
+
+def backoff_s(attempts: int) -> float:
+    return float(min(RETRY_BACKOFF_S_INITIAL * (2 ** max(0, attempts - 1)), RETRY_BACKOFF_S_MAX))
+
+
+class OutboxRelay:
+    def __init__(self, pool: asyncpg.Pool, send: Sender,
+                 after_send: Callable[[Sequence[OutboxRow]], Awaitable[None]] | None = None) -> None:
+        self._pool = pool
+        self._send = send
+        # Test seam: runs between the send and the mark (a crash there must not lose or double-credit).
+        self._after_send = after_send
+        self.last_error: str = ""
+
+    async def deliver_once(self, rows_max: int = BATCH_ROWS_MAX) -> int:
+        """Claim, send and mark one batch; returns how many rows were delivered."""
+        async with self._pool.acquire() as connection, connection.transaction():
+            rows = [OutboxRow(r["id"], r["member_id"], r["kind"], r["source_event_id"], bytes(r["payload"]),
+                              r["trace_context"], r["attempts"])
+                    for r in await connection.fetch(_CLAIM_SQL, rows_max)]
+            if not rows:
+                return 0
+            delivered: list[int] = []
+            failed: dict[int, str] = {}
+            groups: dict[str, list[OutboxRow]] = {}
+            for row in rows:
+                groups.setdefault(row.trace_context, []).append(row)
+            for trace_context, group in groups.items():
+                accruals = [r for r in group if r.kind in ACCRUE_KINDS]
+                # Member life-cycle messages have no receiving RPC yet: recorded as delivered.
+                delivered.extend(r.id for r in group if r.kind not in ACCRUE_KINDS)
+                if not accruals:
+                    continue
+                failed_members = {r.member_id for r in rows if r.id in failed}
+                sendable = [r for r in accruals if r.member_id not in failed_members]
+                error = await self._send_group(sendable, trace_context)
+                if error is None:
+                    delivered.extend(r.id for r in sendable)
+                else:
+                    failed.update({r.id: error for r in sendable})
+                # Rows of a member whose earlier row failed wait behind it: keep the order.
+                for r in accruals:
+                    if r.member_id in failed_members:
+                        failed[r.id] = "waiting behind an earlier message of the member"
+            if self._after_send is not None:
+                await self._after_send(rows)
+            if delivered:
+                await connection.execute(
+                    "UPDATE outbox SET delivered_at = now(), attempts = attempts + 1, last_error = NULL"
+                    " WHERE id = ANY($1::bigint[])", delivered)
+            for row_id, error_text in failed.items():
+                row = next(r for r in rows if r.id == row_id)
+                await connection.execute(
+                    "UPDATE outbox SET attempts = attempts + 1, last_error = $2, next_attempt_at = now() + $3"
+                    " WHERE member_id = $4 AND id = $1",
+                    row_id, error_text, timedelta(seconds=backoff_s(row.attempts + 1)), row.member_id)
+            return len(delivered)
+
+    async def _send_group(self, rows: Sequence[OutboxRow], trace_context: str) -> str | None:
+        request = rewards_pb2.AccrueRequest(accruals=[earning_pb2.Accrual.FromString(r.payload) for r in rows])
+        parent = propagate.extract(json.loads(trace_context or "{}"))
+        with _tracer.start_as_current_span("outbox.deliver", context=parent) as span:
+            span.set_attribute("loyalty.outbox.rows", len(rows))
+            carrier: dict[str, str] = {}
+            propagate.inject(carrier)
+            try:
+                await self._send(request, carrier)
+            except grpc.RpcError as error:
+                code = error.code() if hasattr(error, "code") else None
+                self.last_error = f"{getattr(code, 'name', 'ERROR')}: rewards did not accept the batch"
+                span.set_attribute("loyalty.outbox.error", self.last_error)
+                return self.last_error
+        self.last_error = ""
+        return None
+
+    async def run(self, stop: asyncio.Event) -> None:
+        """Deliver until stopped; sleep briefly when there is nothing to send."""
+        while not stop.is_set():
+            try:
+                sent = await self.deliver_once()
+            except (OSError, asyncpg.PostgresError) as error:
+                log.warning("outbox relay round failed", extra={"error": type(error).__name__})
+                sent = 0
+            if sent == 0:
+                with contextlib.suppress(asyncio.TimeoutError):
+                    await asyncio.wait_for(stop.wait(), IDLE_POLL_S)
+
+
+def grpc_sender(stub: Any) -> Sender:
+    async def send(request: rewards_pb2.AccrueRequest, metadata: dict[str, str]) -> Any:
+        return await stub.Accrue(request, metadata=tuple(metadata.items()), timeout=SEND_DEADLINE_S)
+    return send
+
+
+async def outbox_status(pool: asyncpg.Pool, last_error: str) -> profile_service_pb2.GetOutboxStatusResponse:
+    rows = await pool.fetch(
+        """SELECT kind,
+                  count(*) FILTER (WHERE delivered_at IS NULL) AS pending,
+                  count(*) FILTER (WHERE delivered_at IS NULL AND attempts > 0) AS retrying,
+                  count(*) FILTER (WHERE delivered_at IS NOT NULL) AS delivered,
+                  count(*) FILTER (WHERE delivered_at > now() - interval '1 hour') AS delivered_last_hour,
+                  min(created_at) FILTER (WHERE delivered_at IS NULL) AS oldest_pending,
+                  max(delivered_at) AS last_delivered,
+                  coalesce(max(attempts) FILTER (WHERE delivered_at IS NULL), 0) AS max_attempts,
+                  now() AS now
+             FROM outbox GROUP BY kind ORDER BY kind""")
+    response = profile_service_pb2.GetOutboxStatusResponse(last_error=last_error)
+    oldest = None
+    last = None
+    for r in rows:
+        kind = profile_service_pb2.OutboxKindStatus(kind=r["kind"], pending_count=r["pending"],
+                                                    retrying_count=r["retrying"], delivered_count=r["delivered"])
+        if r["oldest_pending"] is not None:
+            kind.oldest_pending_age.FromTimedelta(r["now"] - r["oldest_pending"])
+            oldest = r["oldest_pending"] if oldest is None else min(oldest, r["oldest_pending"])
+        response.by_kind.append(kind)
+        response.pending_count += r["pending"]
+        response.retrying_count += r["retrying"]
+        response.delivered_count += r["delivered"]
+        response.delivered_last_hour += r["delivered_last_hour"]
+        response.max_attempts = max(response.max_attempts, r["max_attempts"])
+        if r["last_delivered"] is not None:
+            last = r["last_delivered"] if last is None else max(last, r["last_delivered"])
+        if oldest is not None:
+            response.oldest_pending_age.FromTimedelta(r["now"] - oldest)
+    if last is not None:
+        response.last_delivered_at.FromDatetime(last)
+    return response
