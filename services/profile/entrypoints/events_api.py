@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator
 from typing import Any
 
 from libs import errors
 from libs.server import Runtime
 from loyalty.profile.v1 import profile_service_pb2 as pb
-from services.profile.service_layer import portraits, record_events
+from services.profile.service_layer import features, portraits, record_events
 from services.profile.service_layer.outbox_relay import OutboxRelay, outbox_status
 
 
@@ -27,6 +28,18 @@ class EventsApi:
     async def GetMemberEvent(self, request: pb.GetMemberEventRequest, context: Any) -> pb.GetMemberEventResponse:
         return pb.GetMemberEventResponse(event=await portraits.get_event(self.runtime.pool, request.member_id,
                                                                          request.event_id))
+
+    async def ListFeatures(self, request: pb.ListFeaturesRequest, context: Any) -> pb.ListFeaturesResponse:
+        return features.list_features(request)
+
+    async def StreamFeatures(self, request: pb.StreamFeaturesRequest, context: Any
+                             ) -> AsyncIterator[pb.StreamFeaturesResponse]:
+        async for message in features.stream_features(self.runtime.pool, request):
+            yield message
+
+    async def BatchGetMemberFeatures(self, request: pb.BatchGetMemberFeaturesRequest, context: Any
+                                     ) -> pb.BatchGetMemberFeaturesResponse:
+        return await features.member_features(self.runtime.pool, request)
 
     async def GetOutboxStatus(self, request: pb.GetOutboxStatusRequest, context: Any) -> pb.GetOutboxStatusResponse:
         return await outbox_status(self.runtime.pool, self.relay.last_error if self.relay else "")
