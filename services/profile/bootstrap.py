@@ -12,7 +12,7 @@ from libs.server import Runtime, ServiceSpec
 from loyalty.profile.v1 import profile_service_pb2_grpc
 from loyalty.rewards.v1 import rewards_pb2, rewards_pb2_grpc
 from services.profile.entrypoints.grpc_api import PACKAGE, ProfileServicer
-from services.profile.service_layer.outbox_relay import OutboxRelay, grpc_sender
+from services.profile.service_layer.outbox_relay import GrpcRewards, OutboxRelay
 
 SERVICE_DIR = Path(__file__).resolve().parent
 
@@ -30,7 +30,7 @@ def build_spec() -> ServiceSpec:
         settings = runtime.settings
         channel = open_channel(settings.addr_for("rewards"), settings, service_descriptors([rewards_pb2]),
                                token=runtime.client_token)
-        relay = OutboxRelay(runtime.pool, grpc_sender(rewards_pb2_grpc.RewardsServiceStub(channel)))
+        relay = OutboxRelay(runtime.pool, GrpcRewards(rewards_pb2_grpc.RewardsServiceStub(channel)))
         for servicer in servicers:
             servicer.relay = relay
         runtime.background.append(asyncio.create_task(relay.run(asyncio.Event()), name="outbox-relay"))

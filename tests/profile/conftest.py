@@ -44,8 +44,8 @@ class Events:
         event.occurred_at.FromDatetime(at or self.now - timedelta(minutes=5))
         return event
 
-    def purchase(self, amount: int = 10_000, order_id: str | None = None, items: list[tuple[str, int, int]] | None = None,
-                 **kw: Any) -> event_pb2.BehaviourEvent:
+    def purchase(self, amount: int = 10_000, order_id: str | None = None,
+                 items: list[tuple[str, int, int]] | None = None, **kw: Any) -> event_pb2.BehaviourEvent:
         event = self.base(**kw)
         event.purchase.order_id = order_id or uid("o")
         event.purchase.amount.amount_minor = amount

@@ -86,7 +86,8 @@ async def _oracle(pool: asyncpg.Pool, member_id: str) -> dict[str, Any]:
         elif kind == "click":
             changes.update(click_count=1)
         if kind != "refund":
-            key = f"s:{row['session_id']}" if row["session_id"] else f"t:{int(row['occurred_at'].timestamp()) // SLOT_S}"
+            slot = int(row["occurred_at"].timestamp()) // SLOT_S
+            key = f"s:{row['session_id']}" if row["session_id"] else f"t:{slot}"
             sessions.add(key)
         lifetime.update(changes)
         daily[day].update(changes)

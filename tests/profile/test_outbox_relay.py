@@ -15,7 +15,8 @@ import pytest
 from libs.migrations import migrate
 from loyalty.rewards.v1 import rewards_pb2, rewards_pb2_grpc
 from services.profile.bootstrap import SERVICE_DIR
-from services.profile.service_layer.outbox_relay import OutboxRelay, OutboxRow, grpc_sender, outbox_status
+from services.profile.service_layer.merge import merge_members
+from services.profile.service_layer.outbox_relay import GrpcRewards, OutboxRelay, OutboxRow, outbox_status
 from tests.profile.conftest import Events
 from tests.profile.test_record_events import record
 
@@ -30,6 +31,7 @@ class FakeRewards(rewards_pb2_grpc.RewardsServiceServicer):
         self.credited: dict[str, int] = {}
         self.metadata: list[dict[str, str]] = []
         self.fail_next = 0
+        self.merges: list[tuple[str, str]] = []
 
     async def Accrue(self, request: rewards_pb2.AccrueRequest, context: Any) -> rewards_pb2.AccrueResponse:
         if self.fail_next > 0:
@@ -40,6 +42,11 @@ class FakeRewards(rewards_pb2_grpc.RewardsServiceServicer):
         for accrual in request.accruals:
             self.credited[accrual.source_event_id] = self.credited.get(accrual.source_event_id, 0) + 1
         return rewards_pb2.AccrueResponse()
+
+    async def MergeMemberLedgers(self, request: rewards_pb2.MergeMemberLedgersRequest, context: Any
+                                 ) -> rewards_pb2.MergeMemberLedgersResponse:
+        self.merges.append((request.survivor_member_id, request.duplicate_member_id))
+        return rewards_pb2.MergeMemberLedgersResponse()
 
     @property
     def credited_once(self) -> set[str]:
@@ -85,7 +92,7 @@ async def test_delivers_everything_once_in_order_per_member(pool: asyncpg.Pool, 
         events = [ev.purchase(100 * (i + 1)) for i in range(4)] + [ev.browse(300)]
         await record(pool, *events)
         sent[ev.member_id] = [e.event_id for e in events]
-    relay = OutboxRelay(pool, grpc_sender(stub))
+    relay = OutboxRelay(pool, GrpcRewards(stub))
     while await relay.deliver_once(rows_max=4):
         pass
     assert await _pending(pool) == 0
@@ -106,7 +113,7 @@ async def test_trace_context_of_the_writer_reaches_rewards(pool: asyncpg.Pool, r
     from libs.telemetry import install_tracer_provider
 
     install_tracer_provider("tests-relay", [])
-    await OutboxRelay(pool, grpc_sender(stub)).deliver_once()
+    await OutboxRelay(pool, GrpcRewards(stub)).deliver_once()
     assert fake.metadata[-1]["traceparent"].split("-")[1] == "0af7651916cd43dd8448eb211c80319c"
 
 
@@ -115,7 +122,7 @@ async def test_failure_backs_off_and_keeps_rows_pending(pool: asyncpg.Pool, rewa
     ev = Events()
     await record(pool, ev.purchase(100))
     fake.fail_next = 1
-    relay = OutboxRelay(pool, grpc_sender(stub))
+    relay = OutboxRelay(pool, GrpcRewards(stub))
     assert await relay.deliver_once() == 0
     row = await pool.fetchrow("SELECT attempts, last_error, next_attempt_at > now() AS later FROM outbox")
     assert (row["attempts"], row["later"]) == (1, True)
@@ -139,9 +146,9 @@ async def test_a_crash_between_send_and_mark_redelivers_and_credits_once(pool: a
         raise RuntimeError("process killed after rewards answered, before the rows were marked")
 
     with pytest.raises(RuntimeError):
-        await OutboxRelay(pool, grpc_sender(stub), after_send=crash).deliver_once()
+        await OutboxRelay(pool, GrpcRewards(stub), after_send=crash).deliver_once()
     assert await _pending(pool) == 3  # nothing marked: the claim rolled back
-    assert await OutboxRelay(pool, grpc_sender(stub)).deliver_once() == 3
+    assert await OutboxRelay(pool, GrpcRewards(stub)).deliver_once() == 3
     assert await _pending(pool) == 0
     assert len(fake.calls) == 2  # sent twice (at least once) ...
     assert set(fake.credited) == {p.event_id for p in purchases}  # ... and rewards credits each once
@@ -153,7 +160,7 @@ async def test_two_relays_never_deliver_the_same_rows(pool: asyncpg.Pool, reward
     for _ in range(20):
         ev = Events()
         await record(pool, *(ev.purchase(100 + i) for i in range(3)))
-    relays = [OutboxRelay(pool, grpc_sender(stub)) for _ in range(2)]
+    relays = [OutboxRelay(pool, GrpcRewards(stub)) for _ in range(2)]
 
     async def drain(relay: OutboxRelay) -> None:
         for _ in range(200):
@@ -166,3 +173,18 @@ async def test_two_relays_never_deliver_the_same_rows(pool: asyncpg.Pool, reward
     assert len(fake.credited) == 60
     assert all(count == 1 for count in fake.credited.values())
 
+
+
+async def test_member_merges_reach_rewards_after_the_members_earlier_accruals(pool: asyncpg.Pool,
+                                                                                rewards: Any) -> None:
+    fake, stub = rewards
+    survivor, duplicate = Events(), Events()
+    await record(pool, survivor.purchase(100), duplicate.purchase(200))
+    async with pool.acquire() as connection, connection.transaction():
+        await merge_members(connection, survivor.member_id, duplicate.member_id, "req-merge-1", "operator")
+    relay = OutboxRelay(pool, GrpcRewards(stub))
+    while await relay.deliver_once():
+        pass
+    assert fake.merges == [(survivor.member_id, duplicate.member_id)]
+    assert len(fake.credited) == 2
+    assert await _pending(pool) == 0

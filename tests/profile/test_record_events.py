@@ -146,7 +146,8 @@ async def test_currency_rules(profile_pool: asyncpg.Pool, currency: str, reason:
     assert (result.reject_reason, result.field) == (reason, "events[0].purchase.amount.currency")
 
 
-@pytest.mark.parametrize(("amount", "ok"), [(1, True), (rules.AMOUNT_MINOR_MAX, True), (rules.AMOUNT_MINOR_MAX + 1, False)])
+@pytest.mark.parametrize(("amount", "ok"), [(1, True), (rules.AMOUNT_MINOR_MAX, True),
+                                            (rules.AMOUNT_MINOR_MAX + 1, False)])
 async def test_amount_limit_edges(profile_pool: asyncpg.Pool, amount: int, ok: bool) -> None:
     result = (await record(profile_pool, Events().purchase(amount))).results[0]
     assert (result.status == S.EVENT_STATUS_ACCEPTED) is ok
@@ -252,7 +253,8 @@ async def test_late_events_land_in_their_own_day(profile_pool: asyncpg.Pool) -> 
 async def test_sessions_count_visits(profile_pool: asyncpg.Pool) -> None:
     ev = Events()
     base = datetime.now(UTC).replace(minute=0, second=0, microsecond=0) - timedelta(hours=3)
-    await record(profile_pool, ev.view(session_id="s1", at=base), ev.view(session_id="s1", at=base + timedelta(hours=1)),
+    await record(profile_pool, ev.view(session_id="s1", at=base),
+                 ev.view(session_id="s1", at=base + timedelta(hours=1)),
                  ev.view(session_id="s2", at=base), ev.view(at=base + timedelta(minutes=1)),
                  ev.view(at=base + timedelta(minutes=2)), ev.view(at=base + timedelta(minutes=40)))
     await record(profile_pool, ev.view(session_id="s1", at=base))  # s1 again, later batch: no new visit

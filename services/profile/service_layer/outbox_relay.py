@@ -21,7 +21,7 @@ import logging
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from datetime import timedelta
-from typing import Any
+from typing import Any, Protocol
 
 import asyncpg
 import grpc
@@ -41,6 +41,7 @@ SEND_DEADLINE_S = 10.0
 
 KIND = profile_service_pb2.OutboxMessageKind
 ACCRUE_KINDS = (KIND.OUTBOX_MESSAGE_KIND_ACCRUAL, KIND.OUTBOX_MESSAGE_KIND_REVERSAL)
+SENT_KINDS = (*ACCRUE_KINDS, KIND.OUTBOX_MESSAGE_KIND_MEMBER_MERGED)
 
 _CLAIM_SQL = """
 SELECT o.id, o.member_id, o.kind, o.source_event_id, o.payload, o.trace_context::text AS trace_context, o.attempts
@@ -68,8 +69,13 @@ class OutboxRow:
     attempts: int
 
 
-# Sends one batch of accruals; raises grpc.RpcError (or anything) when rewards did not take them.
-Sender = Callable[[rewards_pb2.AccrueRequest, dict[str, str]], Awaitable[Any]]
+class RewardsPort(Protocol):
+    """What the relay needs from rewards; raises grpc.RpcError when rewards did not take a message."""
+
+    async def accrue(self, request: rewards_pb2.AccrueRequest, metadata: dict[str, str]) -> Any: ...
+
+    async def merge_ledgers(self, request: rewards_pb2.MergeMemberLedgersRequest, metadata: dict[str, str]
+                            ) -> Any: ...
 
 
 def backoff_s(attempts: int) -> float:
@@ -77,10 +83,10 @@ def backoff_s(attempts: int) -> float:
 
 
 class OutboxRelay:
-    def __init__(self, pool: asyncpg.Pool, send: Sender,
+    def __init__(self, pool: asyncpg.Pool, rewards: RewardsPort,
                  after_send: Callable[[Sequence[OutboxRow]], Awaitable[None]] | None = None) -> None:
         self._pool = pool
-        self._send = send
+        self._rewards = rewards
         # Test seam: runs between the send and the mark (a crash there must not lose or double-credit).
         self._after_send = after_send
         self.last_error: str = ""
@@ -99,22 +105,27 @@ class OutboxRelay:
             for row in rows:
                 groups.setdefault(row.trace_context, []).append(row)
             for trace_context, group in groups.items():
-                accruals = [r for r in group if r.kind in ACCRUE_KINDS]
-                # Member life-cycle messages have no receiving RPC yet: recorded as delivered.
-                delivered.extend(r.id for r in group if r.kind not in ACCRUE_KINDS)
-                if not accruals:
-                    continue
+                # Erasure notices have no receiver in rewards (ledgers hold no PII): recorded as delivered.
+                delivered.extend(r.id for r in group if r.kind not in SENT_KINDS)
                 failed_members = {r.member_id for r in rows if r.id in failed}
-                sendable = [r for r in accruals if r.member_id not in failed_members]
-                error = await self._send_group(sendable, trace_context)
-                if error is None:
-                    delivered.extend(r.id for r in sendable)
-                else:
-                    failed.update({r.id: error for r in sendable})
                 # Rows of a member whose earlier row failed wait behind it: keep the order.
-                for r in accruals:
-                    if r.member_id in failed_members:
+                for r in group:
+                    if r.kind in SENT_KINDS and r.member_id in failed_members:
                         failed[r.id] = "waiting behind an earlier message of the member"
+                accruals = [r for r in group if r.kind in ACCRUE_KINDS and r.id not in failed]
+                merges = [r for r in group if r.kind == KIND.OUTBOX_MESSAGE_KIND_MEMBER_MERGED and r.id not in failed]
+                if accruals:
+                    error = await self._send_group(accruals, trace_context, merge=False)
+                    if error is None:
+                        delivered.extend(r.id for r in accruals)
+                    else:
+                        failed.update({r.id: error for r in accruals})
+                for row in merges:
+                    error = await self._send_group([row], trace_context, merge=True)
+                    if error is None:
+                        delivered.append(row.id)
+                    else:
+                        failed[row.id] = error
             if self._after_send is not None:
                 await self._after_send(rows)
             if delivered:
@@ -129,15 +140,19 @@ class OutboxRelay:
                     row_id, error_text, timedelta(seconds=backoff_s(row.attempts + 1)), row.member_id)
             return len(delivered)
 
-    async def _send_group(self, rows: Sequence[OutboxRow], trace_context: str) -> str | None:
-        request = rewards_pb2.AccrueRequest(accruals=[earning_pb2.Accrual.FromString(r.payload) for r in rows])
+    async def _send_group(self, rows: Sequence[OutboxRow], trace_context: str, merge: bool) -> str | None:
         parent = propagate.extract(json.loads(trace_context or "{}"))
         with _tracer.start_as_current_span("outbox.deliver", context=parent) as span:
             span.set_attribute("loyalty.outbox.rows", len(rows))
             carrier: dict[str, str] = {}
             propagate.inject(carrier)
             try:
-                await self._send(request, carrier)
+                if merge:
+                    await self._rewards.merge_ledgers(
+                        rewards_pb2.MergeMemberLedgersRequest.FromString(rows[0].payload), carrier)
+                else:
+                    await self._rewards.accrue(rewards_pb2.AccrueRequest(
+                        accruals=[earning_pb2.Accrual.FromString(r.payload) for r in rows]), carrier)
             except grpc.RpcError as error:
                 code = error.code() if hasattr(error, "code") else None
                 self.last_error = f"{getattr(code, 'name', 'ERROR')}: rewards did not accept the batch"
@@ -159,10 +174,17 @@ class OutboxRelay:
                     await asyncio.wait_for(stop.wait(), IDLE_POLL_S)
 
 
-def grpc_sender(stub: Any) -> Sender:
-    async def send(request: rewards_pb2.AccrueRequest, metadata: dict[str, str]) -> Any:
-        return await stub.Accrue(request, metadata=tuple(metadata.items()), timeout=SEND_DEADLINE_S)
-    return send
+class GrpcRewards:
+    """RewardsPort over the generated stub, with a deadline on every call."""
+
+    def __init__(self, stub: Any) -> None:
+        self._stub = stub
+
+    async def accrue(self, request: rewards_pb2.AccrueRequest, metadata: dict[str, str]) -> Any:
+        return await self._stub.Accrue(request, metadata=tuple(metadata.items()), timeout=SEND_DEADLINE_S)
+
+    async def merge_ledgers(self, request: rewards_pb2.MergeMemberLedgersRequest, metadata: dict[str, str]) -> Any:
+        return await self._stub.MergeMemberLedgers(request, metadata=tuple(metadata.items()), timeout=SEND_DEADLINE_S)
 
 
 async def outbox_status(pool: asyncpg.Pool, last_error: str) -> profile_service_pb2.GetOutboxStatusResponse:

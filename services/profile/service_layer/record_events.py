@@ -169,14 +169,6 @@ async def _claim(connection: DbConnection, items: list[Item]) -> list[Item]:
         else:
             by_target[target] = item
     live = [i for i in live if i.result is None]
-    redirected = [i for i in live if i.member_id != i.sent_member_id]
-    if redirected:
-        taken = await events_repo.existing_events(connection, [(i.member_id, i.event.event_id) for i in redirected])
-        for item in redirected:
-            if (item.member_id, item.event.event_id) in taken:
-                item.reject(REASON.EVENT_REJECT_REASON_CONFLICT, f"events[{item.index}].event_id",
-                            "the member this event is redirected to already has this event_id")
-        live = [i for i in live if i.result is None]
     new = await events_repo.claim_event_ids(
         connection, [(i.sent_member_id, i.event.event_id, i.member_id, i.request_hash) for i in live])
     old = [i for i in live if i.key not in new]
@@ -190,7 +182,17 @@ async def _claim(connection: DbConnection, items: list[Item]) -> list[Item]:
             else:
                 item.reject(REASON.EVENT_REJECT_REASON_CONFLICT, f"events[{item.index}].event_id",
                             "event_id was already recorded with another payload")
-    return [i for i in live if i.key in new]
+    fresh = [i for i in live if i.key in new]
+    # A new event redirected to a survivor that already holds the same event id: refuse it.
+    redirected = [i for i in fresh if i.member_id != i.sent_member_id]
+    if redirected:
+        taken = await events_repo.existing_events(connection, [(i.member_id, i.event.event_id) for i in redirected])
+        clashes = [i for i in redirected if (i.member_id, i.event.event_id) in taken]
+        for item in clashes:
+            item.reject(REASON.EVENT_REJECT_REASON_CONFLICT, f"events[{item.index}].event_id",
+                        "the member this event is redirected to already has this event_id")
+        await events_repo.release_event_ids(connection, [i.key for i in clashes])
+    return [i for i in fresh if i.result is None]
 
 
 async def _apply_orders(connection: DbConnection, fresh: list[Item]) -> None:
