@@ -11,19 +11,17 @@ created with development tokens (their plaintext goes to state_dir/dev-tokens.js
 
 from __future__ import annotations
 
-import contextlib
 import contextvars
 import hashlib
 import json
-import os
 import secrets
-import tempfile
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 
 from libs import errors
+from libs.files import atomic_write, create_once
 
 # Scopes a principal may hold as a wildcard: "*" (everything) or "rewards.*" (one service's).
 WILDCARD = "*"
@@ -107,58 +105,25 @@ DEV_CALLERS: dict[str, list[str]] = {
 }
 
 
-def _atomic_write(path: Path, text: str, mode: int) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    try:
-        os.fchmod(fd, mode)
-        with os.fdopen(fd, "w") as handle:
-            handle.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
-
-
 def ensure_dev_tokens(state_dir: Path) -> dict[str, str]:
     """Create (once) and return the development tokens {principal: token}.
 
-    Several processes may start at once: the first to create the plaintext file wins (O_EXCL on a
-    lock file), the others wait for it and read the same tokens.
+    Several processes may start at once: exactly one creates the files (see libs.files.create_once),
+    the others wait for them and read the same tokens.
     """
     plain = state_dir / "dev-tokens.json"
     hashed = state_dir / "tokens.json"
-    lock = state_dir / ".dev-tokens.lock"
-    state_dir.mkdir(parents=True, exist_ok=True)
-    if not plain.exists():
-        try:
-            fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600)
-        except FileExistsError:
-            fd = -1
-        if fd >= 0:
-            os.close(fd)
-            try:
-                tokens = {name: f"dev-{name}-{secrets.token_urlsafe(24)}" for name in DEV_CALLERS}
-                callers = [
-                    {"principal": name, "token_sha256": hash_token(tokens[name]), "scopes": scopes}
-                    for name, scopes in DEV_CALLERS.items()
-                ]
-                _atomic_write(hashed, json.dumps({"callers": callers}, indent=2) + "\n", 0o644)
-                _atomic_write(plain, json.dumps(tokens, indent=2) + "\n", 0o600)
-            finally:
-                lock.unlink(missing_ok=True)
-        else:
-            _wait_for(plain)
+
+    def create() -> None:
+        tokens = {name: f"dev-{name}-{secrets.token_urlsafe(24)}" for name in DEV_CALLERS}
+        callers = [
+            {"principal": name, "token_sha256": hash_token(tokens[name]), "scopes": scopes}
+            for name, scopes in DEV_CALLERS.items()
+        ]
+        atomic_write(hashed, json.dumps({"callers": callers}, indent=2) + "\n", 0o644)
+        # The plaintext file last: its existence is what the other processes wait for.
+        atomic_write(plain, json.dumps(tokens, indent=2) + "\n", 0o600)
+
+    create_once(plain, create)
     loaded: dict[str, str] = json.loads(plain.read_text())
     return loaded
-
-
-def _wait_for(path: Path, timeout_s: float = 10.0) -> None:
-    import time
-
-    deadline = time.monotonic() + timeout_s
-    while not path.exists():
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"{path} was not created by the process holding the lock")
-        time.sleep(0.05)

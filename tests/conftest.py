@@ -11,6 +11,7 @@ import shutil
 import tempfile
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
+from typing import Any
 from urllib.parse import urlparse, urlunparse
 
 import asyncpg
@@ -130,3 +131,17 @@ def test_protos_dir() -> Iterator[Path]:
     yield out
     sys.path.remove(str(out))
     shutil.rmtree(out, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def span_exporter() -> Any:
+    """One SDK tracer provider for the test process (OpenTelemetry allows setting it once), with
+    an in-memory exporter that tests clear and read."""
+    from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+    from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+
+    from libs.telemetry import install_tracer_provider
+
+    memory = InMemorySpanExporter()
+    install_tracer_provider("tests", [SimpleSpanProcessor(memory)])
+    return memory

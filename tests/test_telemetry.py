@@ -12,7 +12,6 @@ from typing import Any
 
 import pytest
 from opentelemetry import trace
-from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from opentelemetry.trace import SpanKind
 
@@ -20,15 +19,12 @@ from libs.clients import open_channel
 from libs.logs import JsonFormatter
 from libs.server import ServiceProcess
 from libs.settings import Settings
-from libs.telemetry import install_tracer_provider
 from tests.support.processes import free_port
 
 
-@pytest.fixture(scope="module")
-def exporter() -> InMemorySpanExporter:
-    memory = InMemorySpanExporter()
-    install_tracer_provider("tests", [SimpleSpanProcessor(memory)])
-    return memory
+@pytest.fixture
+def exporter(span_exporter: InMemorySpanExporter) -> InMemorySpanExporter:
+    return span_exporter
 
 
 @pytest.fixture

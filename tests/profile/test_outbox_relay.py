@@ -104,15 +104,13 @@ async def test_delivers_everything_once_in_order_per_member(pool: asyncpg.Pool, 
         assert positions == sorted(positions)  # per member, in the order recorded
 
 
-async def test_trace_context_of_the_writer_reaches_rewards(pool: asyncpg.Pool, rewards: Any) -> None:
+async def test_trace_context_of_the_writer_reaches_rewards(pool: asyncpg.Pool, rewards: Any,
+                                                           span_exporter: Any) -> None:
     fake, stub = rewards
     ev = Events()
     await record(pool, ev.purchase(100))
     await pool.execute("UPDATE outbox SET trace_context = $1::jsonb WHERE member_id = $2",
                        '{"traceparent": "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"}', ev.member_id)
-    from libs.telemetry import install_tracer_provider
-
-    install_tracer_provider("tests-relay", [])
     await OutboxRelay(pool, GrpcRewards(stub)).deliver_once()
     assert fake.metadata[-1]["traceparent"].split("-")[1] == "0af7651916cd43dd8448eb211c80319c"
 

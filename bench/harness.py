@@ -1,0 +1,79 @@
+"""Shared benchmark plumbing: a throw-away embedded PostgreSQL, real service processes, RSS."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+from libs.auth import ensure_dev_tokens
+from libs.db import pgserver_handle, stop_embedded_postgres
+from tests.support.processes import RunningProcess, free_port, start_module
+
+
+@contextmanager
+def database() -> Iterator[str]:
+    """A DSN to a fresh database: DATABASE_URL's cluster if set, else an embedded one."""
+    external = os.environ.get("DATABASE_URL")
+    name = f"loyalty_bench_{os.getpid()}"
+    if external:
+        import asyncio
+
+        import asyncpg
+
+        async def run(sql: str) -> None:
+            connection = await asyncpg.connect(external)
+            try:
+                await connection.execute(sql)
+            finally:
+                await connection.close()
+
+        asyncio.run(run(f'CREATE DATABASE "{name}"'))
+        try:
+            yield external.rsplit("/", 1)[0] + f"/{name}"
+        finally:
+            asyncio.run(run(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+        return
+    pgdata = Path(tempfile.mkdtemp(prefix="loyalty-bench-pg-"))
+    server = pgserver_handle(pgdata)
+    try:
+        server.psql(f"CREATE DATABASE {name};")
+        yield str(server.get_uri(name))
+    finally:
+        stop_embedded_postgres(pgdata)
+        shutil.rmtree(pgdata, ignore_errors=True)
+
+
+@contextmanager
+def service(name: str, dsn: str, state_dir: Path, **env: str) -> Iterator[RunningProcess]:
+    ensure_dev_tokens(state_dir)
+    full_env = {"DATABASE_URL": dsn, "LOYALTY_STATE_DIR": str(state_dir), "LOYALTY_LOG_LEVEL": "WARNING",
+                # Nothing listens here: the outbox relay backs off quietly instead of delivering.
+                "LOYALTY_REWARDS_ADDR": f"127.0.0.1:{free_port()}", **env}
+    process = start_module(name, f"services.{name}", full_env, state_dir / "logs")
+    try:
+        process.wait_status("SERVING", timeout_s=120)
+        yield process
+    finally:
+        process.terminate()
+
+
+def rss_mb(pid: int) -> float:
+    """Peak resident set size (VmHWM) of a process, in MiB."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+class Timer:
+    def __enter__(self) -> Timer:
+        self.started = time.perf_counter()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.seconds = time.perf_counter() - self.started
