@@ -11,12 +11,14 @@ import asyncio
 import json
 import random
 import tempfile
+import time
 import uuid
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import asyncpg
 import grpc
+import psutil
 
 from bench.harness import Timer, database, service
 from loyalty.profile.v1 import event_pb2, profile_service_pb2, profile_service_pb2_grpc
@@ -108,6 +110,17 @@ async def raw_copy(dsn: str, events: list[event_pb2.BehaviourEvent]) -> float:
         await connection.close()
 
 
+def cpu_seconds(processes: list[psutil.Process]) -> float:
+    total = 0.0
+    for process in processes:
+        try:
+            times = process.cpu_times()
+        except psutil.NoSuchProcess:
+            continue
+        total += times.user + times.system
+    return total
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--events", type=int, default=100_000)
@@ -122,13 +135,20 @@ def main() -> None:
         for e in warm:
             e.event_id = "warm-" + e.event_id
         asyncio.run(send_all(profile.address, token, warm, args.concurrency))
+        server = psutil.Process(profile.process.pid)
+        postgres = [p for p in psutil.process_iter(["name", "cmdline"]) if "postgres" in (p.info["name"] or "")]
+        before = cpu_seconds([server]), cpu_seconds(postgres), time.process_time()
         with Timer() as timer:
             accepted = asyncio.run(send_all(profile.address, token, events, args.concurrency))
+        used = (cpu_seconds([server]) - before[0], cpu_seconds(postgres) - before[1], time.process_time() - before[2])
         copy_s = asyncio.run(raw_copy(dsn, events))
     rate = args.events / timer.seconds
     copy_rate = args.events / copy_s
     print(f"BatchRecordEvents: {args.events} events in {timer.seconds:.2f}s = {rate:,.0f} events/s "
           f"(accepted {accepted}, batches of {BATCH_EVENTS}, {args.concurrency} in flight)")
+    print(f"CPU per event: service {used[0] / args.events * 1e6:.0f} us, PostgreSQL {used[1] / args.events * 1e6:.0f} us, "
+          f"load client {used[2] / args.events * 1e6:.0f} us (2 cores: {2e6 / args.events * timer.seconds:.0f} us "
+          "of core time per event available)")
     print(f"raw COPY of the same rows: {copy_rate:,.0f} rows/s")
     print(f"ratio BatchRecordEvents / raw COPY = {rate / copy_rate:.3f}   (target: >= 15,000 events/s)")
 

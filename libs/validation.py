@@ -9,6 +9,7 @@ handler; batch handlers run it per item for fields marked `items_checked_by_hand
 from __future__ import annotations
 
 import ipaddress
+import math
 import re
 from collections.abc import Callable
 from datetime import date
@@ -39,7 +40,12 @@ _PHONE = re.compile(r"\+[1-9][0-9]{6,14}")
 _LANGUAGE_TAG = re.compile(r"[A-Za-z]{2,3}(-[A-Za-z0-9]{2,8})*")
 
 
+_IPV4 = re.compile(r"(25[0-5]|2[0-4]\d|1\d\d|[1-9]?\d)(\.(25[0-5]|2[0-4]\d|1\d\d|[1-9]?\d)){3}")
+
+
 def _is_ip(value: str) -> bool:
+    if _IPV4.fullmatch(value):
+        return True  # the common case, without ipaddress's object construction
     try:
         ipaddress.ip_address(value)
     except ValueError:
@@ -74,180 +80,194 @@ _FORMATS: dict[int, tuple[Callable[[str], bool], str]] = {
 }
 
 
-def _scalar_checks(fd: descriptor.FieldDescriptor, rules: Any) -> list[Callable[[Any], str | None]]:
-    """Checks for one scalar value (a singular field, or one item of a repeated one)."""
-    checks: list[Callable[[Any], str | None]] = []
-    if fd.type in (_FD.TYPE_STRING, _FD.TYPE_BYTES):
-        if rules.HasField("min_len"):
-            low = rules.min_len
-            # An empty string is an absent one in proto3: `required` speaks for it, not min_len.
-            checks.append(lambda v: f"must be at least {low} characters" if v and len(v) < low else None)
-        if rules.HasField("max_len"):
-            high = rules.max_len
-            checks.append(lambda v: f"must be at most {high} characters" if len(v) > high else None)
-        if rules.pattern:
-            pattern = re.compile(rules.pattern)
-            text = rules.pattern
-            checks.append(lambda v: f"must match {text}" if v and pattern.fullmatch(v) is None else None)
-        if rules.format:
-            predicate, message = _FORMATS[rules.format]
-            checks.append(lambda v: message if v and not predicate(v) else None)
-    elif fd.type in _INTEGER_TYPES:
-        if rules.HasField("int_gte"):
-            int_low = rules.int_gte
-            checks.append(lambda v: f"must be >= {int_low}" if v < int_low else None)
-        if rules.HasField("int_lte"):
-            int_high = rules.int_lte
-            checks.append(lambda v: f"must be <= {int_high}" if v > int_high else None)
-    elif fd.type in _FLOAT_TYPES and hasattr(rules, "double_gte"):
-        if rules.HasField("double_gte"):
-            f_low = rules.double_gte
-            checks.append(lambda v: f"must be >= {f_low}" if not v >= f_low else None)
-        if rules.HasField("double_lte"):
-            f_high = rules.double_lte
-            checks.append(lambda v: f"must be <= {f_high}" if not v <= f_high else None)
-        checks.append(lambda v: "must be a finite number" if v != v or v in (float("inf"), float("-inf")) else None)
-    elif fd.type == _FD.TYPE_ENUM and rules.defined_only:
-        enum_type: Any = fd.enum_type
-        known = frozenset(enum_type.values_by_number)
-        checks.append(lambda v: "must be one of the declared values" if v not in known else None)
-    return checks
+class _CodeGen:
+    """Writes one plain Python function per message type from its rules and compiles it.
 
+    Generated code (attribute reads and comparisons inline, no closure call per rule) runs the
+    checks of a 1,000-event batch several times faster than interpreting a rule list would.
+    """
 
-class _Compiler:
     def __init__(self) -> None:
-        self._plans: dict[str, list[Check]] = {}
+        self.namespace: dict[str, Any] = {"FV": FieldViolation, "isfinite": math.isfinite}
+        self.functions: dict[str, Callable[[Message, str, Violations], None] | None] = {}
+        self._names: dict[str, str] = {}
+        self._constants = 0
 
-    def plan(self, message_type: descriptor.Descriptor) -> list[Check]:
-        name = message_type.full_name
-        if name not in self._plans:
-            # Placeholder first: recursive message types refer back to a plan being built.
-            self._plans[name] = []
-            self._plans[name].extend(self._compile(message_type))
-        return self._plans[name]
+    def constant(self, value: Any) -> str:
+        self._constants += 1
+        name = f"_c{self._constants}"
+        self.namespace[name] = value
+        return name
 
-    def _compile(self, message_type: descriptor.Descriptor) -> list[Check]:
-        checks: list[Check] = []
+    def has_rules(self, message_type: descriptor.Descriptor, visiting: frozenset[str] = frozenset()) -> bool:
+        if message_type.full_name in visiting:
+            return False
+        visiting = visiting | {message_type.full_name}
+        if any(o.GetOptions().Extensions[options_pb2.oneof].required for o in message_type.oneofs):
+            return True
+        for fd in message_type.fields:
+            rules = fd.GetOptions().Extensions[options_pb2.field]
+            if rules.ListFields():
+                return True
+            nested: Any = fd.message_type
+            if nested is not None and not nested.GetOptions().map_entry and self.has_rules(nested, visiting):
+                return True
+        return False
+
+    def function_name(self, message_type: descriptor.Descriptor) -> str | None:
+        """The generated checker's name, or None when the type (and what it holds) has no rules."""
+        full_name = message_type.full_name
+        if full_name in self._names:
+            return self._names[full_name]
+        if not self.has_rules(message_type):
+            self.functions[full_name] = None
+            return None
+        name = f"_v{len(self._names)}"
+        self._names[full_name] = name  # before compiling: recursive types call themselves by name
+        body = self._body(message_type)
+        source = f"def {name}(msg, path, out):\n" + "\n".join("    " + line for line in body or ["pass"])
+        exec(compile(source, f"<validation {full_name}>", "exec"), self.namespace)  # the source is our own, built above
+        self.functions[full_name] = self.namespace[name]
+        return name
+
+    def _scalar(self, fd: descriptor.FieldDescriptor, rules: Any, var: str, where: str) -> list[str]:
+        """Checks of one scalar value held in `var`; `where` is an expression for its path."""
+        lines: list[str] = []
+
+        def fail(condition: str, message: str) -> None:
+            lines.append(f"if {condition}: out.append(FV({where}, {message!r}))")
+
+        if fd.type in (_FD.TYPE_STRING, _FD.TYPE_BYTES):
+            if rules.HasField("min_len"):
+                # An empty string is an absent one in proto3: `required` speaks for it, not min_len.
+                fail(f"{var} and len({var}) < {rules.min_len}", f"must be at least {rules.min_len} characters")
+            if rules.HasField("max_len"):
+                fail(f"len({var}) > {rules.max_len}", f"must be at most {rules.max_len} characters")
+            if rules.pattern:
+                pattern = self.constant(re.compile(rules.pattern))
+                fail(f"{var} and {pattern}.fullmatch({var}) is None", f"must match {rules.pattern}")
+            if rules.format:
+                predicate, message = _FORMATS[rules.format]
+                fail(f"{var} and not {self.constant(predicate)}({var})", message)
+        elif fd.type in _INTEGER_TYPES:
+            if rules.HasField("int_gte"):
+                fail(f"{var} < {rules.int_gte}", f"must be >= {rules.int_gte}")
+            if rules.HasField("int_lte"):
+                fail(f"{var} > {rules.int_lte}", f"must be <= {rules.int_lte}")
+        elif fd.type in _FLOAT_TYPES and hasattr(rules, "double_gte"):
+            if rules.HasField("double_gte"):
+                fail(f"not {var} >= {rules.double_gte!r}", f"must be >= {rules.double_gte}")
+            if rules.HasField("double_lte"):
+                fail(f"not {var} <= {rules.double_lte!r}", f"must be <= {rules.double_lte}")
+            if rules.ListFields():
+                fail(f"not isfinite({var})", "must be a finite number")
+        elif fd.type == _FD.TYPE_ENUM and rules.defined_only:
+            enum_type: Any = fd.enum_type
+            known = self.constant(frozenset(enum_type.values_by_number))
+            fail(f"{var} not in {known}", "must be one of the declared values")
+        return lines
+
+    def _body(self, message_type: descriptor.Descriptor) -> list[str]:
+        lines: list[str] = []
         for oneof in message_type.oneofs:
             if oneof.GetOptions().Extensions[options_pb2.oneof].required:
-                checks.append(_oneof_required(oneof.name))
+                lines.append(f"if msg.WhichOneof({oneof.name!r}) is None: "
+                             f"out.append(FV(path + {oneof.name!r}, 'one of its fields must be set'))")
         for fd in message_type.fields:
             rules = fd.GetOptions().Extensions[options_pb2.field]
             if fd.is_repeated:
-                checks.extend(self._repeated(fd, rules))
+                lines += self._repeated(fd, rules)
             elif fd.type == _FD.TYPE_MESSAGE:
-                checks.extend(self._singular_message(fd, rules))
+                lines += self._message(fd, rules)
             else:
-                checks.extend(self._singular_scalar(fd, rules))
-        return checks
+                lines += self._singular(fd, rules)
+        return lines
 
-    def _singular_scalar(self, fd: descriptor.FieldDescriptor, rules: Any) -> list[Check]:
+    def _singular(self, fd: descriptor.FieldDescriptor, rules: Any) -> list[str]:
         name = fd.name
-        tracks_presence = fd.has_presence
-        value_checks = _scalar_checks(fd, rules)
-        checks: list[Check] = []
+        where = f"path + {name!r}"
+        checks = self._scalar(fd, rules, "v", where)
+        if not checks and not rules.required:
+            return []
+        lines = [f"v = msg.{name}"]
+        default = repr(fd.default_value)
         if rules.required:
-            default = fd.default_value
-            if tracks_presence:
-                def required_present(msg: Message, path: str, out: Violations) -> None:
-                    if not msg.HasField(name) or getattr(msg, name) == default:
-                        out.append(FieldViolation(path + name, "is required"))
-                checks.append(required_present)
+            missing = f"not msg.HasField({name!r}) or v == {default}" if fd.has_presence else f"v == {default}"
+            lines.append(f"if {missing}: out.append(FV({where}, 'is required'))")
+        if checks:
+            if fd.has_presence:
+                lines.append(f"if msg.HasField({name!r}):")
+                lines += ["    " + line for line in checks]
             else:
-                def required_set(msg: Message, path: str, out: Violations) -> None:
-                    if getattr(msg, name) == default:
-                        out.append(FieldViolation(path + name, "is required"))
-                checks.append(required_set)
-        if value_checks:
-            def values(msg: Message, path: str, out: Violations) -> None:
-                if tracks_presence and not msg.HasField(name):
-                    return
-                value = getattr(msg, name)
-                for check in value_checks:
-                    problem = check(value)
-                    if problem is not None:
-                        out.append(FieldViolation(path + name, problem))
-            checks.append(values)
-        return checks
+                lines += checks
+        return lines
 
-    def _singular_message(self, fd: descriptor.FieldDescriptor, rules: Any) -> list[Check]:
+    def _message(self, fd: descriptor.FieldDescriptor, rules: Any) -> list[str]:
         name = fd.name
         message_type: Any = fd.message_type
-        nested = self.plan(message_type)
-        required = rules.required
+        nested = self.function_name(message_type)
+        lines: list[str] = []
+        if nested is not None:
+            lines.append(f"if msg.HasField({name!r}): {nested}(msg.{name}, path + {name + '.'!r}, out)")
+            if rules.required:
+                lines.append(f"else: out.append(FV(path + {name!r}, 'is required'))")
+        elif rules.required:
+            lines.append(f"if not msg.HasField({name!r}): out.append(FV(path + {name!r}, 'is required'))")
+        return lines
 
-        def message_field(msg: Message, path: str, out: Violations) -> None:
-            if not msg.HasField(name):
-                if required:
-                    out.append(FieldViolation(path + name, "is required"))
-                return
-            if nested:
-                child = getattr(msg, name)
-                prefix = f"{path}{name}."
-                for check in nested:
-                    check(child, prefix, out)
-        return [message_field] if (required or self._has_rules(message_type)) else []
-
-    def _repeated(self, fd: descriptor.FieldDescriptor, rules: Any) -> list[Check]:
+    def _repeated(self, fd: descriptor.FieldDescriptor, rules: Any) -> list[str]:
         name = fd.name
         low = rules.min_items if rules.HasField("min_items") else (1 if rules.required else 0)
         high = rules.max_items if rules.HasField("max_items") else None
-        message_type = fd.message_type if fd.type == _FD.TYPE_MESSAGE else None
+        message_type: Any = fd.message_type if fd.type == _FD.TYPE_MESSAGE else None
         is_map = message_type is not None and message_type.GetOptions().map_entry
-        item_checks = _scalar_checks(fd, rules.items) if rules.HasField("items") else []
-        item_required = rules.items.required if rules.HasField("items") else False
-        nested: list[Check] = []
+        nested = None
         if message_type is not None and not is_map and not rules.items_checked_by_handler:
-            nested = self.plan(message_type) if self._has_rules(message_type) else []
-        unique = rules.unique
-
-        def repeated_field(msg: Message, path: str, out: Violations) -> None:
-            items: Any = getattr(msg, name)
-            count = len(items)
-            if count < low:
-                out.append(FieldViolation(path + name, f"must have at least {low} item(s)"))
-            if high is not None and count > high:
-                out.append(FieldViolation(path + name, f"must have at most {high} items, got {count}"))
-                return  # do not spend time on the items of an oversized request
-            if unique and len(set(items)) != count:
-                out.append(FieldViolation(path + name, "must not contain duplicates"))
-            if item_checks or item_required:
-                for index, value in enumerate(items):
-                    if item_required and not value:
-                        out.append(FieldViolation(f"{path}{name}[{index}]", "is required"))
-                        continue
-                    for check in item_checks:
-                        problem = check(value)
-                        if problem is not None:
-                            out.append(FieldViolation(f"{path}{name}[{index}]", problem))
-            if nested:
-                for index, child in enumerate(items):
-                    prefix = f"{path}{name}[{index}]."
-                    for nested_check in nested:
-                        nested_check(child, prefix, out)
-
-        if low or high is not None or unique or item_checks or item_required or nested:
-            return [repeated_field]
-        return []
-
-    def _has_rules(self, message_type: descriptor.Descriptor) -> bool:
-        return bool(self.plan(message_type))
+            nested = self.function_name(message_type)
+        item_where = f"f'{{path}}{name}[{{i}}]'"
+        item_checks = self._scalar(fd, rules.items, "v", item_where) if rules.HasField("items") else []
+        item_required = rules.HasField("items") and rules.items.required
+        if not (low or high is not None or rules.unique or item_checks or item_required or nested):
+            return []
+        where = f"path + {name!r}"
+        lines = [f"items = msg.{name}", "n = len(items)"]
+        if low:
+            lines.append(f"if n < {low}: out.append(FV({where}, 'must have at least {low} item(s)'))")
+        inner: list[str] = []
+        if rules.unique:
+            inner.append(f"if len(set(items)) != n: out.append(FV({where}, 'must not contain duplicates'))")
+        if item_checks or item_required:
+            inner.append("for i, v in enumerate(items):")
+            if item_required:
+                inner.append(f"    if not v: out.append(FV({item_where}, 'is required')); continue")
+            inner += ["    " + line for line in item_checks]
+        if nested is not None:
+            inner.append(f"for i, child in enumerate(items): {nested}(child, f'{{path}}{name}[{{i}}].', out)")
+        if high is not None:
+            # Past the limit, report it and do not spend time on the items of an oversized request.
+            lines.append(f"if n > {high}: out.append(FV({where}, f'must have at most {high} items, got {{n}}'))")
+            if inner:
+                lines.append("else:")
+                lines += ["    " + line for line in inner]
+        else:
+            lines += inner
+        return lines
 
 
-def _oneof_required(oneof_name: str) -> Check:
-    def check(msg: Message, path: str, out: Violations) -> None:
-        if msg.WhichOneof(oneof_name) is None:
-            out.append(FieldViolation(path + oneof_name, "one of its fields must be set"))
-    return check
-
-
-_COMPILER = _Compiler()
+_CODEGEN = _CodeGen()
 
 
 def validate(message: Message, path: str = "") -> Violations:
     """All violations of the declared rules in `message`; empty when it is valid."""
-    out: Violations = []
     descriptor_: Any = message.DESCRIPTOR
-    for check in _COMPILER.plan(descriptor_):
-        check(message, path, out)
+    checker = _CODEGEN.functions.get(descriptor_.full_name, _MISSING)
+    if checker is _MISSING:
+        _CODEGEN.function_name(descriptor_)
+        checker = _CODEGEN.functions[descriptor_.full_name]
+    out: Violations = []
+    if checker is not None:
+        checker(message, path, out)
     return out
+
+
+_MISSING: Any = object()

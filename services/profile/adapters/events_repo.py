@@ -8,8 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from datetime import date, datetime
-from typing import Any
+from datetime import datetime
 
 from libs.db import DbConnection
 
@@ -129,121 +128,76 @@ async def set_refunded(connection: DbConnection, totals: dict[tuple[str, str], i
         )
 
 
-@dataclass(frozen=True, slots=True)
-class EventRow:
-    member_id: str
-    event_id: str
-    event_type: int
-    occurred_at: datetime
-    channel: int
-    device_id: str | None
-    ip_address: str | None
-    session_id: str | None
-    order_id: str | None
-    amount_minor: int | None
-    category: str | None
-    flags: str  # a PostgreSQL array literal of smallints, e.g. "{1,2}"
-    original_member_id: str | None
-    payload_sha256: bytes
-    payload: bytes
+COUNTERS = ("purchase_count", "spend_minor", "items_purchased", "refund_count", "refund_minor",
+            "browse_seconds", "view_count", "search_count", "click_count", "cart_add_count")
+_DELTA = ("pc", "sp", "it", "rc", "rm", "bs", "vc", "sc", "cc", "ca")  # the same, as short JSON keys
+_SUMS = ", ".join(f"sum({d})::bigint AS {c}" for d, c in zip(_DELTA, COUNTERS, strict=True))
+_ADD = ", ".join(f"{c} = t.{c} + excluded.{c}" for c in COUNTERS)
+
+# One statement writes every effect of the accepted events of a batch: the events, new visits,
+# daily buckets, lifetime aggregates, category affinities and outbox rows. The batch travels as one
+# JSON document that PostgreSQL unpacks in C (jsonb_to_recordset), and the per-member and per-day
+# sums are GROUP BYs here rather than Python loops. Upserts run in key order, the same in every
+# batch, so concurrent batches cannot deadlock on each other's rows.
+_WRITE_ACCEPTED_SQL = f"""
+WITH input AS (
+    SELECT * FROM jsonb_to_recordset($1::jsonb) AS x(
+        n int, m text, e text, t smallint, o timestamptz, c smallint, d text, ip text, s text, ord text,
+        amt bigint, cat text, f smallint[], om text, h text, p text, sk text,
+        pc int, sp bigint, it int, rc int, rm bigint, bs bigint, vc int, sc int, cc int, ca int,
+        cats jsonb, ok smallint, ob text)),
+inserted_events AS (
+    INSERT INTO events (member_id, event_id, event_type, occurred_at, channel, device_id, ip_address, session_id,
+                        order_id, amount_minor, category, flags, original_member_id, payload_sha256, payload)
+    SELECT m, e, t, o, c, d, ip::inet, s, ord, amt, cat, f, om, decode(h, 'base64'), decode(p, 'base64')
+      FROM input ORDER BY m, e),
+new_sessions AS (
+    INSERT INTO sessions (member_id, session_id)
+    SELECT DISTINCT m, sk FROM input WHERE sk IS NOT NULL ORDER BY m, sk
+    ON CONFLICT DO NOTHING RETURNING member_id, session_id),
+visits AS (  -- a new visit counts on the day of its earliest event in the batch
+    SELECT i.m, (min(i.o) AT TIME ZONE 'UTC')::date AS day, 1 AS v
+      FROM new_sessions ns JOIN input i ON i.m = ns.member_id AND i.sk = ns.session_id
+     GROUP BY i.m, i.sk),
+per_day AS (
+    SELECT m, day, {_SUMS}, sum(v)::bigint AS visit_count FROM (
+        SELECT m, (o AT TIME ZONE 'UTC')::date AS day, {", ".join(_DELTA)}, 0 AS v FROM input
+        UNION ALL
+        SELECT m, day, {", ".join("0" for _ in _DELTA)}, v FROM visits) u
+     GROUP BY m, day),
+daily AS (
+    INSERT INTO member_daily AS t (member_id, day, {", ".join(COUNTERS)}, visit_count)
+    SELECT m, day, {", ".join(COUNTERS)}, visit_count FROM per_day ORDER BY m, day
+    ON CONFLICT (member_id, day) DO UPDATE SET {_ADD}, visit_count = t.visit_count + excluded.visit_count),
+lifetime AS (
+    INSERT INTO member_aggregates AS t (member_id, {", ".join(COUNTERS)}, visit_count, first_purchase_at,
+                                        last_purchase_at, last_activity_at, updated_at)
+    SELECT d.m, {", ".join(f"d.{c}" for c in COUNTERS)}, d.visit_count, times.first_purchase, times.last_purchase,
+           times.last_activity, now()
+      FROM (SELECT m, {", ".join(f"sum({c})::bigint AS {c}" for c in COUNTERS)}, sum(visit_count)::bigint AS visit_count
+              FROM per_day GROUP BY m) d
+      JOIN (SELECT m, min(o) FILTER (WHERE t = 6) AS first_purchase, max(o) FILTER (WHERE t = 6) AS last_purchase,
+                   max(o) AS last_activity FROM input GROUP BY m) times ON times.m = d.m
+     ORDER BY d.m
+    ON CONFLICT (member_id) DO UPDATE SET {_ADD}, visit_count = t.visit_count + excluded.visit_count,
+        first_purchase_at = LEAST(t.first_purchase_at, excluded.first_purchase_at),
+        last_purchase_at = GREATEST(t.last_purchase_at, excluded.last_purchase_at),
+        last_activity_at = GREATEST(t.last_activity_at, excluded.last_activity_at), updated_at = now()),
+categories AS (
+    INSERT INTO member_categories AS t (member_id, category, spend_minor, items_purchased, view_count)
+    SELECT i.m, k.value->>0, sum((k.value->>1)::bigint), sum((k.value->>2)::bigint), sum((k.value->>3)::bigint)
+      FROM input i CROSS JOIN LATERAL jsonb_array_elements(i.cats) AS k
+     GROUP BY i.m, k.value->>0 ORDER BY i.m, k.value->>0
+    ON CONFLICT (member_id, category) DO UPDATE SET spend_minor = t.spend_minor + excluded.spend_minor,
+        items_purchased = t.items_purchased + excluded.items_purchased,
+        view_count = t.view_count + excluded.view_count),
+outbox_rows AS (
+    INSERT INTO outbox (member_id, kind, source_event_id, payload, trace_context)
+    SELECT m, ok, e, decode(ob, 'base64'), $2::jsonb FROM input WHERE ob IS NOT NULL ORDER BY m, o, n)
+SELECT count(*) FROM input
+"""
 
 
-async def insert_events(connection: DbConnection, rows: Sequence[EventRow]) -> None:
-    columns: list[list[Any]] = [[getattr(row, name) for row in rows] for name in EventRow.__slots__]
-    await connection.execute(
-        """INSERT INTO events (member_id, event_id, event_type, occurred_at, channel, device_id, ip_address,
-                               session_id, order_id, amount_minor, category, flags, original_member_id,
-                               payload_sha256, payload)
-           SELECT m, e, t, o, c, d, ip::inet, s, ord, amt, cat, f::smallint[], om, h, p
-             FROM unnest($1::text[], $2::text[], $3::smallint[], $4::timestamptz[], $5::smallint[], $6::text[],
-                         $7::text[], $8::text[], $9::text[], $10::bigint[], $11::text[], $12::text[], $13::text[],
-                         $14::bytea[], $15::bytea[])
-                  AS t(m, e, t, o, c, d, ip, s, ord, amt, cat, f, om, h, p)""",
-        *columns,
-    )
-
-
-async def insert_sessions(connection: DbConnection, keys: Sequence[tuple[str, str]]) -> set[tuple[str, str]]:
-    """New visits: (member, session key) pairs not seen before."""
-    rows = await connection.fetch(
-        """INSERT INTO sessions (member_id, session_id) SELECT * FROM unnest($1::text[], $2::text[])
-           ON CONFLICT DO NOTHING RETURNING member_id, session_id""",
-        [k[0] for k in keys], [k[1] for k in keys],
-    )
-    return {(r["member_id"], r["session_id"]) for r in rows}
-
-
-COUNTER_COLUMNS = ("purchase_count", "spend_minor", "items_purchased", "refund_count", "refund_minor",
-                   "visit_count", "browse_seconds", "view_count", "search_count", "click_count", "cart_add_count")
-
-
-def _counter_sql(table: str, key_columns: str, key_types: str) -> str:
-    keys = [k.strip() for k in key_columns.split(",")]
-    all_columns = [*keys, *COUNTER_COLUMNS]
-    types = [*key_types.split(","), *(["bigint"] * len(COUNTER_COLUMNS))]
-    params = ", ".join(f"${i + 1}::{t}[]" for i, t in enumerate(types))
-    updates = ", ".join(f"{c} = {table}.{c} + excluded.{c}" for c in COUNTER_COLUMNS)
-    return (f"INSERT INTO {table} ({', '.join(all_columns)}) SELECT * FROM unnest({params}) "
-            f"ON CONFLICT ({key_columns}) DO UPDATE SET {updates}")
-
-
-_DAILY_SQL = _counter_sql("member_daily", "member_id, day", "text,date")
-
-
-async def add_daily(connection: DbConnection, rows: dict[tuple[str, date], list[int]]) -> None:
-    if not rows:
-        return
-    keys = sorted(rows)
-    counters = [[rows[k][i] for k in keys] for i in range(len(COUNTER_COLUMNS))]
-    await connection.execute(_DAILY_SQL, [k[0] for k in keys], [k[1] for k in keys], *counters)
-
-
-async def add_lifetime(connection: DbConnection, rows: dict[str, list[int]],
-                       times: dict[str, tuple[datetime | None, datetime | None, datetime]]) -> None:
-    """Lifetime counters plus first/last purchase and last activity, one upsert for the batch."""
-    if not rows:
-        return
-    keys = sorted(rows)
-    counters = [[rows[k][i] for k in keys] for i in range(len(COUNTER_COLUMNS))]
-    params = ", ".join(f"${i + 2}::bigint[]" for i in range(len(COUNTER_COLUMNS)))
-    n = len(COUNTER_COLUMNS) + 2
-    updates = ", ".join(f"{c} = a.{c} + excluded.{c}" for c in COUNTER_COLUMNS)
-    await connection.execute(
-        f"""INSERT INTO member_aggregates AS a (member_id, {', '.join(COUNTER_COLUMNS)}, first_purchase_at,
-                                                  last_purchase_at, last_activity_at, updated_at)
-            SELECT *, now() FROM unnest($1::text[], {params}, ${n}::timestamptz[], ${n + 1}::timestamptz[],
-                                        ${n + 2}::timestamptz[])
-            ON CONFLICT (member_id) DO UPDATE SET {updates},
-                first_purchase_at = LEAST(a.first_purchase_at, excluded.first_purchase_at),
-                last_purchase_at = GREATEST(a.last_purchase_at, excluded.last_purchase_at),
-                last_activity_at = GREATEST(a.last_activity_at, excluded.last_activity_at),
-                updated_at = now()""",
-        keys, *counters, [times[k][0] for k in keys], [times[k][1] for k in keys], [times[k][2] for k in keys],
-    )
-
-
-async def add_categories(connection: DbConnection, rows: dict[tuple[str, str], tuple[int, int, int]]) -> None:
-    if not rows:
-        return
-    keys = sorted(rows)
-    await connection.execute(
-        """INSERT INTO member_categories AS c (member_id, category, spend_minor, items_purchased, view_count)
-           SELECT * FROM unnest($1::text[], $2::text[], $3::bigint[], $4::bigint[], $5::bigint[])
-           ON CONFLICT (member_id, category) DO UPDATE SET spend_minor = c.spend_minor + excluded.spend_minor,
-               items_purchased = c.items_purchased + excluded.items_purchased,
-               view_count = c.view_count + excluded.view_count""",
-        [k[0] for k in keys], [k[1] for k in keys], [rows[k][0] for k in keys], [rows[k][1] for k in keys],
-        [rows[k][2] for k in keys],
-    )
-
-
-async def insert_outbox(connection: DbConnection, rows: Sequence[tuple[str, int, str, bytes, str]]) -> None:
-    """(member, kind, source event id, payload, trace context JSON), in the batch's order."""
-    if rows:
-        await connection.execute(
-            """INSERT INTO outbox (member_id, kind, source_event_id, payload, trace_context)
-               SELECT m, k, e, p, t::jsonb FROM unnest($1::text[], $2::smallint[], $3::text[], $4::bytea[], $5::text[])
-                 WITH ORDINALITY AS u(m, k, e, p, t, n) ORDER BY n""",
-            [r[0] for r in rows], [r[1] for r in rows], [r[2] for r in rows], [r[3] for r in rows],
-            [r[4] for r in rows],
-        )
+async def write_accepted(connection: DbConnection, rows_json: str, trace_context_json: str) -> None:
+    """Every effect of a batch's accepted events, in one statement (see _WRITE_ACCEPTED_SQL)."""
+    await connection.fetchval(_WRITE_ACCEPTED_SQL, rows_json, trace_context_json)

@@ -23,8 +23,6 @@ BROWSE_SECONDS_MAX = 4 * 3600  # a single browse session longer than 4 hours is 
 AMOUNT_MINOR_MAX = 100_000_000  # 1,000,000.00 in a 2-decimal currency: above is a data error
 SESSIONLESS_VISIT_SLOT_S = 30 * 60  # events without a session id: one visit per 30-minute slot
 
-REASON = event_pb2.EventRejectReason
-FLAG = event_pb2.EventFlag
 EVENT_TYPE_OF_PAYLOAD: dict[str, int] = {
     "view": types_pb2.EVENT_TYPE_VIEW,
     "browse": types_pb2.EVENT_TYPE_BROWSE,
@@ -58,24 +56,24 @@ def event_type(event: event_pb2.BehaviourEvent) -> int:
 
 def check_time(occurred_at: datetime, now: datetime) -> Rejection | None:
     if occurred_at > now + timedelta(seconds=CLOCK_SKEW_S_MAX):
-        return Rejection(REASON.EVENT_REJECT_REASON_FUTURE_TIMESTAMP, "occurred_at",
+        return Rejection(event_pb2.EVENT_REJECT_REASON_FUTURE_TIMESTAMP, "occurred_at",
                          f"occurred_at is more than {CLOCK_SKEW_S_MAX}s in the future")
     if occurred_at < now - timedelta(days=EVENT_AGE_DAYS_MAX):
-        return Rejection(REASON.EVENT_REJECT_REASON_TOO_OLD, "occurred_at",
+        return Rejection(event_pb2.EVENT_REJECT_REASON_TOO_OLD, "occurred_at",
                          f"occurred_at is more than {EVENT_AGE_DAYS_MAX} days ago")
     return None
 
 
 def check_money(money: types_pb2.Money, path: str, programme_currency: str, *, positive: bool) -> Rejection | None:
     if money.currency not in ISO_4217:
-        return Rejection(REASON.EVENT_REJECT_REASON_UNKNOWN_CURRENCY, f"{path}.currency",
+        return Rejection(event_pb2.EVENT_REJECT_REASON_UNKNOWN_CURRENCY, f"{path}.currency",
                          f"{money.currency!r} is not an ISO 4217 currency")
     if money.currency != programme_currency:
-        return Rejection(REASON.EVENT_REJECT_REASON_CURRENCY_MISMATCH, f"{path}.currency",
+        return Rejection(event_pb2.EVENT_REJECT_REASON_CURRENCY_MISMATCH, f"{path}.currency",
                          f"the programme currency is {programme_currency}")
     low = 1 if positive else 0
     if not low <= money.amount_minor <= AMOUNT_MINOR_MAX:
-        return Rejection(REASON.EVENT_REJECT_REASON_AMOUNT_OUT_OF_RANGE, f"{path}.amount_minor",
+        return Rejection(event_pb2.EVENT_REJECT_REASON_AMOUNT_OUT_OF_RANGE, f"{path}.amount_minor",
                          f"must be between {low} and {AMOUNT_MINOR_MAX}")
     return None
 
@@ -108,7 +106,7 @@ def clean(event: event_pb2.BehaviourEvent) -> tuple[event_pb2.BehaviourEvent, li
         cleaned = event_pb2.BehaviourEvent()
         cleaned.CopyFrom(event)
         cleaned.browse.seconds = BROWSE_SECONDS_MAX
-        flags.append(FLAG.EVENT_FLAG_BROWSE_CLIPPED)
+        flags.append(event_pb2.EVENT_FLAG_BROWSE_CLIPPED)
         return cleaned, flags
     return event, flags
 

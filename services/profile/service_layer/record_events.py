@@ -11,10 +11,10 @@ of the product, where per-event statements would cap us at a few thousand events
 
 from __future__ import annotations
 
+import base64
 import json
-from collections import defaultdict
 from dataclasses import dataclass, field
-from datetime import UTC, date, datetime
+from datetime import UTC, datetime
 from typing import Any, cast
 
 import asyncpg
@@ -28,10 +28,6 @@ from loyalty.rewards.v1 import earning_pb2
 from services.profile.adapters import events_repo
 from services.profile.domain import events as rules
 
-STATUS = event_pb2.EventStatus
-REASON = event_pb2.EventRejectReason
-FLAG = event_pb2.EventFlag
-MEMBER_STATUS = member_pb2.MemberStatus
 MERGE_HOPS_MAX = 8  # a chain of merges longer than this is a data error, not a loop to follow
 
 OUTBOX_KIND_ACCRUAL = profile_service_pb2.OUTBOX_MESSAGE_KIND_ACCRUAL
@@ -51,26 +47,24 @@ class Item:
     member_id: str = ""  # the member credited: the survivor after a merge
     flags: list[int] = field(default_factory=list)
     result: event_pb2.EventResult | None = None
+    key: tuple[str, str] = ("", "")  # (member as sent, event id): what de-duplicates an event
 
     def reject(self, reason: int, field_path: str, message: str) -> None:
         self.result = event_pb2.EventResult(index=self.index, event_id=self.event.event_id,
-                                            status=STATUS.EVENT_STATUS_REJECTED, reject_reason=cast(Any, reason),
+                                            status=event_pb2.EVENT_STATUS_REJECTED, reject_reason=cast(Any, reason),
                                             field=field_path, message=message, member_id=self.sent_member_id)
-
-    @property
-    def key(self) -> tuple[str, str]:
-        return (self.sent_member_id, self.event.event_id)
 
 
 def _prepare(index: int, event: event_pb2.BehaviourEvent, now: datetime, currency: str) -> Item:
     """Stateless checks: field rules, clock, money. Cleaning happens here too."""
     occurred_at = event.occurred_at.ToDatetime(tzinfo=UTC)
     item = Item(index=index, event=event, request_hash=rules.payload_sha256(event), occurred_at=occurred_at,
-                event_type=rules.event_type(event), sent_member_id=event.member_id)
+                event_type=rules.event_type(event), sent_member_id=event.member_id,
+                key=(event.member_id, event.event_id))
     violations = validate(event)
     if violations:
         first = violations[0]
-        item.reject(REASON.EVENT_REJECT_REASON_INVALID_FIELD, f"events[{index}].{first.field}",
+        item.reject(event_pb2.EVENT_REJECT_REASON_INVALID_FIELD, f"events[{index}].{first.field}",
                     "; ".join(f"{v.field}: {v.description}" for v in violations))
         return item
     for check in (rules.check_time(occurred_at, now), rules.check_amounts(event, currency)):
@@ -93,9 +87,9 @@ def _dedupe_within_batch(items: list[Item]) -> None:
             first[item.key] = item
         elif seen.request_hash == item.request_hash:
             item.result = event_pb2.EventResult(index=item.index, event_id=item.event.event_id,
-                                                status=STATUS.EVENT_STATUS_DUPLICATE, member_id=item.sent_member_id)
+                                                status=event_pb2.EVENT_STATUS_DUPLICATE, member_id=item.sent_member_id)
         else:
-            item.reject(REASON.EVENT_REJECT_REASON_CONFLICT_IN_BATCH, f"events[{item.index}].event_id",
+            item.reject(event_pb2.EVENT_REJECT_REASON_CONFLICT_IN_BATCH, f"events[{item.index}].event_id",
                         f"event_id also used by events[{seen.index}] with another payload")
 
 
@@ -118,7 +112,7 @@ async def _resolve_members(connection: DbConnection, items: list[Item], create_u
     # Follow merges to the survivor (rarely more than one hop).
     for _ in range(MERGE_HOPS_MAX):
         targets = {f.merged_into_member_id for f in facts.values()
-                   if f.status == MEMBER_STATUS.MEMBER_STATUS_MERGED and f.merged_into_member_id} - set(facts)
+                   if f.status == member_pb2.MEMBER_STATUS_MERGED and f.merged_into_member_id} - set(facts)
         if not targets:
             break
         facts.update(await events_repo.fetch_members(connection, sorted(targets)))
@@ -126,30 +120,30 @@ async def _resolve_members(connection: DbConnection, items: list[Item], create_u
         member_id = item.sent_member_id
         member = facts.get(member_id)
         if member is None:
-            item.reject(REASON.EVENT_REJECT_REASON_UNKNOWN_MEMBER, f"events[{item.index}].member_id",
+            item.reject(event_pb2.EVENT_REJECT_REASON_UNKNOWN_MEMBER, f"events[{item.index}].member_id",
                         "unknown member (send create_unknown_members to create it)")
             continue
         if member_id in created_ids:
-            item.flags.append(FLAG.EVENT_FLAG_MEMBER_CREATED)
+            item.flags.append(event_pb2.EVENT_FLAG_MEMBER_CREATED)
         hops = 0
-        while member.status == MEMBER_STATUS.MEMBER_STATUS_MERGED and member.merged_into_member_id in facts:
+        while member.status == member_pb2.MEMBER_STATUS_MERGED and member.merged_into_member_id in facts:
             member = facts[member.merged_into_member_id]
             hops += 1
             if hops > MERGE_HOPS_MAX:
                 break
-        if member.status == MEMBER_STATUS.MEMBER_STATUS_ERASED:
-            item.reject(REASON.EVENT_REJECT_REASON_MEMBER_ERASED, f"events[{item.index}].member_id",
+        if member.status == member_pb2.MEMBER_STATUS_ERASED:
+            item.reject(event_pb2.EVENT_REJECT_REASON_MEMBER_ERASED, f"events[{item.index}].member_id",
                         "the member was erased")
             continue
-        if member.status == MEMBER_STATUS.MEMBER_STATUS_MERGED:
-            item.reject(REASON.EVENT_REJECT_REASON_UNKNOWN_MEMBER, f"events[{item.index}].member_id",
+        if member.status == member_pb2.MEMBER_STATUS_MERGED:
+            item.reject(event_pb2.EVENT_REJECT_REASON_UNKNOWN_MEMBER, f"events[{item.index}].member_id",
                         "the member was merged into a member that cannot be found")
             continue
         item.member_id = member.member_id
         if member.member_id != member_id:
-            item.flags.append(FLAG.EVENT_FLAG_MEMBER_REDIRECTED)
+            item.flags.append(event_pb2.EVENT_FLAG_MEMBER_REDIRECTED)
         if member.last_activity_at is not None and item.occurred_at < member.last_activity_at:
-            item.flags.append(FLAG.EVENT_FLAG_LATE_ARRIVAL)
+            item.flags.append(event_pb2.EVENT_FLAG_LATE_ARRIVAL)
     return len(created_ids)
 
 
@@ -164,7 +158,7 @@ async def _claim(connection: DbConnection, items: list[Item]) -> list[Item]:
     for item in live:
         target = (item.member_id, item.event.event_id)
         if target in by_target:
-            item.reject(REASON.EVENT_REJECT_REASON_CONFLICT_IN_BATCH, f"events[{item.index}].event_id",
+            item.reject(event_pb2.EVENT_REJECT_REASON_CONFLICT_IN_BATCH, f"events[{item.index}].event_id",
                         f"event_id also used by events[{by_target[target].index}] for the same member")
         else:
             by_target[target] = item
@@ -178,9 +172,9 @@ async def _claim(connection: DbConnection, items: list[Item]) -> list[Item]:
             stored_member, stored_hash = stored[item.key]
             if stored_hash == item.request_hash:
                 item.result = event_pb2.EventResult(index=item.index, event_id=item.event.event_id,
-                                                    status=STATUS.EVENT_STATUS_DUPLICATE, member_id=stored_member)
+                                                    status=event_pb2.EVENT_STATUS_DUPLICATE, member_id=stored_member)
             else:
-                item.reject(REASON.EVENT_REJECT_REASON_CONFLICT, f"events[{item.index}].event_id",
+                item.reject(event_pb2.EVENT_REJECT_REASON_CONFLICT, f"events[{item.index}].event_id",
                             "event_id was already recorded with another payload")
     fresh = [i for i in live if i.key in new]
     # A new event redirected to a survivor that already holds the same event id: refuse it.
@@ -189,7 +183,7 @@ async def _claim(connection: DbConnection, items: list[Item]) -> list[Item]:
         taken = await events_repo.existing_events(connection, [(i.member_id, i.event.event_id) for i in redirected])
         clashes = [i for i in redirected if (i.member_id, i.event.event_id) in taken]
         for item in clashes:
-            item.reject(REASON.EVENT_REJECT_REASON_CONFLICT, f"events[{item.index}].event_id",
+            item.reject(event_pb2.EVENT_REJECT_REASON_CONFLICT, f"events[{item.index}].event_id",
                         "the member this event is redirected to already has this event_id")
         await events_repo.release_event_ids(connection, [i.key for i in clashes])
     return [i for i in fresh if i.result is None]
@@ -204,7 +198,7 @@ async def _apply_orders(connection: DbConnection, fresh: list[Item]) -> None:
              i.event.purchase.amount.amount_minor) for i in purchases])
         for item in purchases:
             if (item.member_id, item.event.purchase.order_id) not in inserted:
-                item.reject(REASON.EVENT_REJECT_REASON_ORDER_ALREADY_RECORDED,
+                item.reject(event_pb2.EVENT_REJECT_REASON_ORDER_ALREADY_RECORDED,
                             f"events[{item.index}].purchase.order_id", "this order was already recorded")
     refunds = [i for i in fresh if i.event_type == types_pb2.EVENT_TYPE_REFUND]
     if refunds:
@@ -213,14 +207,14 @@ async def _apply_orders(connection: DbConnection, fresh: list[Item]) -> None:
         for item in sorted(refunds, key=lambda i: (i.occurred_at, i.index)):
             key = (item.member_id, item.event.refund.order_id)
             if key not in orders:
-                item.reject(REASON.EVENT_REJECT_REASON_UNKNOWN_ORDER, f"events[{item.index}].refund.order_id",
+                item.reject(event_pb2.EVENT_REJECT_REASON_UNKNOWN_ORDER, f"events[{item.index}].refund.order_id",
                             "no purchase of this member has this order id")
                 continue
             amount, already = orders[key]
             already = refunded.get(key, already)
             wanted = item.event.refund.amount.amount_minor
             if already + wanted > amount:
-                item.reject(REASON.EVENT_REJECT_REASON_REFUND_EXCEEDS_ORDER, f"events[{item.index}].refund.amount",
+                item.reject(event_pb2.EVENT_REJECT_REASON_REFUND_EXCEEDS_ORDER, f"events[{item.index}].refund.amount",
                             f"refund {wanted} exceeds what is left of the order ({amount - already})")
                 continue
             refunded[key] = already + wanted
@@ -229,7 +223,9 @@ async def _apply_orders(connection: DbConnection, fresh: list[Item]) -> None:
     await events_repo.release_event_ids(connection, rejected)
 
 
-def _event_row(item: Item) -> events_repo.EventRow:
+def _row(item: Item) -> dict[str, Any]:
+    """One accepted event as a JSON object for the batch statement: its columns, the deltas it adds
+    to the aggregates, its visit key and, for earning events, its outbox payload."""
     event = item.event
     kind = event.WhichOneof("payload")
     order_id: str | None = None
@@ -241,17 +237,27 @@ def _event_row(item: Item) -> events_repo.EventRow:
         order_id, amount = event.refund.order_id, event.refund.amount.amount_minor
     elif kind in ("view", "browse", "click", "add_to_cart"):
         category = getattr(event, kind).category or None
-    return events_repo.EventRow(
-        member_id=item.member_id, event_id=event.event_id, event_type=item.event_type,
-        occurred_at=item.occurred_at, channel=event.channel, device_id=event.device_id or None,
-        ip_address=event.ip_address or None, session_id=event.session_id or None, order_id=order_id,
-        amount_minor=amount, category=category, flags="{" + ",".join(str(f) for f in item.flags) + "}",
-        original_member_id=item.sent_member_id if item.sent_member_id != item.member_id else None,
-        payload_sha256=item.request_hash, payload=event.SerializeToString(),
-    )
+    delta = rules.delta_of(event)
+    outbox_kind: int | None = None
+    if item.event_type in rules.OUTBOX_EVENT_TYPES:
+        outbox_kind = OUTBOX_KIND_REVERSAL if item.event_type == types_pb2.EVENT_TYPE_REFUND else OUTBOX_KIND_ACCRUAL
+    return {
+        "n": item.index, "m": item.member_id, "e": event.event_id, "t": item.event_type,
+        "o": item.occurred_at.isoformat(), "c": event.channel, "d": event.device_id or None,
+        "ip": event.ip_address or None, "s": event.session_id or None, "ord": order_id, "amt": amount,
+        "cat": category, "f": item.flags,
+        "om": item.sent_member_id if item.sent_member_id != item.member_id else None,
+        "h": base64.b64encode(item.request_hash).decode(), "p": base64.b64encode(event.SerializeToString()).decode(),
+        "sk": rules.session_key(event, item.occurred_at),
+        "pc": delta.purchase_count, "sp": delta.spend_minor, "it": delta.items_purchased, "rc": delta.refund_count,
+        "rm": delta.refund_minor, "bs": delta.browse_seconds, "vc": delta.view_count, "sc": delta.search_count,
+        "cc": delta.click_count, "ca": delta.cart_add_count,
+        "cats": [[name, *values] for name, values in delta.categories.items()],
+        "ok": outbox_kind, "ob": base64.b64encode(_accrual(item)).decode() if outbox_kind is not None else None,
+    }
 
 
-def _accrual(item: Item, joined_at: datetime | None = None) -> bytes:
+def _accrual(item: Item) -> bytes:
     """The rewards Accrual that an earning event becomes (sent by the outbox relay)."""
     event = item.event
     accrual = earning_pb2.Accrual(
@@ -273,54 +279,9 @@ def _accrual(item: Item, joined_at: datetime | None = None) -> bytes:
 
 
 async def _write_effects(connection: DbConnection, accepted: list[Item]) -> None:
-    await events_repo.insert_events(connection, [_event_row(i) for i in accepted])
-
-    session_of = {i.index: rules.session_key(i.event, i.occurred_at) for i in accepted}
-    session_keys = sorted({(i.member_id, k) for i in accepted if (k := session_of[i.index]) is not None})
-    new_sessions = await events_repo.insert_sessions(connection, session_keys) if session_keys else set()
-
-    daily: dict[tuple[str, date], list[int]] = {}
-    lifetime: dict[str, list[int]] = {}
-    times: dict[str, tuple[datetime | None, datetime | None, datetime]] = {}
-    categories: dict[tuple[str, str], tuple[int, int, int]] = defaultdict(lambda: (0, 0, 0))
-    counted_sessions: set[tuple[str, str]] = set()
-    for item in sorted(accepted, key=lambda i: (i.occurred_at, i.index)):
-        delta = rules.delta_of(item.event)
-        key = session_of[item.index]
-        visit = 0
-        if key is not None and (item.member_id, key) in new_sessions and (item.member_id, key) not in counted_sessions:
-            counted_sessions.add((item.member_id, key))
-            visit = 1  # a visit counts on the day of its earliest event in this batch
-        values = [delta.purchase_count, delta.spend_minor, delta.items_purchased, delta.refund_count,
-                  delta.refund_minor, visit, delta.browse_seconds, delta.view_count, delta.search_count,
-                  delta.click_count, delta.cart_add_count]
-        day_key = (item.member_id, rules.utc_day(item.occurred_at))
-        zeros = [0] * len(values)
-        for row in (daily.setdefault(day_key, list(zeros)), lifetime.setdefault(item.member_id, list(zeros))):
-            for position, value in enumerate(values):
-                row[position] += value
-        first_purchase, last_purchase, last_activity = times.get(item.member_id, (None, None, item.occurred_at))
-        if item.event_type == types_pb2.EVENT_TYPE_PURCHASE:
-            first_purchase = min(filter(None, (first_purchase, item.occurred_at)))
-            last_purchase = max(filter(None, (last_purchase, item.occurred_at)))
-        times[item.member_id] = (first_purchase, last_purchase, max(last_activity, item.occurred_at))
-        for category, (spend, items_count, views) in delta.categories.items():
-            old = categories[(item.member_id, category)]
-            categories[(item.member_id, category)] = (old[0] + spend, old[1] + items_count, old[2] + views)
-    await events_repo.add_lifetime(connection, lifetime, times)
-    await events_repo.add_daily(connection, daily)
-    await events_repo.add_categories(connection, dict(categories))
-
     carrier: dict[str, str] = {}
-    propagate.inject(carrier)
-    trace_context = json.dumps(carrier)
-    outbox = [
-        (i.member_id, OUTBOX_KIND_REVERSAL if i.event_type == types_pb2.EVENT_TYPE_REFUND else OUTBOX_KIND_ACCRUAL,
-         i.event.event_id, _accrual(i), trace_context)
-        for i in sorted(accepted, key=lambda i: (i.member_id, i.occurred_at, i.index))
-        if i.event_type in rules.OUTBOX_EVENT_TYPES
-    ]
-    await events_repo.insert_outbox(connection, outbox)
+    propagate.inject(carrier)  # the outbox rows carry the trace of the request that wrote them
+    await events_repo.write_accepted(connection, json.dumps([_row(i) for i in accepted]), json.dumps(carrier))
 
 
 async def record_events(pool: asyncpg.Pool, request: profile_service_pb2.BatchRecordEventsRequest,
@@ -339,17 +300,17 @@ async def record_events(pool: asyncpg.Pool, request: profile_service_pb2.BatchRe
                 await _write_effects(connection, accepted)
             for item in accepted:
                 item.result = event_pb2.EventResult(index=item.index, event_id=item.event.event_id,
-                                                    status=STATUS.EVENT_STATUS_ACCEPTED, flags=cast(Any, item.flags),
+                                                    status=event_pb2.EVENT_STATUS_ACCEPTED, flags=cast(Any, item.flags),
                                                     member_id=item.member_id)
     response = profile_service_pb2.BatchRecordEventsResponse(members_created=members_created)
     for item in items:
         assert item.result is not None
         response.results.append(item.result)
-        if item.result.status == STATUS.EVENT_STATUS_ACCEPTED:
+        if item.result.status == event_pb2.EVENT_STATUS_ACCEPTED:
             response.accepted_count += 1
             if item.result.flags:
                 response.flagged_count += 1
-        elif item.result.status == STATUS.EVENT_STATUS_DUPLICATE:
+        elif item.result.status == event_pb2.EVENT_STATUS_DUPLICATE:
             response.duplicate_count += 1
         else:
             response.rejected_count += 1
