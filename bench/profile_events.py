@@ -146,8 +146,9 @@ def main() -> None:
     copy_rate = args.events / copy_s
     print(f"BatchRecordEvents: {args.events} events in {timer.seconds:.2f}s = {rate:,.0f} events/s "
           f"(accepted {accepted}, batches of {BATCH_EVENTS}, {args.concurrency} in flight)")
-    print(f"CPU per event: service {used[0] / args.events * 1e6:.0f} us, PostgreSQL {used[1] / args.events * 1e6:.0f} us, "
-          f"load client {used[2] / args.events * 1e6:.0f} us (2 cores: {2e6 / args.events * timer.seconds:.0f} us "
+    per_event = [seconds / args.events * 1e6 for seconds in used]
+    print(f"CPU per event: service {per_event[0]:.0f} us, PostgreSQL {per_event[1]:.0f} us, "
+          f"load client {per_event[2]:.0f} us (2 cores: {2e6 / args.events * timer.seconds:.0f} us "
           "of core time per event available)")
     print(f"raw COPY of the same rows: {copy_rate:,.0f} rows/s")
     print(f"ratio BatchRecordEvents / raw COPY = {rate / copy_rate:.3f}   (target: >= 15,000 events/s)")
