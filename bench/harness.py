@@ -11,7 +11,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from libs.auth import ensure_dev_tokens
-from libs.db import pgserver_handle, stop_embedded_postgres
+from libs.db import pgserver_handle, stop_embedded_postgres, tune_embedded_postgres
 from tests.support.processes import RunningProcess, free_port, start_module
 
 
@@ -40,6 +40,7 @@ def database() -> Iterator[str]:
         return
     pgdata = Path(tempfile.mkdtemp(prefix="loyalty-bench-pg-"))
     server = pgserver_handle(pgdata)
+    tune_embedded_postgres(pgdata, server)
     try:
         server.psql(f"CREATE DATABASE {name};")
         yield str(server.get_uri(name))

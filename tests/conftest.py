@@ -18,7 +18,7 @@ import asyncpg
 import pytest
 
 from libs.auth import DEV_CALLERS, ensure_dev_tokens
-from libs.db import pgserver_handle, stop_embedded_postgres
+from libs.db import pgserver_handle, stop_embedded_postgres, tune_embedded_postgres
 from libs.settings import SERVICE_NAMES
 from tests.support.processes import RunningProcess, start_module
 
@@ -54,6 +54,7 @@ def pg_dsn() -> Iterator[str]:
         return
     pgdata = Path(tempfile.mkdtemp(prefix="loyalty-test-pg-"))
     server = pgserver_handle(pgdata)
+    tune_embedded_postgres(pgdata, server)  # the settings the suite runs with in development
     try:
         server.psql(f"CREATE DATABASE {database};")
         yield str(server.get_uri(database))
