@@ -20,7 +20,7 @@ import pytest
 from libs.auth import DEV_CALLERS, ensure_dev_tokens
 from libs.db import pgserver_handle, stop_embedded_postgres, tune_embedded_postgres
 from libs.settings import SERVICE_NAMES
-from tests.support.processes import RunningProcess, start_module
+from tests.support.processes import RunningProcess, free_port, start_module
 
 
 def _replace_database(url: str, database: str) -> str:
@@ -88,7 +88,11 @@ def service_env(pg_dsn: str, state_dir: Path, dev_tokens: dict[str, str]) -> dic
 @pytest.fixture(scope="session")
 def services(service_env: dict[str, str], state_dir: Path) -> Iterator[dict[str, RunningProcess]]:
     """The four real services, each in its own process on a free loopback port, SERVING."""
-    running = {name: start_module(name, f"services.{name}", service_env, state_dir / "logs")
+    # Every service learns where the others really are, so the session's suite talks only to
+    # itself (never to a developer's `loyalty up` on the default ports).
+    ports = {name: free_port() for name in SERVICE_NAMES}
+    env = dict(service_env, **{f"LOYALTY_{name.upper()}_ADDR": f"127.0.0.1:{port}" for name, port in ports.items()})
+    running = {name: start_module(name, f"services.{name}", env, state_dir / "logs", port=ports[name])
                for name in SERVICE_NAMES}
     try:
         for process in running.values():

@@ -21,12 +21,19 @@ def build_spec() -> ServiceSpec:
     servicers: list[ProfileServicer] = []
 
     def register(runtime: Runtime, server: Any) -> None:
-        servicer = ProfileServicer(runtime)  # type: ignore[abstract]
+        servicer = ProfileServicer(runtime)
         servicers.append(servicer)
         profile_service_pb2_grpc.add_ProfileServiceServicer_to_server(servicer, server)
 
     async def on_ready(runtime: Runtime) -> None:
-        """Start the outbox relay to rewards (its channel retries idempotent Accrue on UNAVAILABLE)."""
+        """Load the PII key ring, then start the outbox relay to rewards (its channel retries
+        idempotent Accrue on UNAVAILABLE).
+
+        The key ring is read here, before SERVING: a configured key file that is missing or broken
+        stops start-up (the process exits 1) instead of failing every member call later. Without a
+        configured file the default one is created on this first read (zero config)."""
+        for servicer in servicers:
+            await asyncio.to_thread(servicer.members.keys.current)
         settings = runtime.settings
         channel = open_channel(settings.addr_for("rewards"), settings, service_descriptors([rewards_pb2]),
                                token=runtime.client_token)

@@ -19,6 +19,7 @@ from hypothesis import strategies as st
 
 from libs.errors import LoyaltyError
 from loyalty.profile.v1 import event_pb2, member_pb2
+from loyalty.rewards.v1 import earning_pb2
 from services.profile.adapters.members_repo import MemberFilter, StoredMember
 from services.profile.adapters.pii_keys import KeyRingFile
 from services.profile.domain import members as rules
@@ -35,6 +36,7 @@ from services.profile.domain.pii import (
     mask_birth_date,
     mask_display_name,
     mask_email,
+    mask_ip,
     mask_phone,
     new_data_key,
     open_pii,
@@ -331,6 +333,58 @@ def test_anonymised_event_keeps_behaviour_and_drops_device_and_ip() -> None:
     scrubbed = event_pb2.BehaviourEvent.FromString(rules.anonymised_event_payload(event.SerializeToString()))
     assert (scrubbed.device_id, scrubbed.ip_address) == ("", "")
     assert (scrubbed.event_id, scrubbed.session_id, scrubbed.purchase.order_id) == ("e1", "s1", "o1")
+
+
+def test_anonymised_accrual_keeps_what_rewards_credits_and_drops_device_ip_and_email_domain() -> None:
+    accrual = earning_pb2.Accrual(source_event_id="e1", member_id="m", order_id="o1", device_id="dev-1",
+                                  ip="10.0.0.7", email_domain="example.org", browse_seconds=60)
+    accrual.amount.amount_minor = 1_000
+    scrubbed = earning_pb2.Accrual.FromString(rules.anonymised_accrual_payload(accrual.SerializeToString()))
+    assert (scrubbed.device_id, scrubbed.ip, scrubbed.email_domain) == ("", "", "")
+    assert (scrubbed.source_event_id, scrubbed.order_id, scrubbed.amount.amount_minor) == ("e1", "o1", 1_000)
+
+
+@pytest.mark.parametrize(("ip", "masked"), [
+    ("203.0.113.77", "203.0.113.0"),
+    ("2001:db8:1234:5678:9abc:def0:1234:5678", "2001:db8:1234::"),  # the last 80 bits zeroed
+    ("", ""),
+    ("not an address", "***"),
+])
+def test_ip_masks_keep_the_network_only(ip: str, masked: str) -> None:
+    assert mask_ip(ip) == masked
+
+
+def test_events_show_their_ip_masked_without_pii_read() -> None:
+    event = event_pb2.BehaviourEvent(event_id="e1", ip_address="198.51.100.9", device_id="dev-1")
+    assert rules.presented_event(event_pb2.BehaviourEvent(ip_address="198.51.100.9"), True).ip_address == (
+        "198.51.100.9")
+    shown = rules.presented_event(event, False)
+    assert (shown.ip_address, shown.device_id) == ("198.51.100.0", "dev-1")
+
+
+# ---- merge -------------------------------------------------------------------------------------
+
+
+def test_merged_survivor_keeps_its_fields_fills_gaps_and_takes_the_stricter_consent() -> None:
+    survivor = Member(member_id="s", status=1, created_at=NOW, updated_at=NOW, joined_at=NOW - timedelta(days=5),
+                      region="CN-SH", pii=Pii(email="s@example.org"),
+                      consents=Consents(marketing=True, profiling=True, updated_at=NOW))
+    duplicate = Member(member_id="d", status=1, created_at=NOW, updated_at=NOW, joined_at=NOW - timedelta(days=50),
+                       region="CN-BJ", locale="zh-CN", external_id="shop-d",
+                       pii=Pii(email="d@example.org", phone="+8613800138000"),
+                       consents=Consents(marketing=False, profiling=True, third_party_sharing=True))
+    later = NOW + timedelta(hours=1)
+    merged = rules.merged_survivor(survivor, duplicate, later)
+    assert (merged.region, merged.locale, merged.external_id) == ("CN-SH", "zh-CN", "shop-d")
+    assert (merged.pii.email, merged.pii.phone) == ("s@example.org", "+8613800138000")
+    assert merged.consents.flags() == (False, True, False, False) and merged.consents.updated_at == later
+    assert (merged.joined_at, merged.version, merged.updated_at) == (duplicate.joined_at, 2, later)
+    assert rules.fills_pii(survivor, merged)
+    # A duplicate that adds nothing leaves the survivor as it was (same version, no write).
+    empty = Member(member_id="e", status=1, created_at=NOW, updated_at=NOW, joined_at=NOW, consents=merged.consents)
+    assert rules.merged_survivor(merged, empty, later) is merged
+    # Consent is never widened by a merge: a duplicate without it withdraws it.
+    assert rules.merged_survivor(merged, replace(empty, consents=Consents()), later).consents.profiling is False
 
 
 # ---- page tokens -------------------------------------------------------------------------------

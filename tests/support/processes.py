@@ -58,8 +58,8 @@ class RunningProcess:
 
 
 def start_module(name: str, module: str, env: dict[str, str], log_dir: Path,
-                 extra_pythonpath: Path | None = None) -> RunningProcess:
-    port = free_port()
+                 extra_pythonpath: Path | None = None, port: int | None = None) -> RunningProcess:
+    port = port or free_port()
     full_env = dict(os.environ)
     full_env.update(env)
     full_env["LOYALTY_PORT"] = str(port)

@@ -118,8 +118,12 @@ async def fetch_member(connection: DbConnection, member_id: str, lock: str = "")
     return _stored(row) if row is not None else None
 
 
-async def fetch_members(connection: DbConnection, member_ids: Sequence[str]) -> dict[str, StoredMember]:
-    rows = await connection.fetch(f"SELECT {_COLUMNS} FROM members WHERE member_id = ANY($1::text[])",
+async def fetch_members(connection: DbConnection, member_ids: Sequence[str], lock: str = "") -> dict[str, StoredMember]:
+    """Members by id; with a lock clause the rows are locked in member_id order (the order every
+    multi-member transaction uses, so two of them never deadlock on each other)."""
+    assert lock in ("", "FOR NO KEY UPDATE", "FOR UPDATE")
+    order = " ORDER BY member_id" if lock else ""
+    rows = await connection.fetch(f"SELECT {_COLUMNS} FROM members WHERE member_id = ANY($1::text[]){order} {lock}",
                                   list(member_ids))
     return {row["member_id"]: _stored(row) for row in rows}
 
@@ -188,6 +192,13 @@ async def release_keys(connection: DbConnection, member_id: str, kinds: Sequence
                                  member_id, [int(kind) for kind in kinds])
 
 
+async def move_keys(connection: DbConnection, from_member_id: str, to_member_id: str) -> int:
+    """Every unique key a member holds passes to another (a merge: look-ups find the survivor)."""
+    status = await connection.execute("UPDATE member_keys SET member_id = $2 WHERE member_id = $1",
+                                      from_member_id, to_member_id)
+    return int(status.split()[-1])
+
+
 async def find_key_holder(connection: DbConnection, kind: LookupKind, key: bytes) -> StoredMember | None:
     row = await connection.fetchrow(
         f"SELECT {_COLUMNS} FROM members WHERE member_id = (SELECT member_id FROM member_keys"
@@ -213,6 +224,22 @@ async def shred_member(connection: DbConnection, member_id: str, now: datetime) 
         member_id, now,
     )
     await connection.execute("DELETE FROM member_keys WHERE member_id = $1", member_id)
+
+
+async def merged_into(connection: DbConnection, member_id: str) -> list[tuple[str, int]]:
+    """(member id, status) of the members merged into this one, directly or through a chain of
+    merges. Not locked: events sent for them are recorded on the survivor, so the caller's lock on
+    the survivor is what holds event batches back (and a row lock here would order against the
+    batches' KEY SHARE locks the other way round)."""
+    rows = await connection.fetch(
+        """WITH RECURSIVE merged AS (
+               SELECT member_id FROM members WHERE merged_into_member_id = $1
+               UNION
+               SELECT m.member_id FROM members m JOIN merged ON m.merged_into_member_id = merged.member_id)
+           SELECT m.member_id, m.status FROM members m JOIN merged USING (member_id) ORDER BY m.member_id""",
+        member_id,
+    )
+    return [(row["member_id"], row["status"]) for row in rows]
 
 
 async def events_to_anonymise(connection: DbConnection, member_id: str, after_event_id: str, limit: int
@@ -245,6 +272,43 @@ async def insert_outbox(connection: DbConnection, member_id: str, kind: int, pay
         " VALUES ($1, $2, NULL, $3, $4::jsonb)",
         member_id, kind, payload, trace_context,
     )
+
+
+async def pending_outbox_to_scrub(connection: DbConnection, member_ids: Sequence[str], kinds: Sequence[int],
+                                  after_id: int, limit: int) -> list[tuple[str, int, bytes]]:
+    """(member id, row id, payload) of undelivered outbox rows of these kinds, locked. A row the relay
+    is delivering right now is waited for and then skipped if it was delivered meanwhile (the
+    delivered rows are blanked after this, see blank_delivered_outbox)."""
+    rows = await connection.fetch(
+        """SELECT member_id, id, payload FROM outbox
+            WHERE member_id = ANY($1::text[]) AND kind = ANY($2::smallint[]) AND delivered_at IS NULL AND id > $3
+            ORDER BY id LIMIT $4 FOR UPDATE""",
+        list(member_ids), [int(kind) for kind in kinds], after_id, limit,
+    )
+    return [(row["member_id"], row["id"], bytes(row["payload"])) for row in rows]
+
+
+async def store_outbox_payloads(connection: DbConnection, rows: Sequence[tuple[str, int, bytes]]) -> int:
+    if not rows:
+        return 0
+    status = await connection.execute(
+        """UPDATE outbox o SET payload = u.p
+             FROM unnest($1::text[], $2::bigint[], $3::bytea[]) AS u(m, i, p)
+            WHERE o.member_id = u.m AND o.id = u.i""",
+        [row[0] for row in rows], [row[1] for row in rows], [row[2] for row in rows],
+    )
+    return int(status.split()[-1])
+
+
+async def blank_delivered_outbox(connection: DbConnection, member_ids: Sequence[str]) -> int:
+    """Delivered messages have done their work: their payloads are emptied, the rows (and the
+    delivery counts they feed) stay."""
+    status = await connection.execute(
+        "UPDATE outbox SET payload = ''::bytea"
+        " WHERE member_id = ANY($1::text[]) AND delivered_at IS NOT NULL AND payload <> ''::bytea",
+        list(member_ids),
+    )
+    return int(status.split()[-1])
 
 
 # ---- Key rotation ------------------------------------------------------------------------------

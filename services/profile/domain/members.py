@@ -13,7 +13,8 @@ from typing import Any
 
 from libs.errors import FieldViolation
 from loyalty.profile.v1 import event_pb2, member_pb2
-from services.profile.domain.pii import LookupKind, Pii, lookup_hash
+from loyalty.rewards.v1 import earning_pb2
+from services.profile.domain.pii import PII_FIELDS, LookupKind, Pii, lookup_hash, mask_ip
 
 STATUS = member_pb2.MemberStatus
 AGE_BAND = member_pb2.AgeBand
@@ -175,6 +176,39 @@ def touches_pii(paths: Iterable[str]) -> bool:
     return not PII_PATHS.isdisjoint(paths)
 
 
+# ---- Merge -------------------------------------------------------------------------------------
+
+_FILLED_FROM_DUPLICATE = ("external_id", "channel", "region", "locale", "gender")
+
+
+def merged_survivor(survivor: Member, duplicate: Member, now: datetime) -> Member:
+    """The survivor's record after MergeMembers (profile_service.proto): survivor fields win, its
+    empty fields (PII included) are filled from the duplicate, each consent takes the more
+    restrictive value of the two (no consent wins), `joined_at` the earlier. Unchanged (same
+    version) when the duplicate adds nothing."""
+    values: dict[str, Any] = {
+        name: getattr(duplicate, name) for name in _FILLED_FROM_DUPLICATE
+        if not getattr(survivor, name) and getattr(duplicate, name)
+    }
+    filled_pii = {name: getattr(duplicate.pii, name) for name in PII_FIELDS
+                  if not getattr(survivor.pii, name) and getattr(duplicate.pii, name)}
+    if filled_pii:
+        values["pii"] = survivor.pii.with_values(**filled_pii)
+    both = {flag: getattr(survivor.consents, flag) and getattr(duplicate.consents, flag) for flag in CONSENT_FLAGS}
+    consents = replace(survivor.consents, **both)
+    if consents.flags() != survivor.consents.flags():
+        values["consents"] = replace(consents, updated_at=now)
+    if duplicate.joined_at < survivor.joined_at:
+        values["joined_at"] = duplicate.joined_at
+    if not values:
+        return survivor
+    return replace(survivor, **values, updated_at=now, version=survivor.version + 1)
+
+
+def fills_pii(before: Member, after: Member) -> bool:
+    return before.pii != after.pii
+
+
 # ---- Unique keys -------------------------------------------------------------------------------
 
 
@@ -266,3 +300,19 @@ def anonymised_event_payload(payload: bytes) -> bytes:
     event.ClearField("device_id")
     event.ClearField("ip_address")
     return event.SerializeToString()
+
+
+def anonymised_accrual_payload(payload: bytes) -> bytes:
+    """A pending outbox accrual (a serialized rewards Accrual) without what points at a device, a
+    network or an e-mail address: rewards still credits it, risk assesses it without them."""
+    accrual = earning_pb2.Accrual.FromString(payload)
+    for name in ("device_id", "ip", "email_domain"):
+        accrual.ClearField(name)
+    return accrual.SerializeToString()
+
+
+def presented_event(event: event_pb2.BehaviourEvent, can_read_pii: bool) -> event_pb2.BehaviourEvent:
+    """A stored event as a caller sees it: the IP address masked without `pii.read` (event.proto)."""
+    if not can_read_pii and event.ip_address:
+        event.ip_address = mask_ip(event.ip_address)
+    return event

@@ -19,6 +19,7 @@ import base64
 import binascii
 import hashlib
 import hmac
+import ipaddress
 import json
 import os
 import re
@@ -299,3 +300,19 @@ def mask_phone(phone: str) -> str:
 
 def mask_birth_date(birth_date: str) -> str:
     return f"{birth_date[:4]}-**-**" if birth_date else ""
+
+
+# An IP address without `pii.read` (event.proto): the network is kept, the host part zeroed.
+IPV4_PREFIX_KEPT = 24  # the last octet zeroed
+IPV6_PREFIX_KEPT = 48  # the last 80 bits zeroed
+
+
+def mask_ip(ip: str) -> str:
+    if not ip:
+        return ""
+    try:
+        address = ipaddress.ip_address(ip)
+    except ValueError:
+        return "***"  # stored events hold validated addresses; never echo something unexpected
+    prefix = IPV4_PREFIX_KEPT if address.version == 4 else IPV6_PREFIX_KEPT
+    return str(ipaddress.ip_network(f"{address}/{prefix}", strict=False).network_address)

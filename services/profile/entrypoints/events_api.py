@@ -8,6 +8,7 @@ from typing import Any
 from libs import errors
 from libs.server import Runtime
 from loyalty.profile.v1 import profile_service_pb2 as pb
+from services.profile.entrypoints.members_api import current_reader
 from services.profile.service_layer import features, portraits, record_events
 from services.profile.service_layer.outbox_relay import OutboxRelay, outbox_status
 
@@ -23,11 +24,12 @@ class EventsApi:
     async def ListMemberEvents(self, request: pb.ListMemberEventsRequest, context: Any
                                ) -> pb.ListMemberEventsResponse:
         await self._require_member(request.member_id)
-        return await portraits.list_events(self.runtime.pool, request)
+        return await portraits.list_events(self.runtime.pool, request, can_read_pii=current_reader().can_read_pii)
 
     async def GetMemberEvent(self, request: pb.GetMemberEventRequest, context: Any) -> pb.GetMemberEventResponse:
-        return pb.GetMemberEventResponse(event=await portraits.get_event(self.runtime.pool, request.member_id,
-                                                                         request.event_id))
+        event = await portraits.get_event(self.runtime.pool, request.member_id, request.event_id,
+                                          can_read_pii=current_reader().can_read_pii)
+        return pb.GetMemberEventResponse(event=event)
 
     async def ListFeatures(self, request: pb.ListFeaturesRequest, context: Any) -> pb.ListFeaturesResponse:
         return features.list_features(request)

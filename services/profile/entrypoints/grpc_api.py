@@ -1,5 +1,5 @@
-"""The ProfileService servicer: one class composed of the member and the event APIs. RPCs not
-implemented yet answer UNIMPLEMENTED through the generated base class."""
+"""The ProfileService servicer: one class composed of the member, portrait and event APIs. Every RPC
+of profile_service.proto is implemented by one of them."""
 
 from __future__ import annotations
 
@@ -7,10 +7,11 @@ from libs.server import Runtime
 from loyalty.profile.v1 import profile_service_pb2_grpc
 from services.profile.entrypoints.events_api import EventsApi
 from services.profile.entrypoints.members_api import MembersApi
+from services.profile.entrypoints.portrait_api import PortraitApi
 
 PACKAGE = "loyalty.profile.v1"
 
 
-class ProfileServicer(MembersApi, EventsApi, profile_service_pb2_grpc.ProfileServiceServicer):
+class ProfileServicer(MembersApi, PortraitApi, EventsApi, profile_service_pb2_grpc.ProfileServiceServicer):
     def __init__(self, runtime: Runtime) -> None:
         self.runtime = runtime

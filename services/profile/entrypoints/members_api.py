@@ -1,5 +1,5 @@
-"""Member RPCs of ProfileService (create, read, update, list, look up, erase, rotate keys): protobuf
-in, use case, protobuf out. Requests reach these handlers already authenticated and validated."""
+"""Member RPCs of ProfileService (create, read, update, list, look up, erase, merge, rotate keys):
+protobuf in, use case, protobuf out. Requests reach these handlers already authenticated and validated."""
 
 from __future__ import annotations
 
@@ -78,6 +78,13 @@ class MembersApi:
     async def EraseMember(self, request: pb.EraseMemberRequest, context: Any) -> pb.EraseMemberResponse:
         member, anonymised = await self.members.erase(request, current_reader())
         return pb.EraseMemberResponse(member=member_message(member), events_anonymised=anonymised)
+
+    async def MergeMembers(self, request: pb.MergeMembersRequest, context: Any) -> pb.MergeMembersResponse:
+        merged = await self.members.merge(request, current_reader())
+        now = utc_now()
+        return pb.MergeMembersResponse(survivor=member_message(merged.survivor, now),
+                                       duplicate=member_message(merged.duplicate, now),
+                                       events_moved=merged.events_moved, conflicting_orders=merged.conflicting_orders)
 
     async def RotateEncryptionKeys(self, request: pb.RotateEncryptionKeysRequest, context: Any
                                    ) -> pb.RotateEncryptionKeysResponse:

@@ -20,6 +20,7 @@ from libs import errors
 from loyalty.profile.v1 import feature_pb2, member_pb2, profile_service_pb2
 from services.profile.domain import features as catalogue_rules
 from services.profile.domain.features import Column, UnknownFeature
+from services.profile.service_layer.portraits import timestamp
 
 CHUNK_MEMBERS_DEFAULT = 10_000
 MESSAGE_BYTES_MAX = 3_500_000  # under gRPC's 4 MiB default with room for ids and framing
@@ -60,9 +61,9 @@ def _resolve_columns(names: Sequence[str], field: str) -> tuple[list[Column], se
     return columns, windows
 
 
-def _as_of(has: bool, timestamp: Any) -> datetime:
+def _as_of(has: bool, value: Any) -> datetime:
     now = datetime.now(UTC)
-    as_of: datetime = timestamp.ToDatetime(tzinfo=UTC) if has else now
+    as_of = timestamp(value, "as_of") if has else now
     if as_of > now + timedelta(seconds=60):
         raise errors.invalid_argument([errors.FieldViolation("as_of", "must not be in the future")])
     return as_of
@@ -149,7 +150,7 @@ async def stream_features(pool: asyncpg.Pool, request: profile_service_pb2.Strea
             args.append(values)
             filters.append(sql.format(4 + len(args)))
     if request.HasField("joined_before"):
-        args.append(request.joined_before.ToDatetime(tzinfo=UTC))
+        args.append(timestamp(request.joined_before, "joined_before"))
         filters.append(f"m.joined_at < ${4 + len(args)}")
     query = _chunk_query(columns, windows, filters, args, request.include_group_attributes)
     after = request.start_after_member_id

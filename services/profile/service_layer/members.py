@@ -9,6 +9,11 @@ the caller at hand. A replay by a caller without `pii.read` thus sees masked dat
 call was made by one with it, and the table of stored responses holds no personal data. The payload
 digest is taken over the request with its PII replaced by keyed fingerprints, so the stored digest
 cannot confirm a guessed e-mail address either.
+
+Erasure reaches everything that still ties behaviour to a person: the member's PII and unique keys,
+the device ids and IP addresses of its events, the payloads of its outbox rows (pending accruals
+lose their device id and IP address, delivered rows are emptied), and the members merged into it
+(their PII is shredded too: a merged member is erased through its survivor).
 """
 
 from __future__ import annotations
@@ -58,6 +63,7 @@ from services.profile.domain.pii import (
     unwrap_data_key,
     wrap_data_key,
 )
+from services.profile.service_layer.merge import merge_members
 
 log = logging.getLogger(__name__)
 audit = logging.getLogger("loyalty.audit")
@@ -65,6 +71,9 @@ audit = logging.getLogger("loyalty.audit")
 SERVICE = "/loyalty.profile.v1.ProfileService"
 STATUS = member_pb2.MemberStatus
 OUTBOX_KIND_MEMBER_ERASED = profile_service_pb2.OUTBOX_MESSAGE_KIND_MEMBER_ERASED
+# Outbox rows whose payload is a rewards Accrual (which carries the event's device id and IP address).
+OUTBOX_ACCRUAL_KINDS = (profile_service_pb2.OUTBOX_MESSAGE_KIND_ACCRUAL,
+                        profile_service_pb2.OUTBOX_MESSAGE_KIND_REVERSAL)
 
 # Limits, units last.
 PAGE_SIZE_DEFAULT = 100
@@ -74,6 +83,8 @@ ROTATE_MEMBERS_DEFAULT = 10_000
 ROTATE_BATCH_MAX = 1_000
 # Events anonymised per statement during an erasure: bounded memory for members with long histories.
 ERASE_EVENTS_BATCH_MAX = 5_000
+# Pending outbox rows scrubbed per statement during an erasure.
+ERASE_OUTBOX_BATCH_MAX = 5_000
 
 RequestT = TypeVar("RequestT", bound=Message)
 
@@ -84,6 +95,14 @@ class Reader:
 
     principal: str
     can_read_pii: bool
+
+
+@dataclass(frozen=True, slots=True)
+class MergeResult:
+    survivor: Member
+    duplicate: Member
+    events_moved: int
+    conflicting_orders: int
 
 
 def utc_now() -> datetime:
@@ -105,6 +124,21 @@ class MembersService:
         if stored is None:
             raise _member_not_found(member_id)
         return self._present([self._open(stored)], reader, "GetMember")[0]
+
+    async def get_unmerged(self, member_id: str, reader: Reader, rpc: str) -> Member:
+        """A member that still holds its own behaviour. A merged member's events and aggregates live
+        on its survivor: FAILED_PRECONDITION (MEMBER_MERGED) naming the survivor, so the caller asks
+        for it rather than reading an empty history under the old id."""
+        async with self._pool().acquire() as connection:
+            stored = await repo.fetch_member(connection, member_id)
+        if stored is None:
+            raise _member_not_found(member_id)
+        if stored.status == STATUS.MEMBER_STATUS_MERGED:
+            raise errors.failed_precondition(
+                f"the member was merged into {stored.merged_into_member_id!r}: ask for the survivor",
+                reason="MEMBER_MERGED", member_id=member_id,
+                merged_into_member_id=stored.merged_into_member_id or "")
+        return self._present([self._open(stored)], reader, rpc)[0]
 
     async def batch_get(self, member_ids: Sequence[str], reader: Reader) -> tuple[list[Member], list[str]]:
         """Found members in request order, and the ids that do not exist."""
@@ -212,6 +246,8 @@ class MembersService:
         device id and IP address."""
         member_id = request.member_id
         now = self.clock()
+        scrubbed: list[int] = []
+        merged_erased: list[int] = []
         async with self._pool().acquire() as connection, connection.transaction():
             async def mutate() -> profile_service_pb2.EraseMemberResponse:
                 # FOR UPDATE (not NO KEY): waits for event batches holding the member, so no event with
@@ -223,15 +259,20 @@ class MembersService:
                     raise errors.failed_precondition("a merged member is erased through its survivor",
                                                      reason="MEMBER_MERGED", member_id=member_id,
                                                      merged_into_member_id=stored.merged_into_member_id or "")
-                first_time = stored.status != STATUS.MEMBER_STATUS_ERASED
-                if first_time:
-                    await repo.shred_member(connection, member_id, now)
+                # The person's merged accounts are erased with it (they cannot be erased on their own).
+                merged = await repo.merged_into(connection, member_id)
+                to_shred = ([member_id] if stored.status != STATUS.MEMBER_STATUS_ERASED else []) + [
+                    other for other, status in merged if status != STATUS.MEMBER_STATUS_ERASED]
+                for shredded in to_shred:
+                    await repo.shred_member(connection, shredded, now)
                 # Scrubbed on a repeat as well: cheap when there is nothing left, and it heals anything
-                # that slipped in.
+                # that slipped in. Events all live on this member (merges moved them here).
                 anonymised = await _anonymise_events(connection, member_id)
-                if first_time:
-                    await repo.insert_outbox(connection, member_id, OUTBOX_KIND_MEMBER_ERASED, b"",
+                scrubbed.append(await _scrub_outbox(connection, [member_id, *(other for other, _ in merged)]))
+                for shredded in to_shred:
+                    await repo.insert_outbox(connection, shredded, OUTBOX_KIND_MEMBER_ERASED, b"",
                                              _trace_context())
+                merged_erased.append(len(to_shred) - (member_id in to_shred))
                 response = _receipt(profile_service_pb2.EraseMemberResponse, member_id)
                 response.events_anonymised = anonymised
                 return response
@@ -240,8 +281,61 @@ class MembersService:
                                      profile_service_pb2.EraseMemberResponse, mutate)
             member = await self._reread(connection, member_id)
         log.info("member erased", extra={"member_id": member_id, "erasure_reason": request.reason,
-                                         "events_anonymised": receipt.events_anonymised})
+                                         "events_anonymised": receipt.events_anonymised,
+                                         "outbox_rows_scrubbed": sum(scrubbed),
+                                         "merged_members_erased": sum(merged_erased)})
         return self._present([member], reader, "EraseMember")[0], receipt.events_anonymised
+
+    async def merge(self, request: profile_service_pb2.MergeMembersRequest, reader: Reader) -> MergeResult:
+        """Fold the duplicate into the survivor in one transaction (service_layer.merge moves the
+        behaviour; the member records are folded here), recorded under the request id. Only ids and
+        counts are recorded: a replay re-reads both members for the caller at hand."""
+        survivor_id, duplicate_id = request.survivor_member_id, request.duplicate_member_id
+        if survivor_id == duplicate_id:
+            raise errors.failed_precondition("a member cannot be merged into itself", reason="SAME_MEMBER",
+                                             member_id=survivor_id)
+        now = self.clock()
+        async with self._pool().acquire() as connection, connection.transaction():
+            async def mutate() -> profile_service_pb2.MergeMembersResponse:
+                # Locked in member_id order, as merge_members locks them: both calls agree on the order.
+                before = await repo.fetch_members(connection, [survivor_id, duplicate_id], lock="FOR UPDATE")
+                outcome = await merge_members(connection, survivor_id, duplicate_id, request.request_id,
+                                              reader.principal)
+                # Both exist (merge_members refused otherwise); a duplicate already merged into this
+                # survivor (by another request id) was folded then.
+                if before[duplicate_id].status != STATUS.MEMBER_STATUS_MERGED:
+                    await self._fold_records(connection, before[survivor_id], before[duplicate_id], now)
+                return profile_service_pb2.MergeMembersResponse(
+                    survivor=member_pb2.Member(member_id=survivor_id),
+                    duplicate=member_pb2.Member(member_id=duplicate_id),
+                    events_moved=outcome.events_moved, conflicting_orders=outcome.conflicting_orders)
+
+            receipt = await _run_once(connection, self._method("MergeMembers", reader), request.request_id, request,
+                                      profile_service_pb2.MergeMembersResponse, mutate)
+            survivor = await self._reread(connection, receipt.survivor.member_id)
+            duplicate = await self._reread(connection, receipt.duplicate.member_id)
+        log.info("members merged", extra={"survivor_member_id": survivor_id, "duplicate_member_id": duplicate_id,
+                                          "events_moved": receipt.events_moved,
+                                          "conflicting_orders": receipt.conflicting_orders})
+        shown = self._present([survivor, duplicate], reader, "MergeMembers")
+        return MergeResult(shown[0], shown[1], receipt.events_moved, receipt.conflicting_orders)
+
+    async def _fold_records(self, connection: DbConnection, survivor: StoredMember, duplicate: StoredMember,
+                            now: datetime) -> None:
+        """The member-record half of a merge (profile_service.proto MergeMembers): the duplicate's
+        unique keys pass to the survivor, whose empty fields are filled from the duplicate. The
+        duplicate keeps its own record and PII (it is MERGED, not erased)."""
+        await repo.move_keys(connection, duplicate.member_id, survivor.member_id)
+        before = self._open(survivor)
+        after = rules.merged_survivor(before, self._open(duplicate), now)
+        if after is before:
+            return
+        ring = self.keys.current()
+        sealed, dek = (self._reseal(ring, survivor, after) if rules.fills_pii(before, after)
+                       else (survivor.pii, survivor.dek))
+        # Its own keys (a filled e-mail or phone is the duplicate's, just moved to it) name the columns.
+        keys = rules.unique_keys(after, ring.lookup_hash_key)
+        await repo.update_member(connection, _stored(after, sealed, dek, keys), survivor.version)
 
     async def rotate(self, request: profile_service_pb2.RotateEncryptionKeysRequest, reader: Reader
                      ) -> profile_service_pb2.RotateEncryptionKeysResponse:
@@ -420,6 +514,24 @@ async def _anonymise_events(connection: DbConnection, member_id: str) -> int:
         payloads = [rules.anonymised_event_payload(payload) for _, payload in batch]
         anonymised += await repo.store_anonymised_events(connection, member_id, [i for i, _ in batch], payloads)
         after = batch[-1][0]
+
+
+async def _scrub_outbox(connection: DbConnection, member_ids: Sequence[str]) -> int:
+    """Pending accruals lose their device id and IP address (rewards still credits them); then
+    delivered rows, whatever their kind, lose their payload. Pending first: a row the relay
+    delivers meanwhile is skipped by the first step and emptied by the second."""
+    scrubbed = 0
+    after = 0
+    while True:
+        batch = await repo.pending_outbox_to_scrub(connection, member_ids, OUTBOX_ACCRUAL_KINDS, after,
+                                                   ERASE_OUTBOX_BATCH_MAX)
+        if not batch:
+            break
+        changed = [(owner, row_id, clean) for owner, row_id, payload in batch
+                   if (clean := rules.anonymised_accrual_payload(payload)) != payload]
+        scrubbed += await repo.store_outbox_payloads(connection, changed)
+        after = batch[-1][1]
+    return scrubbed + await repo.blank_delivered_outbox(connection, member_ids)
 
 
 ResponseT = TypeVar("ResponseT", bound=Message)

@@ -1,4 +1,6 @@
-"""Use cases that read behaviour: a member's portrait (windows from daily buckets) and events."""
+"""Use cases that read behaviour: a member's portrait (windows from daily buckets) and events.
+
+Events are shown as the caller may see them: the IP address masked without `pii.read`."""
 
 from __future__ import annotations
 
@@ -10,17 +12,29 @@ from decimal import ROUND_HALF_EVEN, Decimal
 from typing import Any
 
 import asyncpg
+from google.protobuf import timestamp_pb2
 
 from libs import errors
 from libs.db import DbConnection
 from loyalty.common.v1 import types_pb2
 from loyalty.profile.v1 import event_pb2, member_pb2, profile_service_pb2
+from services.profile.domain.members import presented_event
 
 STANDARD_WINDOWS_DAYS = (30, 90, 365)
 CATEGORIES_DEFAULT = 10
 FAVOURITE_CATEGORIES = 3
 AFFINITY_SPEND_WEIGHT = 0.7  # documented on CategoryAffinity.affinity
 EVENTS_PAGE_DEFAULT = 100
+AS_OF_SKEW_S_MAX = 60  # an `as_of` this far ahead of our clock is still "now"
+NEVER_PURCHASED = -1  # MemberPortrait.days_since_last_purchase of a member who never bought
+
+
+def timestamp(value: timestamp_pb2.Timestamp, field: str) -> datetime:
+    """A request timestamp as an aware datetime; out of datetime's range is a bad field, not INTERNAL."""
+    try:
+        return value.ToDatetime(tzinfo=UTC)
+    except (ValueError, OverflowError):
+        raise errors.invalid_argument([errors.FieldViolation(field, "must be a valid timestamp")]) from None
 
 _SUMS = ("purchase_count", "spend_minor", "items_purchased", "refund_count", "refund_minor", "visit_count",
          "browse_seconds", "view_count", "search_count", "click_count", "cart_add_count")
@@ -63,8 +77,8 @@ async def window_sums(connection: DbConnection, member_id: str, as_of: datetime,
 async def build_portrait(pool: asyncpg.Pool, request: profile_service_pb2.GetMemberPortraitRequest,
                          member: member_pb2.Member, joined_at: datetime, currency: str) -> member_pb2.MemberPortrait:
     now = datetime.now(UTC)
-    as_of = request.as_of.ToDatetime(tzinfo=UTC) if request.HasField("as_of") else now
-    if as_of > now + timedelta(seconds=60):
+    as_of = timestamp(request.as_of, "as_of") if request.HasField("as_of") else now
+    if as_of > now + timedelta(seconds=AS_OF_SKEW_S_MAX):
         raise errors.invalid_argument([errors.FieldViolation("as_of", "must not be in the future")])
     windows = [0, *STANDARD_WINDOWS_DAYS, *sorted(set(request.extra_window_days) - set(STANDARD_WINDOWS_DAYS))]
     async with pool.acquire() as connection:
@@ -83,7 +97,8 @@ async def build_portrait(pool: asyncpg.Pool, request: profile_service_pb2.GetMem
         updated_at = await connection.fetchval("SELECT updated_at FROM member_aggregates WHERE member_id = $1",
                                                request.member_id)
     portrait = member_pb2.MemberPortrait(member=member, lifetime=_summary(0, sums[0], currency),
-                                         tenure_days=max(0, (as_of - joined_at).days))
+                                         tenure_days=max(0, (as_of - joined_at).days),
+                                         days_since_last_purchase=NEVER_PURCHASED)
     portrait.as_of.FromDatetime(as_of)
     portrait.windows.extend(_summary(w, sums[w], currency) for w in windows[1:])
     assert times is not None
@@ -134,27 +149,33 @@ class EventsCursor:
     def decode(cls, token: str, filters: str) -> EventsCursor:
         try:
             occurred_at, event_id, token_filters = json.loads(base64.urlsafe_b64decode(token.encode()))
-        except (ValueError, TypeError) as error:
-            raise errors.invalid_argument([errors.FieldViolation("page_token", "is not a token we issued")]) from error
+            if datetime.fromisoformat(str(occurred_at)).tzinfo is None:
+                raise ValueError("naive time")
+        except (ValueError, TypeError):
+            raise errors.invalid_argument([errors.FieldViolation("page_token", "is not a token we issued")],
+                                          reason="INVALID_PAGE_TOKEN") from None
         if token_filters != filters:
-            raise errors.invalid_argument([errors.FieldViolation("page_token",
-                                                                 "was issued for other filters; start again")])
+            why = "was issued for other filters: send the same filters, or no token"
+            raise errors.invalid_argument([errors.FieldViolation("page_token", why)], reason="PAGE_TOKEN_MISMATCH")
         return cls(str(occurred_at), str(event_id), filters)
 
 
-def recorded_event(row: Any) -> event_pb2.RecordedEvent:
-    recorded = event_pb2.RecordedEvent(event=event_pb2.BehaviourEvent.FromString(bytes(row["payload"])),
+def recorded_event(row: Any, can_read_pii: bool) -> event_pb2.RecordedEvent:
+    event = presented_event(event_pb2.BehaviourEvent.FromString(bytes(row["payload"])), can_read_pii)
+    recorded = event_pb2.RecordedEvent(event=event,
                                        event_type=row["event_type"], flags=list(row["flags"]),
                                        original_member_id=row["original_member_id"] or "")
     recorded.recorded_at.FromDatetime(row["recorded_at"])
     return recorded
 
 
-async def list_events(pool: asyncpg.Pool, request: profile_service_pb2.ListMemberEventsRequest
-                      ) -> profile_service_pb2.ListMemberEventsResponse:
+async def list_events(pool: asyncpg.Pool, request: profile_service_pb2.ListMemberEventsRequest, *,
+                      can_read_pii: bool = False) -> profile_service_pb2.ListMemberEventsResponse:
     page_size = request.page_size or EVENTS_PAGE_DEFAULT
-    after = request.occurred_after.ToDatetime(tzinfo=UTC) if request.HasField("occurred_after") else None
-    before = request.occurred_before.ToDatetime(tzinfo=UTC) if request.HasField("occurred_before") else None
+    after = timestamp(request.occurred_after, "occurred_after") if request.HasField("occurred_after") else None
+    before = timestamp(request.occurred_before, "occurred_before") if request.HasField("occurred_before") else None
+    if after is not None and before is not None and before <= after:
+        raise errors.invalid_argument([errors.FieldViolation("occurred_before", "must be later than occurred_after")])
     filters = json.dumps([request.member_id, sorted(request.event_types), str(after), str(before)])
     cursor = EventsCursor.decode(request.page_token, filters) if request.page_token else None
     rows = await pool.fetch(
@@ -171,14 +192,16 @@ async def list_events(pool: asyncpg.Pool, request: profile_service_pb2.ListMembe
         datetime.fromisoformat(cursor.occurred_at) if cursor else None, cursor.event_id if cursor else "",
         page_size + 1,
     )
-    response = profile_service_pb2.ListMemberEventsResponse(events=[recorded_event(r) for r in rows[:page_size]])
+    response = profile_service_pb2.ListMemberEventsResponse(
+        events=[recorded_event(r, can_read_pii) for r in rows[:page_size]])
     if len(rows) > page_size:
         last = rows[page_size - 1]
         response.next_page_token = EventsCursor(last["occurred_at"].isoformat(), last["event_id"], filters).encode()
     return response
 
 
-async def get_event(pool: asyncpg.Pool, member_id: str, event_id: str) -> event_pb2.RecordedEvent:
+async def get_event(pool: asyncpg.Pool, member_id: str, event_id: str, *, can_read_pii: bool = False
+                    ) -> event_pb2.RecordedEvent:
     row = await pool.fetchrow(
         """SELECT event_id, event_type, occurred_at, recorded_at, flags, original_member_id, payload
              FROM events WHERE member_id = $1 AND event_id = $2""", member_id, event_id)
@@ -187,6 +210,6 @@ async def get_event(pool: asyncpg.Pool, member_id: str, event_id: str) -> event_
         moved = await pool.fetchrow("SELECT stored_member_id FROM event_ids WHERE member_id = $1 AND event_id = $2",
                                     member_id, event_id)
         if moved is not None and moved["stored_member_id"] != member_id:
-            return await get_event(pool, moved["stored_member_id"], event_id)
+            return await get_event(pool, moved["stored_member_id"], event_id, can_read_pii=can_read_pii)
         raise errors.not_found("event", f"{member_id}/{event_id}", reason="EVENT_NOT_FOUND")
-    return recorded_event(row)
+    return recorded_event(row, can_read_pii)
