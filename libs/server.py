@@ -206,3 +206,19 @@ def run(spec: ServiceSpec, settings: Settings | None = None) -> int:
         return await process.run_until_stopped()
 
     return asyncio.run(main())
+
+
+def placeholder_spec(name: str, service_dir: Path) -> ServiceSpec:
+    """A service whose contract is served but whose RPCs are not implemented yet: auth, validation,
+    health, reflection and migrations all run, and every RPC answers UNIMPLEMENTED (reason
+    NOT_IMPLEMENTED_YET) through the generated base class."""
+    from libs.contracts import grpc_binding, package_modules
+
+    package = f"loyalty.{name}.v1"
+    base, add_to_server = grpc_binding(package, f"{name.capitalize()}Service")
+
+    def register(runtime: Runtime, server: grpc.aio.Server) -> None:
+        add_to_server(base(), server)
+
+    return ServiceSpec(name=name, schema=name, migrations_dir=service_dir / "migrations",
+                       pb2_modules=package_modules(package), register=register)

@@ -1,21 +1,16 @@
-"""Composition root of the risk service: builds its dependencies and the process spec."""
+"""Composition root of the risk service: builds its dependencies and the process spec.
+
+Until its issue lands, the service serves its full contract with every RPC answering UNIMPLEMENTED.
+"""
 
 from __future__ import annotations
 
 from pathlib import Path
 
-from libs.contracts import package_modules
-from libs.server import ServiceSpec
-from services.risk.entrypoints import grpc_api
+from libs.server import ServiceSpec, placeholder_spec
 
 SERVICE_DIR = Path(__file__).resolve().parent
 
 
 def build_spec() -> ServiceSpec:
-    return ServiceSpec(
-        name="risk",
-        schema="risk",
-        migrations_dir=SERVICE_DIR / "migrations",
-        pb2_modules=package_modules(grpc_api.PACKAGE),
-        register=grpc_api.register,
-    )
+    return placeholder_spec("risk", SERVICE_DIR)
