@@ -51,44 +51,42 @@ async def create_bare_members(connection: DbConnection, member_ids: Sequence[str
     return {r["member_id"] for r in rows}
 
 
-async def claim_event_ids(connection: DbConnection, keys: Sequence[tuple[str, str, str, bytes]]
-                          ) -> set[tuple[str, str]]:
-    """Register (member as sent, event id) → stored member and payload hash. Returns the keys that
-    are new; the others were recorded before (or by a concurrent batch, which we waited for)."""
+_ROW_COLUMNS = """n int, m text, e text, t smallint, o timestamptz, c smallint, d text, ip text, s text, ord text,
+        amt bigint, cat text, f smallint[], om text, h text, p text, sk text,
+        pc int, sp bigint, it int, rc int, rm bigint, bs bigint, vc int, sc int, cc int, ca int,
+        cats jsonb, ok smallint, ob text"""
+
+
+async def claim_events(connection: DbConnection, rows_json: str) -> set[tuple[str, str]]:
+    """Store the batch's events, keyed by the member credited and the event id; returns the keys
+    that are new. The others were recorded before, or by a concurrent batch that we waited for."""
     rows = await connection.fetch(
-        """INSERT INTO event_ids (member_id, event_id, stored_member_id, payload_sha256)
-           SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::bytea[])
-           ON CONFLICT (member_id, event_id) DO NOTHING RETURNING member_id, event_id""",
-        [k[0] for k in keys], [k[1] for k in keys], [k[2] for k in keys], [k[3] for k in keys],
+        f"""INSERT INTO events (member_id, event_id, event_type, occurred_at, channel, device_id, ip_address,
+                               session_id, order_id, amount_minor, category, flags, original_member_id,
+                               payload_sha256, payload)
+            SELECT m, e, t, o, c, d, ip::inet, s, ord, amt, cat, f, om, decode(h, 'base64'), decode(p, 'base64')
+              FROM jsonb_to_recordset($1::jsonb) AS x({_ROW_COLUMNS})
+             ORDER BY m, e
+            ON CONFLICT (member_id, event_id) DO NOTHING RETURNING member_id, event_id""",
+        rows_json,
     )
     return {(r["member_id"], r["event_id"]) for r in rows}
 
 
-async def fetch_event_ids(connection: DbConnection, keys: Sequence[tuple[str, str]]
-                          ) -> dict[tuple[str, str], tuple[str, bytes]]:
+async def stored_hashes(connection: DbConnection, keys: Sequence[tuple[str, str]]) -> dict[tuple[str, str], bytes]:
     rows = await connection.fetch(
-        """SELECT e.member_id, e.event_id, e.stored_member_id, e.payload_sha256
-             FROM event_ids e
-             JOIN unnest($1::text[], $2::text[]) AS k(m, i) ON e.member_id = k.m AND e.event_id = k.i""",
+        """SELECT e.member_id, e.event_id, e.payload_sha256 FROM unnest($1::text[], $2::text[]) AS k(m, i)
+             JOIN events e ON e.member_id = k.m AND e.event_id = k.i""",
         [k[0] for k in keys], [k[1] for k in keys],
     )
-    return {(r["member_id"], r["event_id"]): (r["stored_member_id"], bytes(r["payload_sha256"])) for r in rows}
+    return {(r["member_id"], r["event_id"]): bytes(r["payload_sha256"]) for r in rows}
 
 
-async def existing_events(connection: DbConnection, keys: Sequence[tuple[str, str]]) -> set[tuple[str, str]]:
-    rows = await connection.fetch(
-        """SELECT e.member_id, e.event_id FROM events e
-             JOIN unnest($1::text[], $2::text[]) AS k(m, i) ON e.member_id = k.m AND e.event_id = k.i""",
-        [k[0] for k in keys], [k[1] for k in keys],
-    )
-    return {(r["member_id"], r["event_id"]) for r in rows}
-
-
-async def release_event_ids(connection: DbConnection, keys: Sequence[tuple[str, str]]) -> None:
-    """Undo claims of events rejected later in the same transaction (never visible outside it)."""
+async def unclaim_events(connection: DbConnection, keys: Sequence[tuple[str, str]]) -> None:
+    """Remove events rejected later in the same transaction (never visible outside it)."""
     if keys:
         await connection.execute(
-            """DELETE FROM event_ids e USING unnest($1::text[], $2::text[]) AS k(m, i)
+            """DELETE FROM events e USING unnest($1::text[], $2::text[]) AS k(m, i)
                 WHERE e.member_id = k.m AND e.event_id = k.i""",
             [k[0] for k in keys], [k[1] for k in keys],
         )
@@ -137,23 +135,13 @@ _DELTA = ("pc", "sp", "it", "rc", "rm", "bs", "vc", "sc", "cc", "ca")  # the sam
 _SUMS = ", ".join(f"sum({d})::bigint AS {c}" for d, c in zip(_DELTA, COUNTERS, strict=True))
 _ADD = ", ".join(f"{c} = t.{c} + excluded.{c}" for c in COUNTERS)
 
-# One statement writes every effect of the accepted events of a batch: the events, new visits,
+# One statement writes every effect of the accepted (already stored) events of a batch: new visits,
 # daily buckets, lifetime aggregates, category affinities and outbox rows. The batch travels as one
 # JSON document that PostgreSQL unpacks in C (jsonb_to_recordset), and the per-member and per-day
 # sums are GROUP BYs here rather than Python loops. Upserts run in key order, the same in every
 # batch, so concurrent batches cannot deadlock on each other's rows.
 _WRITE_ACCEPTED_SQL = f"""
-WITH input AS (
-    SELECT * FROM jsonb_to_recordset($1::jsonb) AS x(
-        n int, m text, e text, t smallint, o timestamptz, c smallint, d text, ip text, s text, ord text,
-        amt bigint, cat text, f smallint[], om text, h text, p text, sk text,
-        pc int, sp bigint, it int, rc int, rm bigint, bs bigint, vc int, sc int, cc int, ca int,
-        cats jsonb, ok smallint, ob text)),
-inserted_events AS (
-    INSERT INTO events (member_id, event_id, event_type, occurred_at, channel, device_id, ip_address, session_id,
-                        order_id, amount_minor, category, flags, original_member_id, payload_sha256, payload)
-    SELECT m, e, t, o, c, d, ip::inet, s, ord, amt, cat, f, om, decode(h, 'base64'), decode(p, 'base64')
-      FROM input ORDER BY m, e),
+WITH input AS (SELECT * FROM jsonb_to_recordset($1::jsonb) AS x({_ROW_COLUMNS})),
 new_sessions AS (
     INSERT INTO sessions (member_id, session_id)
     SELECT DISTINCT m, sk FROM input WHERE sk IS NOT NULL ORDER BY m, sk

@@ -77,8 +77,6 @@ async def merge_members(connection: DbConnection, survivor: str, duplicate: str,
         "UPDATE events SET member_id = $1, original_member_id = coalesce(original_member_id, $2)"
         " WHERE member_id = $2", survivor, duplicate)
     events_moved = int(moved.split()[-1])
-    await connection.execute("UPDATE event_ids SET stored_member_id = $1 WHERE stored_member_id = $2",
-                             survivor, duplicate)
     conflicting = await connection.fetchval(
         "SELECT count(*) FROM orders d JOIN orders s ON s.member_id = $1 AND s.order_id = d.order_id"
         " WHERE d.member_id = $2", survivor, duplicate)

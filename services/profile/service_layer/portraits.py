@@ -207,9 +207,9 @@ async def get_event(pool: asyncpg.Pool, member_id: str, event_id: str, *, can_re
              FROM events WHERE member_id = $1 AND event_id = $2""", member_id, event_id)
     if row is None:
         # A retry sent for a merged duplicate: the event lives on under its survivor.
-        moved = await pool.fetchrow("SELECT stored_member_id FROM event_ids WHERE member_id = $1 AND event_id = $2",
+        moved = await pool.fetchrow("SELECT member_id FROM events WHERE original_member_id = $1 AND event_id = $2",
                                     member_id, event_id)
-        if moved is not None and moved["stored_member_id"] != member_id:
-            return await get_event(pool, moved["stored_member_id"], event_id, can_read_pii=can_read_pii)
+        if moved is not None and moved["member_id"] != member_id:
+            return await get_event(pool, moved["member_id"], event_id, can_read_pii=can_read_pii)
         raise errors.not_found("event", f"{member_id}/{event_id}", reason="EVENT_NOT_FOUND")
     return recorded_event(row, can_read_pii)

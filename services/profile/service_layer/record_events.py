@@ -147,46 +147,39 @@ async def _resolve_members(connection: DbConnection, items: list[Item], create_u
     return len(created_ids)
 
 
-async def _claim(connection: DbConnection, items: list[Item]) -> list[Item]:
-    """Register the new events' ids; earlier ones are DUPLICATE (same payload) or CONFLICT."""
-    live = sorted((i for i in items if i.result is None), key=lambda i: i.key)  # one lock order for all batches
-    if not live:
-        return []
-    # A merged duplicate's event id may collide with one of its survivor's: keep the first, refuse
-    # the other as a conflict (the events table is keyed by the member credited).
-    by_target: dict[tuple[str, str], Item] = {}
+async def _claim(connection: DbConnection, items: list[Item]) -> tuple[list[Item], dict[int, dict[str, Any]]]:
+    """Store the new events (keyed by the member credited); the others are DUPLICATE (same payload)
+    or CONFLICT. Returns the new items and every live item's row, reused for the effects."""
+    live = sorted((i for i in items if i.result is None), key=lambda i: (i.member_id, i.event.event_id))
+    # Two events of one batch may land on the same member and id (a merged duplicate's and its
+    # survivor's): the first goes on, the second is a conflict in the batch.
+    first: dict[tuple[str, str], Item] = {}
     for item in live:
         target = (item.member_id, item.event.event_id)
-        if target in by_target:
+        if target in first and first[target].request_hash != item.request_hash:
             item.reject(event_pb2.EVENT_REJECT_REASON_CONFLICT_IN_BATCH, f"events[{item.index}].event_id",
-                        f"event_id also used by events[{by_target[target].index}] for the same member")
+                        f"event_id also used by events[{first[target].index}] for the same member")
+        elif target in first:
+            item.result = event_pb2.EventResult(index=item.index, event_id=item.event.event_id,
+                                                status=event_pb2.EVENT_STATUS_DUPLICATE, member_id=item.member_id)
         else:
-            by_target[target] = item
+            first[target] = item
     live = [i for i in live if i.result is None]
-    new = await events_repo.claim_event_ids(
-        connection, [(i.sent_member_id, i.event.event_id, i.member_id, i.request_hash) for i in live])
-    old = [i for i in live if i.key not in new]
+    if not live:
+        return [], {}
+    rows = {i.index: _row(i) for i in live}
+    new = await events_repo.claim_events(connection, json.dumps(list(rows.values())))
+    old = [i for i in live if (i.member_id, i.event.event_id) not in new]
     if old:
-        stored = await events_repo.fetch_event_ids(connection, [i.key for i in old])
+        stored = await events_repo.stored_hashes(connection, [(i.member_id, i.event.event_id) for i in old])
         for item in old:
-            stored_member, stored_hash = stored[item.key]
-            if stored_hash == item.request_hash:
+            if stored.get((item.member_id, item.event.event_id)) == item.request_hash:
                 item.result = event_pb2.EventResult(index=item.index, event_id=item.event.event_id,
-                                                    status=event_pb2.EVENT_STATUS_DUPLICATE, member_id=stored_member)
+                                                    status=event_pb2.EVENT_STATUS_DUPLICATE, member_id=item.member_id)
             else:
                 item.reject(event_pb2.EVENT_REJECT_REASON_CONFLICT, f"events[{item.index}].event_id",
                             "event_id was already recorded with another payload")
-    fresh = [i for i in live if i.key in new]
-    # A new event redirected to a survivor that already holds the same event id: refuse it.
-    redirected = [i for i in fresh if i.member_id != i.sent_member_id]
-    if redirected:
-        taken = await events_repo.existing_events(connection, [(i.member_id, i.event.event_id) for i in redirected])
-        clashes = [i for i in redirected if (i.member_id, i.event.event_id) in taken]
-        for item in clashes:
-            item.reject(event_pb2.EVENT_REJECT_REASON_CONFLICT, f"events[{item.index}].event_id",
-                        "the member this event is redirected to already has this event_id")
-        await events_repo.release_event_ids(connection, [i.key for i in clashes])
-    return [i for i in fresh if i.result is None]
+    return [i for i in live if (i.member_id, i.event.event_id) in new], rows
 
 
 async def _apply_orders(connection: DbConnection, fresh: list[Item]) -> None:
@@ -219,8 +212,8 @@ async def _apply_orders(connection: DbConnection, fresh: list[Item]) -> None:
                 continue
             refunded[key] = already + wanted
         await events_repo.set_refunded(connection, refunded)
-    rejected = [i.key for i in fresh if i.result is not None]
-    await events_repo.release_event_ids(connection, rejected)
+    rejected = [(i.member_id, i.event.event_id) for i in fresh if i.result is not None]
+    await events_repo.unclaim_events(connection, rejected)
 
 
 def _row(item: Item) -> dict[str, Any]:
@@ -278,10 +271,10 @@ def _accrual(item: Item) -> bytes:
     return accrual.SerializeToString()
 
 
-async def _write_effects(connection: DbConnection, accepted: list[Item]) -> None:
+async def _write_effects(connection: DbConnection, accepted: list[Item], rows: dict[int, dict[str, Any]]) -> None:
     carrier: dict[str, str] = {}
     propagate.inject(carrier)  # the outbox rows carry the trace of the request that wrote them
-    await events_repo.write_accepted(connection, json.dumps([_row(i) for i in accepted]), json.dumps(carrier))
+    await events_repo.write_accepted(connection, json.dumps([rows[i.index] for i in accepted]), json.dumps(carrier))
 
 
 async def record_events(pool: asyncpg.Pool, request: profile_service_pb2.BatchRecordEventsRequest,
@@ -293,11 +286,11 @@ async def record_events(pool: asyncpg.Pool, request: profile_service_pb2.BatchRe
     if any(i.result is None for i in items):
         async with pool.acquire() as connection, connection.transaction():
             members_created = await _resolve_members(connection, items, request.create_unknown_members)
-            fresh = await _claim(connection, items)
+            fresh, rows = await _claim(connection, items)
             await _apply_orders(connection, fresh)
             accepted = [i for i in fresh if i.result is None]
             if accepted:
-                await _write_effects(connection, accepted)
+                await _write_effects(connection, accepted, rows)
             for item in accepted:
                 item.result = event_pb2.EventResult(index=item.index, event_id=item.event.event_id,
                                                     status=event_pb2.EVENT_STATUS_ACCEPTED, flags=cast(Any, item.flags),
