@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from datetime import datetime
 
 from libs.db import DbConnection
+from services.profile.domain.events import EVENT_COUNTERS
 
 
 @dataclass(frozen=True, slots=True)
@@ -129,9 +130,11 @@ async def set_refunded(connection: DbConnection, totals: dict[tuple[str, str], i
         )
 
 
-COUNTERS = ("purchase_count", "spend_minor", "items_purchased", "refund_count", "refund_minor",
-            "browse_seconds", "view_count", "search_count", "click_count", "cart_add_count")
-_DELTA = ("pc", "sp", "it", "rc", "rm", "bs", "vc", "sc", "cc", "ca")  # the same, as short JSON keys
+COUNTERS = EVENT_COUNTERS
+# Short JSON keys for the counters, to keep the batch document small.
+DELTA_KEYS: dict[str, str] = dict(zip(COUNTERS, ("pc", "sp", "it", "rc", "rm", "bs", "vc", "sc", "cc", "ca"),
+                                      strict=True))
+_DELTA = tuple(DELTA_KEYS.values())
 _SUMS = ", ".join(f"sum({d})::bigint AS {c}" for d, c in zip(_DELTA, COUNTERS, strict=True))
 _ADD = ", ".join(f"{c} = t.{c} + excluded.{c}" for c in COUNTERS)
 

@@ -8,9 +8,8 @@ Each rule is named so it can be tested at, just below and just above its limit.
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Iterable
 from dataclasses import dataclass, field
-from datetime import UTC, date, datetime, timedelta
+from datetime import datetime, timedelta
 
 from loyalty.common.v1 import types_pb2
 from loyalty.profile.v1 import event_pb2
@@ -121,6 +120,13 @@ def session_key(event: event_pb2.BehaviourEvent, occurred_at: datetime) -> str |
     return f"t:{int(occurred_at.timestamp()) // SESSIONLESS_VISIT_SLOT_S}"
 
 
+# The aggregate counters an accepted event moves, named as the columns of member_daily and
+# member_aggregates (the fields of Delta); visits come from sessions, not from one event.
+EVENT_COUNTERS = ("purchase_count", "spend_minor", "items_purchased", "refund_count", "refund_minor",
+                  "browse_seconds", "view_count", "search_count", "click_count", "cart_add_count")
+AGGREGATE_COUNTERS = (*EVENT_COUNTERS, "visit_count")
+
+
 @dataclass
 class Delta:
     """What one accepted event adds to a member's aggregates (lifetime and its day)."""
@@ -137,16 +143,6 @@ class Delta:
     cart_add_count: int = 0
     # category -> (spend_minor, items, views)
     categories: dict[str, tuple[int, int, int]] = field(default_factory=dict)
-
-    COUNTERS = ("purchase_count", "spend_minor", "items_purchased", "refund_count", "refund_minor",
-                "browse_seconds", "view_count", "search_count", "click_count", "cart_add_count")
-
-    def add(self, other: Delta) -> None:
-        for name in self.COUNTERS:
-            setattr(self, name, getattr(self, name) + getattr(other, name))
-        for category, (spend, items, views) in other.categories.items():
-            old = self.categories.get(category, (0, 0, 0))
-            self.categories[category] = (old[0] + spend, old[1] + items, old[2] + views)
 
 
 def delta_of(event: event_pb2.BehaviourEvent) -> Delta:
@@ -177,14 +173,3 @@ def delta_of(event: event_pb2.BehaviourEvent) -> Delta:
         delta.refund_count = 1
         delta.refund_minor = event.refund.amount.amount_minor
     return delta
-
-
-def utc_day(moment: datetime) -> date:
-    return moment.astimezone(UTC).date()
-
-
-def sum_deltas(deltas: Iterable[Delta]) -> Delta:
-    total = Delta()
-    for delta in deltas:
-        total.add(delta)
-    return total

@@ -12,15 +12,13 @@ import re
 from dataclasses import dataclass
 
 from loyalty.profile.v1 import feature_pb2
+from services.profile.domain.events import AGGREGATE_COUNTERS
 
 T = feature_pb2.FeatureType
 WINDOW_DAYS_MAX = 730
 STANDARD_WINDOWS_DAYS = (30, 90, 365)
 NO_PURCHASE_DAYS = 3650.0  # recency of a member who never bought: far beyond any window
 
-# Daily-bucket columns and the SQL that sums them over a window (filled in per window).
-_DAILY_COLUMNS = ("purchase_count", "spend_minor", "items_purchased", "refund_count", "refund_minor",
-                  "visit_count", "browse_seconds", "view_count", "search_count", "click_count", "cart_add_count")
 
 
 @dataclass(frozen=True)
@@ -144,7 +142,7 @@ def resolve(name: str) -> tuple[Column, set[int]]:
     window = int(match.group(2) or 0)
     if match.group(2) is not None and not 1 <= window <= WINDOW_DAYS_MAX:
         raise UnknownFeature(name, f"windows are 1 to {WINDOW_DAYS_MAX} days")
-    sums = {column: f"d.w{window}_{column}" for column in (*_DAILY_COLUMNS, "active_days")}
+    sums = {column: f"d.w{window}_{column}" for column in (*AGGREGATE_COUNTERS, "active_days")}
     expression = family.expression.format(**sums)
     return Column(name, _family_definition(family, window), f"coalesce(({expression})::float8, 0.0)"), {window}
 
@@ -154,6 +152,6 @@ def window_sums_sql(windows: set[int]) -> str:
     parts = ["max(day) FILTER (WHERE purchase_count > 0) AS last_purchase_day", "max(day) AS last_active_day"]
     for window in sorted(windows):
         condition = "true" if window == 0 else f"day > $2::date - {window}"
-        parts.extend(f"sum({c}) FILTER (WHERE {condition}) AS w{window}_{c}" for c in _DAILY_COLUMNS)
+        parts.extend(f"sum({c}) FILTER (WHERE {condition}) AS w{window}_{c}" for c in AGGREGATE_COUNTERS)
         parts.append(f"count(*) FILTER (WHERE {condition}) AS w{window}_active_days")
     return ", ".join(parts)

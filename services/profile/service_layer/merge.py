@@ -25,10 +25,9 @@ from libs import errors
 from libs.db import DbConnection
 from loyalty.profile.v1 import member_pb2, profile_service_pb2
 from loyalty.rewards.v1 import rewards_pb2
+from services.profile.domain.events import AGGREGATE_COUNTERS
 
 MEMBER = member_pb2.MemberStatus
-COUNTERS = ("purchase_count", "spend_minor", "items_purchased", "refund_count", "refund_minor", "visit_count",
-            "browse_seconds", "view_count", "search_count", "click_count", "cart_add_count")
 
 
 @dataclass(frozen=True)
@@ -107,8 +106,8 @@ async def merge_members(connection: DbConnection, survivor: str, duplicate: str,
 
 async def _fold_aggregates(connection: DbConnection, survivor: str, duplicate: str) -> None:
     """Add the duplicate's lifetime row, daily buckets and categories to the survivor's."""
-    sums = ", ".join(f"{c} = a.{c} + excluded.{c}" for c in COUNTERS)
-    columns = ", ".join(COUNTERS)
+    sums = ", ".join(f"{c} = a.{c} + excluded.{c}" for c in AGGREGATE_COUNTERS)
+    columns = ", ".join(AGGREGATE_COUNTERS)
     await connection.execute(
         f"""INSERT INTO member_aggregates AS a (member_id, {columns}, first_purchase_at, last_purchase_at,
                                                last_activity_at)

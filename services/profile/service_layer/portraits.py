@@ -18,6 +18,7 @@ from libs import errors
 from libs.db import DbConnection
 from loyalty.common.v1 import types_pb2
 from loyalty.profile.v1 import event_pb2, member_pb2, profile_service_pb2
+from services.profile.domain.events import AGGREGATE_COUNTERS
 from services.profile.domain.members import presented_event
 
 STANDARD_WINDOWS_DAYS = (30, 90, 365)
@@ -36,8 +37,6 @@ def timestamp(value: timestamp_pb2.Timestamp, field: str) -> datetime:
     except (ValueError, OverflowError):
         raise errors.invalid_argument([errors.FieldViolation(field, "must be a valid timestamp")]) from None
 
-_SUMS = ("purchase_count", "spend_minor", "items_purchased", "refund_count", "refund_minor", "visit_count",
-         "browse_seconds", "view_count", "search_count", "click_count", "cart_add_count")
 
 
 def _money(amount: int, currency: str) -> types_pb2.Money:
@@ -64,14 +63,15 @@ async def window_sums(connection: DbConnection, member_id: str, as_of: datetime,
     selects = []
     for window in windows_days:
         condition = "true" if window == 0 else f"day > $2::date - {int(window)}"
-        sums = ", ".join(f"coalesce(sum({c}) FILTER (WHERE {condition}), 0)::bigint AS w{window}_{c}" for c in _SUMS)
+        sums = ", ".join(f"coalesce(sum({c}) FILTER (WHERE {condition}), 0)::bigint AS w{window}_{c}"
+                         for c in AGGREGATE_COUNTERS)
         selects.append(f"{sums}, count(*) FILTER (WHERE {condition})::bigint AS w{window}_active_days")
     row = await connection.fetchrow(
         f"SELECT {', '.join(selects)} FROM member_daily WHERE member_id = $1 AND day <= $2::date",
         member_id, as_of_day,
     )
     assert row is not None
-    return {w: {c: row[f"w{w}_{c}"] for c in (*_SUMS, "active_days")} for w in windows_days}
+    return {w: {c: row[f"w{w}_{c}"] for c in (*AGGREGATE_COUNTERS, "active_days")} for w in windows_days}
 
 
 async def build_portrait(pool: asyncpg.Pool, request: profile_service_pb2.GetMemberPortraitRequest,

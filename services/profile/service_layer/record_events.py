@@ -242,9 +242,7 @@ def _row(item: Item) -> dict[str, Any]:
         "om": item.sent_member_id if item.sent_member_id != item.member_id else None,
         "h": base64.b64encode(item.request_hash).decode(), "p": base64.b64encode(event.SerializeToString()).decode(),
         "sk": rules.session_key(event, item.occurred_at),
-        "pc": delta.purchase_count, "sp": delta.spend_minor, "it": delta.items_purchased, "rc": delta.refund_count,
-        "rm": delta.refund_minor, "bs": delta.browse_seconds, "vc": delta.view_count, "sc": delta.search_count,
-        "cc": delta.click_count, "ca": delta.cart_add_count,
+        **{key: getattr(delta, counter) for counter, key in events_repo.DELTA_KEYS.items()},
         "cats": [[name, *values] for name, values in delta.categories.items()],
         "ok": outbox_kind, "ob": base64.b64encode(_accrual(item)).decode() if outbox_kind is not None else None,
     }
