@@ -1,52 +1,20 @@
-"""Shared benchmark plumbing: a throw-away embedded PostgreSQL, real service processes, RSS."""
+"""Shared benchmark plumbing: a throw-away database, real service processes, RSS."""
 
 from __future__ import annotations
 
-import os
-import shutil
-import tempfile
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from pathlib import Path
 
 from libs.auth import ensure_dev_tokens
-from libs.db import pgserver_handle, stop_embedded_postgres, tune_embedded_postgres
+from tests.support.database import throwaway_database
 from tests.support.processes import RunningProcess, free_port, start_module
 
 
-@contextmanager
-def database() -> Iterator[str]:
+def database() -> AbstractContextManager[str]:
     """A DSN to a fresh database: DATABASE_URL's cluster if set, else an embedded one."""
-    external = os.environ.get("DATABASE_URL")
-    name = f"loyalty_bench_{os.getpid()}"
-    if external:
-        import asyncio
-
-        import asyncpg
-
-        async def run(sql: str) -> None:
-            connection = await asyncpg.connect(external)
-            try:
-                await connection.execute(sql)
-            finally:
-                await connection.close()
-
-        asyncio.run(run(f'CREATE DATABASE "{name}"'))
-        try:
-            yield external.rsplit("/", 1)[0] + f"/{name}"
-        finally:
-            asyncio.run(run(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
-        return
-    pgdata = Path(tempfile.mkdtemp(prefix="loyalty-bench-pg-"))
-    server = pgserver_handle(pgdata)
-    tune_embedded_postgres(pgdata, server)
-    try:
-        server.psql(f"CREATE DATABASE {name};")
-        yield str(server.get_uri(name))
-    finally:
-        stop_embedded_postgres(pgdata)
-        shutil.rmtree(pgdata, ignore_errors=True)
+    return throwaway_database("loyalty_bench")
 
 
 @contextmanager

@@ -3,64 +3,27 @@ or a fresh database on the cluster DATABASE_URL names), and real service process
 
 from __future__ import annotations
 
-import asyncio
 import json
-import os
-import secrets
 import shutil
 import tempfile
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlparse, urlunparse
 
 import asyncpg
 import pytest
 
 from libs.auth import DEV_CALLERS, ensure_dev_tokens
-from libs.db import pgserver_handle, stop_embedded_postgres, tune_embedded_postgres
 from libs.settings import SERVICE_NAMES
+from tests.support.database import throwaway_database
 from tests.support.processes import RunningProcess, free_port, start_module
-
-
-def _replace_database(url: str, database: str) -> str:
-    parts = urlparse(url)
-    return urlunparse(parts._replace(path=f"/{database}"))
 
 
 @pytest.fixture(scope="session")
 def pg_dsn() -> Iterator[str]:
     """A DSN to an empty database that lives for the test session."""
-    external = os.environ.get("DATABASE_URL")
-    database = f"loyalty_test_{os.getpid()}_{secrets.token_hex(3)}"
-    if external:
-        async def create() -> None:
-            connection = await asyncpg.connect(external)
-            try:
-                await connection.execute(f'CREATE DATABASE "{database}"')
-            finally:
-                await connection.close()
-
-        async def drop() -> None:
-            connection = await asyncpg.connect(external)
-            try:
-                await connection.execute(f'DROP DATABASE IF EXISTS "{database}" WITH (FORCE)')
-            finally:
-                await connection.close()
-
-        asyncio.run(create())
-        yield _replace_database(external, database)
-        asyncio.run(drop())
-        return
-    pgdata = Path(tempfile.mkdtemp(prefix="loyalty-test-pg-"))
-    server = pgserver_handle(pgdata)
-    tune_embedded_postgres(pgdata, server)  # the settings the suite runs with in development
-    try:
-        server.psql(f"CREATE DATABASE {database};")
-        yield str(server.get_uri(database))
-    finally:
-        stop_embedded_postgres(pgdata)
-        shutil.rmtree(pgdata, ignore_errors=True)
+    with throwaway_database("loyalty_test") as dsn:
+        yield dsn
 
 
 @pytest.fixture(scope="session")

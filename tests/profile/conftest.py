@@ -8,11 +8,15 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import asyncpg
+import grpc
 import pytest
 
 from libs.migrations import migrate
 from loyalty.profile.v1 import event_pb2
+from loyalty.profile.v1.profile_service_pb2_grpc import ProfileServiceStub
 from services.profile.bootstrap import SERVICE_DIR
+from tests.conftest import bearer
+from tests.support.processes import RunningProcess
 
 
 @pytest.fixture(scope="session")
@@ -77,3 +81,20 @@ class Events:
         event = self.base(**kw)
         event.search.query = query
         return event
+
+
+@pytest.fixture
+async def stub(services: dict[str, RunningProcess]) -> AsyncIterator[ProfileServiceStub]:
+    """A stub on the session's real profile process."""
+    async with grpc.aio.insecure_channel(services["profile"].address) as channel:
+        yield ProfileServiceStub(channel)
+
+
+@pytest.fixture
+def admin(dev_tokens: dict[str, str]) -> Any:
+    return bearer(dev_tokens["admin"])  # every scope, pii.read included
+
+
+@pytest.fixture
+def storefront(dev_tokens: dict[str, str]) -> Any:
+    return bearer(dev_tokens["storefront"])  # profile.read and profile.write, no pii.read

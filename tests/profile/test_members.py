@@ -11,7 +11,6 @@ import asyncio
 import json
 import secrets
 import uuid
-from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -28,7 +27,6 @@ from loyalty.profile.v1 import profile_service_pb2 as pb
 from loyalty.profile.v1.profile_service_pb2_grpc import ProfileServiceStub
 from services.profile.domain.pii import KeyRing, Pii, WrappedKey, open_pii, unwrap_data_key
 from services.profile.domain.pii import SealedPii as Sealed
-from tests.conftest import bearer
 from tests.support.processes import RunningProcess
 
 pytestmark = pytest.mark.e2e
@@ -58,22 +56,6 @@ def _person(**overrides: Any) -> member_pb2.Member:
             setattr(member, name, value)
     PII_USED.extend([member.display_name, member.email, member.email.lower(), member.phone])
     return member
-
-
-@pytest.fixture
-async def stub(services: dict[str, RunningProcess]) -> AsyncIterator[ProfileServiceStub]:
-    async with grpc.aio.insecure_channel(services["profile"].address) as channel:
-        yield ProfileServiceStub(channel)
-
-
-@pytest.fixture
-def admin(dev_tokens: dict[str, str]) -> Any:
-    return bearer(dev_tokens["admin"])
-
-
-@pytest.fixture
-def storefront(dev_tokens: dict[str, str]) -> Any:
-    return bearer(dev_tokens["storefront"])
 
 
 async def _create(stub: ProfileServiceStub, metadata: Any, member: member_pb2.Member,

@@ -12,7 +12,6 @@ import asyncio
 import secrets
 import time
 import uuid
-from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -25,7 +24,6 @@ from loyalty.common.v1 import types_pb2
 from loyalty.profile.v1 import event_pb2, member_pb2
 from loyalty.profile.v1 import profile_service_pb2 as pb
 from loyalty.profile.v1.profile_service_pb2_grpc import ProfileServiceStub
-from tests.conftest import bearer
 from tests.profile.conftest import Events
 from tests.support.processes import RunningProcess, start_module
 from tools.supervisor import health_status
@@ -62,22 +60,6 @@ def _person(joined_days_ago: int = 0, **overrides: Any) -> member_pb2.Member:
         setattr(member, name, value)
     PII_USED.extend([member.display_name, member.email, member.email.lower(), member.phone])
     return member
-
-
-@pytest.fixture
-async def stub(services: dict[str, RunningProcess]) -> AsyncIterator[ProfileServiceStub]:
-    async with grpc.aio.insecure_channel(services["profile"].address) as channel:
-        yield ProfileServiceStub(channel)
-
-
-@pytest.fixture
-def admin(dev_tokens: dict[str, str]) -> Any:
-    return bearer(dev_tokens["admin"])  # every scope, pii.read included
-
-
-@pytest.fixture
-def storefront(dev_tokens: dict[str, str]) -> Any:
-    return bearer(dev_tokens["storefront"])  # profile.read and profile.write, no pii.read
 
 
 async def _fails(call: Any, code: grpc.StatusCode, reason: str | None = None) -> ErrorDetails:

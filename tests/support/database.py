@@ -1,0 +1,54 @@
+"""A throw-away PostgreSQL database for a test session or a benchmark run: a fresh database on the
+cluster DATABASE_URL names, or an embedded cluster (pgserver, tuned like `loyalty up`) in a
+temporary folder. Everything is dropped afterwards."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import secrets
+import shutil
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from urllib.parse import urlparse, urlunparse
+
+import asyncpg
+
+from libs.db import pgserver_handle, stop_embedded_postgres, tune_embedded_postgres
+
+
+def _with_database(url: str, database: str) -> str:
+    return urlunparse(urlparse(url)._replace(path=f"/{database}"))
+
+
+async def _admin(url: str, sql: str) -> None:
+    connection = await asyncpg.connect(url)
+    try:
+        await connection.execute(sql)
+    finally:
+        await connection.close()
+
+
+@contextmanager
+def throwaway_database(prefix: str) -> Iterator[str]:
+    """Yields a DSN to an empty database named `<prefix>_<pid>_<random>`."""
+    name = f"{prefix}_{os.getpid()}_{secrets.token_hex(3)}"
+    external = os.environ.get("DATABASE_URL")
+    if external:
+        asyncio.run(_admin(external, f'CREATE DATABASE "{name}"'))
+        try:
+            yield _with_database(external, name)
+        finally:
+            asyncio.run(_admin(external, f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+        return
+    pgdata = Path(tempfile.mkdtemp(prefix=f"{prefix.replace('_', '-')}-pg-"))
+    server = pgserver_handle(pgdata)
+    tune_embedded_postgres(pgdata, server)  # the settings development runs with
+    try:
+        server.psql(f"CREATE DATABASE {name};")
+        yield str(server.get_uri(name))
+    finally:
+        stop_embedded_postgres(pgdata)
+        shutil.rmtree(pgdata, ignore_errors=True)
