@@ -132,12 +132,16 @@ class OutboxRelay:
                 await connection.execute(
                     "UPDATE outbox SET delivered_at = now(), attempts = attempts + 1, last_error = NULL"
                     " WHERE id = ANY($1::bigint[])", delivered)
-            for row_id, error_text in failed.items():
-                row = next(r for r in rows if r.id == row_id)
+            if failed:
+                # One statement for the whole failed batch (a rewards outage fails every row at once).
+                retry = [r for r in rows if r.id in failed]
                 await connection.execute(
-                    "UPDATE outbox SET attempts = attempts + 1, last_error = $2, next_attempt_at = now() + $3"
-                    " WHERE member_id = $4 AND id = $1",
-                    row_id, error_text, timedelta(seconds=backoff_s(row.attempts + 1)), row.member_id)
+                    """UPDATE outbox o SET attempts = o.attempts + 1, last_error = f.error,
+                              next_attempt_at = now() + f.backoff
+                         FROM unnest($1::text[], $2::bigint[], $3::text[], $4::interval[]) AS f(m, id, error, backoff)
+                        WHERE o.member_id = f.m AND o.id = f.id""",
+                    [r.member_id for r in retry], [r.id for r in retry], [failed[r.id] for r in retry],
+                    [timedelta(seconds=backoff_s(r.attempts + 1)) for r in retry])
             return len(delivered)
 
     async def _send_group(self, rows: Sequence[OutboxRow], trace_context: str, merge: bool) -> str | None:
