@@ -1,0 +1,1 @@
+"""Risk domain (see services/risk/README.md)."""
