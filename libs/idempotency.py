@@ -7,10 +7,10 @@ import hashlib
 from collections.abc import Awaitable, Callable
 from typing import TypeVar
 
-import asyncpg
 from google.protobuf.message import Message
 
 from libs import errors
+from libs.db import DbConnection
 
 ResponseT = TypeVar("ResponseT", bound=Message)
 
@@ -21,7 +21,7 @@ def payload_digest(request: Message) -> bytes:
 
 
 async def run_once(
-    connection: asyncpg.Connection,
+    connection: DbConnection,
     method: str,
     request_id: str,
     request: Message,

@@ -29,7 +29,7 @@ import uuid
 from collections.abc import Awaitable, Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any, TypeVar, cast
+from typing import Any, TypeVar
 
 import asyncpg
 import grpc
@@ -539,9 +539,7 @@ ResponseT = TypeVar("ResponseT", bound=Message)
 
 async def _run_once(connection: DbConnection, method: str, request_id: str, request: Message,
                     response_type: type[ResponseT], mutate: Callable[[], Awaitable[ResponseT]]) -> ResponseT:
-    # libs.idempotency is typed for a plain connection; a pooled one behaves the same.
-    return await idempotency.run_once(cast(asyncpg.Connection, connection), method, request_id, request,
-                                      response_type, mutate)
+    return await idempotency.run_once(connection, method, request_id, request, response_type, mutate)
 
 
 def _trace_context() -> str:

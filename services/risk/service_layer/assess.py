@@ -1,0 +1,281 @@
+"""The assessment use case: proposed credits in, one stored, explained decision each.
+
+One transaction per call, whatever the batch size:
+1. lock the members' rows (member-id order), so concurrent assessments of one member serialise;
+2. answer source events already assessed from the store (same payload) or refuse them (conflict);
+3. read each new accrual's stored history in one statement, then compute its signals in request
+   order, each item also counting the batch's earlier items;
+4. score the model vectors of the whole batch at once, evaluate the rules, combine (domain.decision);
+5. write the assessments (COPY), the review cases and the members' recent points, and commit.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import uuid
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+
+import asyncpg
+import numpy as np
+
+from libs import errors
+from libs.db import DbConnection
+from libs.errors import FieldViolation
+from libs.validation import validate
+from loyalty.common.v1 import types_pb2
+from loyalty.risk.v1 import assessment_pb2, risk_pb2, support_pb2
+from services.risk.adapters import assessments_repo as repo
+from services.risk.domain import signals as sig
+from services.risk.domain.decision import Judgement, ListHit, ModelResult, Outcome, Reason, Verdict, judge, summary
+from services.risk.service_layer.config import ConfigCache, Snapshot
+from services.risk.settings import RiskSettings
+
+SOURCE_EVENT_CONFLICT = "SOURCE_EVENT_CONFLICT"
+TOP_SIGNALS = 5
+
+
+def digest(request: risk_pb2.AssessAccrualRequest) -> bytes:
+    return hashlib.sha256(request.SerializeToString(deterministic=True)).digest()
+
+
+def item_violations(request: risk_pb2.AssessAccrualRequest, path: str = "") -> list[FieldViolation]:
+    """The field rules plus what they cannot say: a money amount is never negative."""
+    violations = list(validate(request, path))
+    if request.HasField("amount") and request.amount.amount_minor < 0:
+        violations.append(FieldViolation(f"{path}amount.amount_minor", "must not be negative"))
+    return violations
+
+
+def to_accrual(request: risk_pb2.AssessAccrualRequest) -> sig.Accrual:
+    return sig.Accrual(
+        source_event_id=request.source_event_id,
+        member_id=request.member_id,
+        event_type=request.event_type,
+        is_purchase=request.event_type == types_pb2.EVENT_TYPE_PURCHASE,
+        is_browse=request.event_type == types_pb2.EVENT_TYPE_BROWSE,
+        points=request.points_proposed,
+        amount_minor=request.amount.amount_minor,
+        order_id=request.order_id,
+        device_id=request.device_id,
+        ip=request.ip,
+        occurred_at=request.occurred_at.ToDatetime(tzinfo=UTC),
+        browse_seconds=request.browse_seconds,
+        member_since=request.member_since.ToDatetime(tzinfo=UTC) if request.HasField("member_since") else None,
+        email_domain=request.email_domain,
+        tier_id=request.tier_id,
+    )
+
+
+@dataclass
+class _New:
+    index: int
+    request: risk_pb2.AssessAccrualRequest
+    digest: bytes
+    accrual: sig.Accrual
+    signals: dict[str, float] | None = None
+
+
+def _item_error(reason: str, message: str, violations: Sequence[FieldViolation] = ()) -> support_pb2.ItemError:
+    return support_pb2.ItemError(reason=reason, message=message, field_violations=[
+        support_pb2.FieldViolation(field=v.field, description=v.description) for v in violations])
+
+
+def _conflict(source_event_id: str) -> support_pb2.ItemError:
+    return _item_error(SOURCE_EVENT_CONFLICT,
+                       f"source event {source_event_id!r} was already assessed with a different payload")
+
+
+class Assessor:
+    def __init__(self, pool: Callable[[], asyncpg.Pool], config: ConfigCache, settings: RiskSettings) -> None:
+        self._pool = pool
+        self._config = config
+        self._settings = settings
+
+    async def assess_one(self, request: risk_pb2.AssessAccrualRequest) -> assessment_pb2.Assessment:
+        violations = item_violations(request)
+        if violations:
+            raise errors.invalid_argument(violations)
+        result = (await self.assess([request]))[0]
+        if result.HasField("error"):
+            if result.error.reason == SOURCE_EVENT_CONFLICT:
+                raise errors.already_exists(result.error.message, reason=SOURCE_EVENT_CONFLICT,
+                                            source_event_id=request.source_event_id)
+            raise errors.invalid_argument([FieldViolation(v.field, v.description)
+                                           for v in result.error.field_violations])
+        return result.assessment
+
+    async def assess(self, requests: Sequence[risk_pb2.AssessAccrualRequest]) -> list[assessment_pb2.AssessmentResult]:
+        """One result per request, in order; bad items get an error and the others go on."""
+        results = [assessment_pb2.AssessmentResult(source_event_id=r.source_event_id) for r in requests]
+        first: dict[str, _New] = {}
+        repeats: list[tuple[int, str]] = []
+        for index, request in enumerate(requests):
+            violations = item_violations(request)
+            if violations:
+                results[index].error.CopyFrom(_item_error("INVALID_ARGUMENT", "the accrual is invalid", violations))
+                continue
+            key = digest(request)
+            seen = first.get(request.source_event_id)
+            if seen is None:
+                first[request.source_event_id] = _New(index, request, key, to_accrual(request))
+            elif seen.digest == key:
+                repeats.append((index, request.source_event_id))
+            else:
+                results[index].error.CopyFrom(_conflict(request.source_event_id))
+        if first:
+            snapshot = await self._config.current()
+            items = list(first.values())
+            for attempt in (1, 2):
+                try:
+                    answers = await self._transaction(items, snapshot)
+                    break
+                except asyncpg.UniqueViolationError:
+                    # Another call assessed one of these source events (for another member's lock)
+                    # between our check and our write: the retry reads it as already assessed.
+                    if attempt == 2:
+                        raise
+            for item in items:
+                answer = answers[item.request.source_event_id]
+                if isinstance(answer, assessment_pb2.Assessment):
+                    results[item.index].assessment.CopyFrom(answer)
+                else:
+                    results[item.index].error.CopyFrom(answer)
+        for index, source_event_id in repeats:
+            results[index].CopyFrom(results[first[source_event_id].index])
+        return results
+
+    async def _transaction(self, items: list[_New], snapshot: Snapshot
+                           ) -> dict[str, assessment_pb2.Assessment | support_pb2.ItemError]:
+        answers: dict[str, assessment_pb2.Assessment | support_pb2.ItemError] = {}
+        async with self._pool().acquire() as conn, conn.transaction():
+            members = await repo.lock_members(conn, [i.accrual for i in items])
+            stored = await repo.existing(conn, [i.request.source_event_id for i in items])
+            new: list[_New] = []
+            for item in items:
+                known = stored.get(item.request.source_event_id)
+                if known is None:
+                    new.append(item)
+                elif known[0] == item.digest:
+                    answers[item.request.source_event_id] = assessment_pb2.Assessment.FromString(known[1])
+                else:
+                    answers[item.request.source_event_id] = _conflict(item.request.source_event_id)
+            if new:
+                answers.update(await self._assess_new(conn, new, members, snapshot))
+        return answers
+
+    async def _assess_new(self, conn: DbConnection, items: list[_New], members: dict[str, repo.MemberState],
+                          snapshot: Snapshot) -> dict[str, assessment_pb2.Assessment | support_pb2.ItemError]:
+        histories = await repo.stored_history(conn, [i.accrual for i in items], members,
+                                              self._settings.small_order_minor)
+        memory = sig.BatchMemory()
+        for item, history in zip(items, histories, strict=True):
+            item.signals = sig.compute_signals(item.accrual, history, memory, snapshot.peer_medians)
+            memory.add(item.accrual)
+        models = self._score_model(items, snapshot)
+        now = datetime.now(UTC)
+        sla = timedelta(hours=self._settings.case_sla_hours)
+        records, cases = [], []
+        answers: dict[str, assessment_pb2.Assessment | support_pb2.ItemError] = {}
+        for item, model in zip(items, models, strict=True):
+            assert item.signals is not None
+            accrual = item.accrual
+            hits = snapshot.lists.match(accrual.member_id, accrual.device_id, accrual.ip, accrual.email_domain, now)
+            judgement = judge(snapshot.rule_set, item.signals, hits, model)
+            assessment = _assessment(item, judgement, model, hits, snapshot, now)
+            if judgement.decision == Verdict.REVIEW:
+                assessment.case_id = str(uuid.uuid4())
+                cases.append((assessment.case_id, assessment.assessment_id, accrual.member_id, now, now + sla))
+            explanation = risk_pb2.ExplainAssessmentResponse(
+                rule_outcomes=[_outcome(o, item.signals) for o in judgement.outcomes],
+                model_threshold=model.threshold if model else 0.0,
+                summary=summary(judgement, snapshot.rule_set, model, model is None),
+            )
+            records.append((
+                assessment.assessment_id, accrual.source_event_id, item.digest, accrual.member_id,
+                accrual.event_type, accrual.is_purchase, accrual.is_browse, accrual.points, accrual.amount_minor,
+                item.request.amount.currency, accrual.order_id, accrual.device_id, accrual.ip, accrual.tier_id,
+                accrual.occurred_at, accrual.browse_seconds, int(judgement.decision), judgement.score,
+                assessment.anomaly_score, snapshot.rule_set.version, assessment.model_version,
+                assessment.case_id or None, now, [item.signals[n] for n in sig.NAMES],
+                assessment.SerializeToString(), explanation.SerializeToString(),
+            ))
+            answers[accrual.source_event_id] = assessment
+        await repo.insert_assessments(conn, records)
+        await repo.insert_cases(conn, cases)
+        recent: dict[str, list[int]] = {}
+        for item in items:
+            points = recent.setdefault(item.accrual.member_id, list(members[item.accrual.member_id].recent_points))
+            points.append(item.accrual.points)
+        await repo.update_members(conn, {m: p[-sig.OWN_HISTORY:] for m, p in recent.items()}, now)
+        return answers
+
+    @staticmethod
+    def _score_model(items: list[_New], snapshot: Snapshot) -> list[ModelResult | None]:
+        active = snapshot.model
+        if active is None:
+            return [None] * len(items)
+        forest = active.forest
+        vectors = np.array([[i.signals[n] for n in forest.feature_names] for i in items  # type: ignore[index]
+                            ], dtype=np.float64)
+        scores = forest.score_many(vectors) if len(items) > 1 else [forest.score_one(vectors[0])]
+        return [
+            ModelResult(active.version, float(score), forest.threshold,
+                        tuple(forest.explain_one(vector, top=TOP_SIGNALS)))
+            for vector, score in zip(vectors, scores, strict=True)
+        ]
+
+
+def _assessment(item: _New, judgement: Judgement, model: ModelResult | None, hits: Sequence[ListHit],
+                snapshot: Snapshot, now: datetime) -> assessment_pb2.Assessment:
+    request = item.request
+    message = assessment_pb2.Assessment(
+        assessment_id=str(uuid.uuid4()),
+        source_event_id=request.source_event_id,
+        member_id=request.member_id,
+        event_type=request.event_type,
+        points_proposed=request.points_proposed,
+        order_id=request.order_id,
+        device_id=request.device_id,
+        ip=request.ip,
+        channel=request.channel,
+        decision=int(judgement.decision),  # type: ignore[arg-type]
+        score=judgement.score,
+        anomaly_score=model.anomaly_score if model else 0.0,
+        rule_set_version=snapshot.rule_set.version,
+        model_version=model.version if model else "",
+        model_skipped=model is None,
+        reasons=[_reason(r) for r in judgement.reasons],
+        top_signals=[assessment_pb2.AnomalySignal(name=n, value=v, contribution=c)
+                     for n, v, c in (model.top_signals if model else ())],
+        shadow=assessment_pb2.ShadowResult(decision=int(judgement.shadow_decision),  # type: ignore[arg-type]
+                                           score=judgement.shadow_score,
+                                           reasons=[_reason(r) for r in judgement.shadow_reasons]),
+    )
+    for hit in hits:
+        message.list_matches.add(entry_id=hit.entry_id, kind=int(hit.kind),
+                                 subject_type=hit.subject_type, value=hit.value)
+    if request.HasField("amount"):
+        message.amount.CopyFrom(request.amount)
+    message.occurred_at.CopyFrom(request.occurred_at)
+    message.assessed_at.FromDatetime(now)
+    return message
+
+
+def _reason(reason: Reason) -> assessment_pb2.RiskReason:
+    return assessment_pb2.RiskReason(
+        source=int(reason.source), rule_id=reason.rule_id, description=reason.description,  # type: ignore[arg-type]
+        signal=reason.signal, observed_value=reason.observed, limit=reason.limit,
+        action=int(reason.action), mode=int(reason.mode), contribution=reason.contribution,  # type: ignore[arg-type]
+    )
+
+
+def _outcome(outcome: Outcome, signals: dict[str, float]) -> assessment_pb2.RuleOutcome:
+    rule = outcome.rule
+    return assessment_pb2.RuleOutcome(
+        rule_id=rule.rule_id, description=rule.description, expression=rule.expression.source,
+        action=int(rule.action), mode=int(rule.mode), weight=rule.weight,  # type: ignore[arg-type]
+        result=int(outcome.result), contribution=outcome.contribution, error=outcome.error,  # type: ignore[arg-type]
+        observed=[assessment_pb2.SignalValue(name=n, value=signals.get(n, 0.0)) for n in rule.expression.names],
+    )

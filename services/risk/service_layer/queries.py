@@ -1,0 +1,240 @@
+"""Reads: stored assessments and their explanations, a member's current signals, the catalogue;
+and RecordActivities (refunds and redemptions the signals need)."""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Callable, Sequence
+from datetime import UTC, datetime
+
+import asyncpg
+from google.protobuf import duration_pb2
+
+from libs import errors, paging
+from libs.errors import FieldViolation
+from libs.validation import validate
+from loyalty.risk.v1 import assessment_pb2, risk_pb2, support_pb2
+from services.risk.adapters import assessments_repo as repo
+from services.risk.domain import signals as sig
+from services.risk.settings import RiskSettings
+
+ACTIVITY_CONFLICT = "ACTIVITY_CONFLICT"
+_WINDOWS = ((sig.HOUR, "1h"), (sig.DAY, "24h"), (sig.WEEK, "7d"))
+
+
+async def get_assessment(pool: asyncpg.Pool, assessment_id: str = "", source_event_id: str = ""
+                         ) -> assessment_pb2.Assessment:
+    if assessment_id:
+        raw = await pool.fetchval("SELECT assessment FROM assessments WHERE assessment_id = $1", assessment_id)
+    else:
+        raw = await pool.fetchval("SELECT assessment FROM assessments WHERE source_event_id = $1", source_event_id)
+    if raw is None:
+        raise errors.not_found("assessment", assessment_id or source_event_id, reason="ASSESSMENT_NOT_FOUND")
+    return assessment_pb2.Assessment.FromString(bytes(raw))
+
+
+async def list_assessments(pool: asyncpg.Pool, request: risk_pb2.ListAssessmentsRequest
+                           ) -> risk_pb2.ListAssessmentsResponse:
+    size = paging.page_size(request.page_size)
+    key = paging.decode(request, 2)
+    after = (datetime.fromisoformat(key[0]), str(key[1])) if key else (None, None)
+    rows = await pool.fetch(
+        """
+        SELECT assessment, assessed_at, assessment_id FROM assessments
+        WHERE ($1 = '' OR member_id = $1)
+          AND (cardinality($2::smallint[]) = 0 OR decision = ANY($2::smallint[]))
+          AND ($3::timestamptz IS NULL OR assessed_at >= $3) AND ($4::timestamptz IS NULL OR assessed_at < $4)
+          AND ($5::timestamptz IS NULL OR (assessed_at, assessment_id) < ($5, $6))
+        ORDER BY assessed_at DESC, assessment_id DESC LIMIT $7
+        """,
+        request.member_id, list(request.decisions),
+        request.start_time.ToDatetime(tzinfo=UTC) if request.HasField("start_time") else None,
+        request.end_time.ToDatetime(tzinfo=UTC) if request.HasField("end_time") else None,
+        after[0], after[1], size + 1,
+    )
+    page, more = paging.split(rows, size)
+    response = risk_pb2.ListAssessmentsResponse(
+        assessments=[assessment_pb2.Assessment.FromString(bytes(r["assessment"])) for r in page])
+    if more:
+        last = page[-1]
+        response.next_page_token = paging.encode([last["assessed_at"].isoformat(), last["assessment_id"]], request)
+    return response
+
+
+async def explain(pool: asyncpg.Pool, assessment_id: str) -> risk_pb2.ExplainAssessmentResponse:
+    row = await pool.fetchrow(
+        "SELECT assessment, explanation, signals FROM assessments WHERE assessment_id = $1", assessment_id)
+    if row is None:
+        raise errors.not_found("assessment", assessment_id, reason="ASSESSMENT_NOT_FOUND")
+    response = risk_pb2.ExplainAssessmentResponse.FromString(bytes(row["explanation"]))
+    response.assessment.ParseFromString(bytes(row["assessment"]))
+    response.signals.extend(assessment_pb2.SignalValue(name=name, value=value)
+                            for name, value in zip(sig.NAMES, row["signals"], strict=False))
+    return response
+
+
+async def member_signals(pool: asyncpg.Pool, member_id: str, peer_medians: dict[str, float],
+                         settings: RiskSettings, now: datetime | None = None) -> assessment_pb2.MemberSignals:
+    """The member's signals as of now (zeros for a member never seen)."""
+    now = now or datetime.now(UTC)
+    async with pool.acquire() as conn:
+        row = await conn.fetchrow("SELECT first_seen, member_since, tier_id, recent_points FROM members"
+                                  " WHERE member_id = $1", member_id)
+        message = assessment_pb2.MemberSignals(member_id=member_id)
+        message.as_of.FromDatetime(now)
+        if row is None:
+            for window, _ in _WINDOWS:
+                message.velocity.add().window.FromTimedelta(window)
+            message.signals.extend(assessment_pb2.SignalValue(name=n, value=0.0) for n in sig.NAMES)
+            return message
+        probe = sig.Accrual("", member_id, 0, False, False, 0, 0, "", "", "", now, 0,
+                            row["member_since"], "", row["tier_id"])
+        state = repo.MemberState(row["member_since"] or row["first_seen"], tuple(row["recent_points"]))
+        (history,) = await repo.stored_history(conn, [probe], {member_id: state}, settings.small_order_minor)
+        fan = await conn.fetchrow(
+            """
+            WITH mine AS (
+                SELECT DISTINCT device_id, ip FROM assessments
+                WHERE member_id = $1 AND occurred_at > $2 - interval '24 hours' AND occurred_at <= $2
+            )
+            SELECT
+              (SELECT coalesce(max(n), 0) FROM (SELECT count(DISTINCT a.member_id) AS n FROM assessments a
+                 WHERE a.device_id IN (SELECT device_id FROM mine WHERE device_id <> '')
+                   AND a.occurred_at > $2 - interval '24 hours' AND a.occurred_at <= $2 GROUP BY a.device_id) d)
+                AS max_device,
+              (SELECT coalesce(max(n), 0) FROM (SELECT count(DISTINCT a.member_id) AS n FROM assessments a
+                 WHERE a.ip IN (SELECT ip FROM mine WHERE ip <> '')
+                   AND a.occurred_at > $2 - interval '24 hours' AND a.occurred_at <= $2 GROUP BY a.ip) i)
+                AS max_ip,
+              (SELECT count(DISTINCT o.order_id) FROM assessments o WHERE o.member_id = $1 AND o.order_id <> ''
+                 AND EXISTS (SELECT 1 FROM assessments x WHERE x.order_id = o.order_id AND x.member_id <> $1))
+                AS shared_orders
+            """,
+            member_id, now,
+        )
+    values = sig.compute_signals(probe, history, sig.BatchMemory(), peer_medians, include_self=False)
+    assert fan is not None
+    for window, label in _WINDOWS:
+        velocity = message.velocity.add()
+        velocity.window.FromTimedelta(window)
+        velocity.accrual_count = int(values[f"velocity_{label}_count"])
+        velocity.points = int(values[f"velocity_{label}_points"])
+    message.account_age.CopyFrom(_duration(values["account_age_days"] * 86400))
+    # The probe proposes no points: the ratios describe the member's latest accrual instead.
+    latest = history.recent_points[-1] if history.recent_points else 0
+    own = sig.median(history.recent_points[:-1])
+    peer = peer_medians.get(row["tier_id"], 0.0)
+    message.points_vs_own_median = latest / own if own > 0 else 1.0
+    message.points_vs_peer_median = latest / peer if peer > 0 else 1.0
+    message.refund_ratio = values["refund_ratio"]
+    message.distinct_devices_24h = int(values["distinct_devices_24h"])
+    message.distinct_ips_24h = int(values["distinct_ips_24h"])
+    message.max_members_per_device_24h = int(fan["max_device"])
+    message.max_members_per_ip_24h = int(fan["max_ip"])
+    message.browse_seconds_today = round(values["browse_minutes_today"] * 60)
+    message.small_orders_24h = int(values["small_orders_24h"])
+    message.shared_order_ids = int(fan["shared_orders"])
+    message.quick_redemptions_7d = int(values["quick_redemptions_7d"])
+    values.update(points_vs_own_median=message.points_vs_own_median,
+                  points_vs_peer_median=message.points_vs_peer_median,
+                  members_per_device_24h=float(fan["max_device"]), members_per_ip_24h=float(fan["max_ip"]))
+    message.signals.extend(assessment_pb2.SignalValue(name=n, value=values[n]) for n in sig.NAMES)
+    return message
+
+
+def _duration(seconds: float) -> duration_pb2.Duration:
+    duration = duration_pb2.Duration()
+    duration.FromNanoseconds(int(seconds * 1e9))
+    return duration
+
+
+_SCOPES = {sig.Scope.EVENT: assessment_pb2.SIGNAL_SCOPE_EVENT, sig.Scope.MEMBER: assessment_pb2.SIGNAL_SCOPE_MEMBER,
+           sig.Scope.DEVICE: assessment_pb2.SIGNAL_SCOPE_DEVICE, sig.Scope.IP: assessment_pb2.SIGNAL_SCOPE_IP,
+           sig.Scope.ORDER: assessment_pb2.SIGNAL_SCOPE_ORDER}
+
+
+def signal_definitions(request: risk_pb2.ListSignalDefinitionsRequest) -> risk_pb2.ListSignalDefinitionsResponse:
+    size = paging.page_size(request.page_size)
+    key = paging.decode(request, 1)
+    start = int(key[0]) if key else 0
+    page = sig.CATALOGUE[start:start + size]
+    response = risk_pb2.ListSignalDefinitionsResponse(definitions=[
+        assessment_pb2.SignalDefinition(name=d.name, description=d.description, unit=d.unit,
+                                        scope=_SCOPES[d.scope], model_feature=d.model_feature) for d in page])
+    if start + size < len(sig.CATALOGUE):
+        response.next_page_token = paging.encode([start + size], request)
+    return response
+
+
+def _activity_violations(activity: assessment_pb2.Activity, path: str) -> list[FieldViolation]:
+    violations = list(validate(activity, path))
+    if activity.HasField("amount") and activity.amount.amount_minor < 0:
+        violations.append(FieldViolation(f"{path}amount.amount_minor", "must not be negative"))
+    return violations
+
+
+async def record_activities(pool: Callable[[], asyncpg.Pool], activities: Sequence[assessment_pb2.Activity]
+                            ) -> risk_pb2.RecordActivitiesResponse:
+    results = [assessment_pb2.ActivityResult(activity_id=a.activity_id) for a in activities]
+    valid: dict[str, tuple[int, assessment_pb2.Activity, bytes]] = {}
+    repeats: list[tuple[int, str, bytes]] = []
+    for index, activity in enumerate(activities):
+        violations = _activity_violations(activity, "")
+        if violations:
+            results[index].outcome = assessment_pb2.ACTIVITY_OUTCOME_REJECTED
+            results[index].error.CopyFrom(support_pb2.ItemError(
+                reason="INVALID_ARGUMENT", message="the activity is invalid",
+                field_violations=[support_pb2.FieldViolation(field=v.field, description=v.description)
+                                  for v in violations]))
+            continue
+        key = hashlib.sha256(activity.SerializeToString(deterministic=True)).digest()
+        if activity.activity_id in valid:
+            repeats.append((index, activity.activity_id, key))
+        else:
+            valid[activity.activity_id] = (index, activity, key)
+    if valid:
+        items = list(valid.values())
+        async with pool().acquire() as conn, conn.transaction():
+            inserted = {r["activity_id"] for r in await conn.fetch(
+                """
+                INSERT INTO activities (activity_id, request_sha256, member_id, kind, points, amount_minor, order_id,
+                                        occurred_at, quick)
+                SELECT x.id, x.d, x.m, x.k, x.p, x.a, x.o, x.t,
+                       x.k = 2 AND EXISTS (SELECT 1 FROM assessments a WHERE a.member_id = x.m
+                                           AND a.occurred_at <= x.t AND a.occurred_at > x.t - interval '1 hour')
+                FROM unnest($1::text[], $2::bytea[], $3::text[], $4::smallint[], $5::bigint[], $6::bigint[],
+                            $7::text[], $8::timestamptz[]) AS x(id, d, m, k, p, a, o, t)
+                ON CONFLICT (activity_id) DO NOTHING
+                RETURNING activity_id
+                """,
+                [a.activity_id for _, a, _ in items], [k for _, _, k in items], [a.member_id for _, a, _ in items],
+                [a.kind for _, a, _ in items], [a.points for _, a, _ in items],
+                [a.amount.amount_minor for _, a, _ in items], [a.order_id for _, a, _ in items],
+                [a.occurred_at.ToDatetime(tzinfo=UTC) for _, a, _ in items],
+            )}
+            stored = {r["activity_id"]: bytes(r["request_sha256"]) for r in await conn.fetch(
+                "SELECT activity_id, request_sha256 FROM activities WHERE activity_id = ANY($1::text[])",
+                [a.activity_id for _, a, _ in items if a.activity_id not in inserted])}
+        for index, activity, key in items:
+            _settle(results[index], activity.activity_id in inserted, stored.get(activity.activity_id), key)
+    for index, activity_id, key in repeats:
+        first_index, _, first_key = valid[activity_id]
+        if first_key == key:
+            results[index].CopyFrom(results[first_index])
+            if results[first_index].outcome == assessment_pb2.ACTIVITY_OUTCOME_RECORDED:
+                results[index].outcome = assessment_pb2.ACTIVITY_OUTCOME_DUPLICATE
+        else:
+            _settle(results[index], False, first_key, key)
+    return risk_pb2.RecordActivitiesResponse(results=results)
+
+
+def _settle(result: assessment_pb2.ActivityResult, inserted: bool, stored: bytes | None, key: bytes) -> None:
+    if inserted:
+        result.outcome = assessment_pb2.ACTIVITY_OUTCOME_RECORDED
+    elif stored == key:
+        result.outcome = assessment_pb2.ACTIVITY_OUTCOME_DUPLICATE
+    else:
+        result.outcome = assessment_pb2.ACTIVITY_OUTCOME_REJECTED
+        result.error.CopyFrom(support_pb2.ItemError(
+            reason=ACTIVITY_CONFLICT,
+            message=f"activity {result.activity_id!r} was already recorded with a different payload"))
