@@ -93,9 +93,10 @@ async def member_signals(pool: asyncpg.Pool, member_id: str, peer_medians: dict[
         (history,) = await repo.stored_history(conn, [probe], {member_id: state}, settings.small_order_minor)
         fan = await conn.fetchrow(
             """
+            -- $2 is "now": typed here once, so every comparison below knows it is a timestamptz
             WITH mine AS (
                 SELECT DISTINCT device_id, ip FROM assessments
-                WHERE member_id = $1 AND occurred_at > $2 - interval '24 hours' AND occurred_at <= $2
+                WHERE member_id = $1 AND occurred_at > $2::timestamptz - interval '24 hours' AND occurred_at <= $2
             )
             SELECT
               (SELECT coalesce(max(n), 0) FROM (SELECT count(DISTINCT a.member_id) AS n FROM assessments a
