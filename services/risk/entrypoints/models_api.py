@@ -1,12 +1,28 @@
-"""Anomaly model RPCs of RiskService."""
+"""Anomaly model RPCs of RiskService.
+
+TrainModel is synchronous: it answers once the forest is trained (READY, or FAILED with the reason
+when the compiled forest does not pass its checks); the TRAINING state is not used. Training runs in
+a worker thread, one at a time per replica, so the event loop keeps serving assessments.
+"""
 
 from __future__ import annotations
 
+import asyncio
+import logging
+from datetime import UTC
 from typing import Any
 
+from libs import errors, paging
+from libs.errors import FieldViolation
+from libs.idempotency import run_once
 from libs.server import Runtime
 from loyalty.risk.v1 import risk_pb2
+from services.risk.domain.forest import MIN_TRAINING_ROWS, ModelValidationError
+from services.risk.entrypoints.rules_api import actor
+from services.risk.service_layer import models
 from services.risk.service_layer.config import ConfigCache
+
+audit = logging.getLogger("loyalty.audit")
 
 
 class ModelsApi:
@@ -14,17 +30,97 @@ class ModelsApi:
     config: ConfigCache
 
     async def TrainModel(self, request: risk_pb2.TrainModelRequest, context: Any) -> risk_pb2.TrainModelResponse:
-        raise NotImplementedError
+        end = request.history_end.ToDatetime(tzinfo=UTC)
+        start = (request.history_start.ToDatetime(tzinfo=UTC) if request.HasField("history_start")
+                 else end - models.DEFAULT_HISTORY)
+        if start >= end:
+            raise errors.invalid_argument([FieldViolation("history_start", "must be before history_end")])
+        if request.max_samples == 1:
+            raise errors.invalid_argument([FieldViolation("max_samples", "must be 0 (= 256) or at least 2")])
+        n_estimators, max_samples, rate = models.normalised_params(request.n_estimators, request.max_samples,
+                                                                   request.target_review_rate)
+        params = models.TrainingParams(start=start, end=end, n_estimators=n_estimators, max_samples=max_samples,
+                                       random_seed=request.random_seed, target_review_rate=rate,
+                                       description=request.description, created_by=actor())
+
+        async with models.training_slot, self.runtime.pool.acquire() as conn, conn.transaction():
+            async def train() -> risk_pb2.TrainModelResponse:
+                history = await models.load_history(conn, start, end, request.include_labels)
+                if models.training_rows_available(history) < MIN_TRAINING_ROWS:
+                    raise models.not_enough_history(history, start, end)
+                info, content = await models.train(history, params)
+                stored = await models.insert(conn, info, content)
+                audit.info("model trained", extra={
+                    "actor": actor(), "model_version": stored.model_version, "state": stored.state,
+                    "training_rows": stored.training_rows, "threshold": stored.threshold,
+                    "failure_reason": stored.failure_reason})
+                if request.activate and stored.state == models.READY:
+                    stored, previous = await models.activate(conn, stored.model_version)
+                    audit.info("model activated", extra={"actor": actor(), "model_version": stored.model_version,
+                                                         "previous": previous})
+                return risk_pb2.TrainModelResponse(model=stored)
+
+            response = await run_once(conn, "TrainModel", request.request_id, request,
+                                      risk_pb2.TrainModelResponse, train)
+        if request.activate:
+            await self.config.reload()  # this replica at once; the others on NOTIFY
+        return response
 
     async def ImportModel(self, request: risk_pb2.ImportModelRequest, context: Any) -> risk_pb2.ImportModelResponse:
-        raise NotImplementedError
+        content = bytes(request.content)
+        computed = models.checksum(content)
+        if computed != request.checksum_sha256:
+            raise errors.invalid_argument(
+                [FieldViolation("checksum_sha256", f"does not match the content (its SHA-256 is {computed})")],
+                reason=models.VALIDATION_FAILED)
+        try:
+            forest = await asyncio.to_thread(models.validate_import, content)
+        except ModelValidationError as exc:
+            raise errors.invalid_argument([FieldViolation("content", str(exc))],
+                                          reason=models.VALIDATION_FAILED) from None
+
+        async with self.runtime.pool.acquire() as conn, conn.transaction():
+            async def store() -> risk_pb2.ImportModelResponse:
+                info = models.imported_info(request.model_version, forest, content, request.description, actor())
+                stored = await models.insert(conn, info, content)
+                audit.info("model imported", extra={"actor": actor(), "model_version": stored.model_version,
+                                                    "checksum_sha256": stored.checksum_sha256})
+                if request.activate:
+                    stored, previous = await models.activate(conn, stored.model_version)
+                    audit.info("model activated", extra={"actor": actor(), "model_version": stored.model_version,
+                                                         "previous": previous})
+                return risk_pb2.ImportModelResponse(model=stored)
+
+            response = await run_once(conn, "ImportModel", request.request_id, request,
+                                      risk_pb2.ImportModelResponse, store)
+        if request.activate:
+            await self.config.reload()
+        return response
 
     async def GetModel(self, request: risk_pb2.GetModelRequest, context: Any) -> risk_pb2.GetModelResponse:
-        raise NotImplementedError
+        return risk_pb2.GetModelResponse(model=await models.get(self.runtime.pool, request.model_version))
 
     async def ListModels(self, request: risk_pb2.ListModelsRequest, context: Any) -> risk_pb2.ListModelsResponse:
-        raise NotImplementedError
+        size = paging.page_size(request.page_size)
+        key = paging.decode(request, 1)
+        found = await models.list_page(self.runtime.pool, list(request.states), size, int(key[0]) if key else None)
+        page, more = paging.split(found.models, size)
+        response = risk_pb2.ListModelsResponse(models=page)
+        if more:
+            response.next_page_token = paging.encode([found.seqs[len(page) - 1]], request)
+        return response
 
     async def ActivateModel(self, request: risk_pb2.ActivateModelRequest, context: Any
                             ) -> risk_pb2.ActivateModelResponse:
-        raise NotImplementedError
+        async with self.runtime.pool.acquire() as conn, conn.transaction():
+            async def activate() -> risk_pb2.ActivateModelResponse:
+                model, previous = await models.activate(conn, request.model_version)
+                if previous != model.model_version:
+                    audit.info("model activated", extra={"actor": actor(), "model_version": model.model_version,
+                                                         "previous": previous})
+                return risk_pb2.ActivateModelResponse(model=model, previous_model_version=previous)
+
+            response = await run_once(conn, "ActivateModel", request.request_id, request,
+                                      risk_pb2.ActivateModelResponse, activate)
+        await self.config.reload()  # this replica at once; the others on NOTIFY
+        return response
