@@ -93,7 +93,7 @@ class TokenRegistry:
 # everything, an analyst, and a read-only caller. Real deployments write their own tokens file.
 DEV_CALLERS: dict[str, list[str]] = {
     "admin": [WILDCARD],
-    "profile": ["rewards.write", "rewards.read"],
+    "profile": ["rewards.write", "rewards.read", "rewards.admin"],  # rewards.admin: MergeMemberLedgers
     "scoring": ["profile.read", "rewards.admin", "rewards.read"],
     "rewards": ["risk.assess", "scoring.run", "profile.read"],
     "risk": ["rewards.admin", "profile.read"],
