@@ -12,6 +12,7 @@ One transaction per call, whatever the batch size:
 from __future__ import annotations
 
 import hashlib
+import logging
 import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -31,6 +32,8 @@ from services.risk.domain import signals as sig
 from services.risk.domain.decision import Judgement, ListHit, ModelResult, Outcome, Reason, Verdict, judge, summary
 from services.risk.service_layer.config import ConfigCache, Snapshot
 from services.risk.settings import RiskSettings
+
+log = logging.getLogger(__name__)
 
 SOURCE_EVENT_CONFLICT = "SOURCE_EVENT_CONFLICT"
 TOP_SIGNALS = 5
@@ -217,14 +220,20 @@ class Assessor:
         if active is None:
             return [None] * len(items)
         forest = active.forest
-        vectors = np.array([[i.signals[n] for n in forest.feature_names] for i in items  # type: ignore[index]
-                            ], dtype=np.float64)
-        scores = forest.score_many(vectors) if len(items) > 1 else [forest.score_one(vectors[0])]
-        return [
-            ModelResult(active.version, float(score), forest.threshold,
-                        tuple(forest.explain_one(vector, top=TOP_SIGNALS)))
-            for vector, score in zip(vectors, scores, strict=True)
-        ]
+        try:
+            vectors = np.array([[i.signals[n] for n in forest.feature_names] for i in items  # type: ignore[index]
+                                ], dtype=np.float64)
+            scores = forest.score_many(vectors) if len(items) > 1 else [forest.score_one(vectors[0])]
+            return [
+                ModelResult(active.version, float(score), forest.threshold,
+                            tuple(forest.explain_one(vector, top=TOP_SIGNALS)))
+                for vector, score in zip(vectors, scores, strict=True)
+            ]
+        except (ValueError, KeyError, IndexError, FloatingPointError) as exc:
+            # A model that fails never blocks the gate: the decision rests on rules and lists and the
+            # assessment says so (model_skipped).
+            log.error("model %s failed, assessing without it: %s", active.version, exc)
+            return [None] * len(items)
 
 
 def _assessment(item: _New, judgement: Judgement, model: ModelResult | None, hits: Sequence[ListHit],

@@ -98,7 +98,14 @@ class ConfigCache:
         if version not in self._models:
             content = await conn.fetchval("SELECT content FROM models WHERE model_version = $1", version)
             info = models_pb2.Model.FromString(bytes(row["info"]))
-            self._models = {version: ActiveModel(version, CompiledForest.from_bytes(bytes(content)), info)}
+            try:
+                forest = CompiledForest.from_bytes(bytes(content or b""))
+            except ValueError as exc:
+                # Stored models were validated on the way in; one that no longer loads must not take
+                # the gate down: assessments go on with rules and lists alone (model_skipped).
+                log.error("active model %s does not load, assessing without it: %s", version, exc)
+                return None
+            self._models = {version: ActiveModel(version, forest, info)}
         return self._models[version]
 
     async def refresh_peers(self) -> None:
@@ -126,7 +133,7 @@ class ConfigCache:
                     if loop.time() >= next_peer:
                         await self.refresh_peers()
                         next_peer = loop.time() + PEER_REFRESH_S
-                except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+                except Exception as exc:  # the follower must outlive any one failure
                     log.warning("risk configuration refresh failed: %s", exc)
                     await self._release(listener)
                     listener = None
