@@ -11,6 +11,7 @@ from libs.server import Runtime, ServiceSpec
 from loyalty.risk.v1 import risk_pb2_grpc
 from services.risk.entrypoints.grpc_api import PACKAGE, RiskServicer
 from services.risk.service_layer import rulesets
+from services.risk.service_layer.case_relay import start_case_relay
 
 SERVICE_DIR = Path(__file__).resolve().parent
 
@@ -25,7 +26,7 @@ def build_spec() -> ServiceSpec:
 
     async def on_ready(runtime: Runtime) -> None:
         """Seed the default rule set on a fresh installation, load the active configuration before
-        SERVING (a broken active model stops start-up loudly), then follow changes."""
+        SERVING, then follow changes; start the relay of case outcomes to rewards."""
         async with runtime.pool.acquire() as conn:
             await rulesets.seed_default(conn)
         for servicer in servicers:
@@ -33,6 +34,7 @@ def build_spec() -> ServiceSpec:
             await servicer.config.refresh_peers()
             runtime.background.append(asyncio.create_task(servicer.config.run(asyncio.Event()),
                                                           name="risk-config"))
+        runtime.background.append(start_case_relay(runtime))
 
     return ServiceSpec(
         name="risk",

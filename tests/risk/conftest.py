@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import random
 import uuid
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
@@ -66,13 +67,16 @@ class Accruals:
         self.member_id = member_id or uid("m")
         self.now = now or datetime.now(UTC)
         self.defaults = defaults
+        # Each member its own address (CGNAT space): tests share one database, and a shared default
+        # IP would make every test's members look like a ring to the IP fan-out rules.
+        self.ip = f"100.{random.randrange(64, 128)}.{random.randrange(256)}.{random.randrange(1, 255)}"
 
     def purchase(self, amount_minor: int = 10_000, at: datetime | None = None, **fields: Any
                  ) -> risk_pb2.AssessAccrualRequest:
         values: dict[str, Any] = {"source_event_id": uid("e"), "member_id": self.member_id,
                                   "event_type": types_pb2.EVENT_TYPE_PURCHASE,
                                   "points_proposed": amount_minor // 100 + 5, "order_id": uid("o"),
-                                  "device_id": uid("d"), "ip": "198.51.100.7", "channel": types_pb2.CHANNEL_APP,
+                                  "device_id": uid("d"), "ip": self.ip, "channel": types_pb2.CHANNEL_APP,
                                   "tier_id": "silver"}
         values.update(self.defaults)
         values.update(fields)

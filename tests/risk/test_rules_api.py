@@ -171,7 +171,7 @@ async def test_deny_and_allow_lists_take_effect_at_once_and_removal_undoes_them(
     blocked = (await risk.AssessAccrual(a.purchase(1_000, device_id=device), metadata=admin)).assessment
     assert blocked.decision == BLOCK
     assert [m.entry_id for m in blocked.list_matches] == [added[0].entry_id]
-    in_range = (await risk.AssessAccrual(a.purchase(1_000, ip="192.0.2.9"), metadata=admin)).assessment
+    in_range = (await risk.AssessAccrual(Accruals().purchase(1_000, ip="192.0.2.9"), metadata=admin)).assessment
     assert in_range.decision == BLOCK
 
     listed = await risk.ListListEntries(risk_pb2.ListListEntriesRequest(value=device), metadata=admin)
@@ -180,7 +180,7 @@ async def test_deny_and_allow_lists_take_effect_at_once_and_removal_undoes_them(
         request_id=uid("r"), entry_ids=[e.entry_id for e in added] + ["nope-1"], reason="false positive"),
         metadata=admin)
     assert removed.removed_count == 2 and list(removed.not_found_entry_ids) == ["nope-1"]
-    again = (await risk.AssessAccrual(a.purchase(1_000, device_id=device), metadata=admin)).assessment
+    again = (await risk.AssessAccrual(Accruals().purchase(1_000, device_id=device), metadata=admin)).assessment
     assert again.decision == ALLOW
 
 

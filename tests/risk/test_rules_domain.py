@@ -35,7 +35,7 @@ def rule(rule_id: str, expression: str, action: Action = Action.REVIEW, weight: 
 
 
 def rule_set(*rules: Rule, review: float = REVIEW_THRESHOLD, block: float = BLOCK_THRESHOLD) -> RuleSet:
-    return RuleSet(7, rules, review, block)
+    return RuleSet.of(7, rules, review, block)
 
 
 def zeros(**values: float) -> dict[str, float]:

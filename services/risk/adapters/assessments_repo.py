@@ -50,6 +50,8 @@ async def lock_members(conn: DbConnection, accruals: Sequence[Accrual]) -> dict[
             for r in rows}
 
 
+# The device, IP and order look-ups repeat `a.<column> <> ''` although the join implies it: the
+# planner only uses a partial index when the query's own predicate on that table implies the index's.
 _HISTORY_SQL = """
 WITH i AS (
     SELECT * FROM unnest($1::int[], $2::text[], $3::timestamptz[], $4::text[], $5::text[], $6::text[])
@@ -90,16 +92,17 @@ CROSS JOIN LATERAL (
 ) r
 LEFT JOIN LATERAL (
     SELECT array_agg(DISTINCT a.member_id) AS device_members FROM assessments a
-    WHERE i.device_id <> '' AND a.device_id = i.device_id
+    WHERE i.device_id <> '' AND a.device_id <> '' AND a.device_id = i.device_id
       AND a.occurred_at > i.t - interval '24 hours' AND a.occurred_at <= i.t
 ) d ON true
 LEFT JOIN LATERAL (
     SELECT array_agg(DISTINCT a.member_id) AS ip_members FROM assessments a
-    WHERE i.ip <> '' AND a.ip = i.ip AND a.occurred_at > i.t - interval '24 hours' AND a.occurred_at <= i.t
+    WHERE i.ip <> '' AND a.ip <> '' AND a.ip = i.ip
+      AND a.occurred_at > i.t - interval '24 hours' AND a.occurred_at <= i.t
 ) n ON true
 LEFT JOIN LATERAL (
     SELECT array_agg(DISTINCT a.member_id) AS order_members FROM assessments a
-    WHERE i.order_id <> '' AND a.order_id = i.order_id
+    WHERE i.order_id <> '' AND a.order_id <> '' AND a.order_id = i.order_id
 ) o ON true
 """
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import ast
 import math
-from collections.abc import Collection, Mapping
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass
 from types import CodeType
 
@@ -119,3 +119,12 @@ def _first_limit(node: ast.expr) -> Limit | None:
             if isinstance(right, ast.Name) and (value := _number(left)) is not None:
                 return Limit(right.id, _FLIPPED[op], value)
     return None
+
+
+def compile_together(expressions: Sequence[Expression]) -> CodeType:
+    """One code object evaluating every expression into a tuple of results: one eval per accrual
+    instead of one per rule. Callers fall back to the expressions one by one when it raises, so an
+    error is still pinned on its own rule."""
+    bodies = [ast.parse(e.source, mode="eval").body for e in expressions]
+    tree = ast.Expression(ast.Tuple(elts=bodies, ctx=ast.Load()))
+    return compile(ast.fix_missing_locations(tree), "<rule set>", "eval")

@@ -50,6 +50,7 @@ class AssessmentsApi:
     runtime: Runtime
     config: ConfigCache
     assessor: Assessor
+    rule_sets: queries.RuleSetCache
 
     async def AssessAccrual(self, request: risk_pb2.AssessAccrualRequest, context: Any
                             ) -> risk_pb2.AssessAccrualResponse:
@@ -81,7 +82,7 @@ class AssessmentsApi:
 
     async def ExplainAssessment(self, request: risk_pb2.ExplainAssessmentRequest, context: Any
                                 ) -> risk_pb2.ExplainAssessmentResponse:
-        response = await queries.explain(self.runtime.pool, request.assessment_id)
+        response = await queries.explain(self.runtime.pool, request.assessment_id, self.rule_sets)
         shown(response.assessment)
         return response
 

@@ -11,6 +11,7 @@ from services.risk.entrypoints.models_api import ModelsApi
 from services.risk.entrypoints.rules_api import RulesApi
 from services.risk.service_layer.assess import Assessor
 from services.risk.service_layer.config import ConfigCache
+from services.risk.service_layer.queries import RuleSetCache
 from services.risk.settings import get_risk_settings
 
 PACKAGE = "loyalty.risk.v1"
@@ -21,3 +22,4 @@ class RiskServicer(AssessmentsApi, RulesApi, ModelsApi, CasesApi, risk_pb2_grpc.
         self.runtime = runtime
         self.config = ConfigCache(lambda: runtime.pool)
         self.assessor = Assessor(lambda: runtime.pool, self.config, get_risk_settings())
+        self.rule_sets = RuleSetCache()

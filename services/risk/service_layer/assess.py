@@ -12,6 +12,7 @@ One transaction per call, whatever the batch size:
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import uuid
 from collections.abc import Callable, Sequence
@@ -29,7 +30,7 @@ from loyalty.common.v1 import types_pb2
 from loyalty.risk.v1 import assessment_pb2, risk_pb2, support_pb2
 from services.risk.adapters import assessments_repo as repo
 from services.risk.domain import signals as sig
-from services.risk.domain.decision import Judgement, ListHit, ModelResult, Outcome, Reason, Verdict, judge, summary
+from services.risk.domain.decision import Judgement, ListHit, ModelResult, Reason, Verdict, judge, summary
 from services.risk.service_layer.config import ConfigCache, Snapshot
 from services.risk.settings import RiskSettings
 
@@ -190,11 +191,8 @@ class Assessor:
             if judgement.decision == Verdict.REVIEW:
                 assessment.case_id = str(uuid.uuid4())
                 cases.append((assessment.case_id, assessment.assessment_id, accrual.member_id, now, now + sla))
-            explanation = risk_pb2.ExplainAssessmentResponse(
-                rule_outcomes=[_outcome(o, item.signals) for o in judgement.outcomes],
-                model_threshold=model.threshold if model else 0.0,
-                summary=summary(judgement, snapshot.rule_set, model, model is None),
-            )
+            explanation = compact_explanation(judgement, model, summary(judgement, snapshot.rule_set, model,
+                                                                         model is None))
             records.append((
                 assessment.assessment_id, accrual.source_event_id, item.digest, accrual.member_id,
                 accrual.event_type, accrual.is_purchase, accrual.is_browse, accrual.points, accrual.amount_minor,
@@ -202,7 +200,7 @@ class Assessor:
                 accrual.occurred_at, accrual.browse_seconds, int(judgement.decision), judgement.score,
                 assessment.anomaly_score, snapshot.rule_set.version, assessment.model_version,
                 assessment.case_id or None, now, [item.signals[n] for n in sig.NAMES],
-                assessment.SerializeToString(), explanation.SerializeToString(),
+                assessment.SerializeToString(), explanation,
             ))
             answers[accrual.source_event_id] = assessment
         await repo.insert_assessments(conn, records)
@@ -280,11 +278,10 @@ def _reason(reason: Reason) -> assessment_pb2.RiskReason:
     )
 
 
-def _outcome(outcome: Outcome, signals: dict[str, float]) -> assessment_pb2.RuleOutcome:
-    rule = outcome.rule
-    return assessment_pb2.RuleOutcome(
-        rule_id=rule.rule_id, description=rule.description, expression=rule.expression.source,
-        action=int(rule.action), mode=int(rule.mode), weight=rule.weight,  # type: ignore[arg-type]
-        result=int(outcome.result), contribution=outcome.contribution, error=outcome.error,  # type: ignore[arg-type]
-        observed=[assessment_pb2.SignalValue(name=n, value=signals.get(n, 0.0)) for n in rule.expression.names],
-    )
+def compact_explanation(judgement: Judgement, model: ModelResult | None, text: str) -> bytes:
+    """What ExplainAssessment needs beyond the assessment and its signals: each rule's result, in
+    rule-set order (one digit each), evaluation errors, the model threshold and the summary. The
+    rule texts are not repeated per assessment: they live in the stored rule set version."""
+    errors_by_rule = {o.rule.rule_id: o.error for o in judgement.outcomes if o.error}
+    return json.dumps({"r": "".join(str(int(o.result)) for o in judgement.outcomes), "e": errors_by_rule,
+                       "t": model.threshold if model else 0.0, "s": text}, separators=(",", ":")).encode()

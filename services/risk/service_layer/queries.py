@@ -4,6 +4,7 @@ and RecordActivities (refunds and redemptions the signals need)."""
 from __future__ import annotations
 
 import hashlib
+import json
 from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
 
@@ -16,6 +17,8 @@ from libs.validation import validate
 from loyalty.risk.v1 import assessment_pb2, risk_pb2, support_pb2
 from services.risk.adapters import assessments_repo as repo
 from services.risk.domain import signals as sig
+from services.risk.domain.decision import RuleSet
+from services.risk.service_layer import rulesets
 from services.risk.settings import RiskSettings
 
 ACTIVITY_CONFLICT = "ACTIVITY_CONFLICT"
@@ -61,16 +64,45 @@ async def list_assessments(pool: asyncpg.Pool, request: risk_pb2.ListAssessments
     return response
 
 
-async def explain(pool: asyncpg.Pool, assessment_id: str) -> risk_pb2.ExplainAssessmentResponse:
+async def explain(pool: asyncpg.Pool, assessment_id: str, rule_sets: RuleSetCache
+                  ) -> risk_pb2.ExplainAssessmentResponse:
+    """The stored assessment, every rule's outcome rebuilt from the compact record against the rule
+    set version that decided (never today's rules), and the signal values as computed then."""
     row = await pool.fetchrow(
-        "SELECT assessment, explanation, signals FROM assessments WHERE assessment_id = $1", assessment_id)
+        "SELECT assessment, explanation, signals, rule_set_version FROM assessments WHERE assessment_id = $1",
+        assessment_id)
     if row is None:
         raise errors.not_found("assessment", assessment_id, reason="ASSESSMENT_NOT_FOUND")
-    response = risk_pb2.ExplainAssessmentResponse.FromString(bytes(row["explanation"]))
+    record = json.loads(bytes(row["explanation"]))
+    response = risk_pb2.ExplainAssessmentResponse(model_threshold=record["t"], summary=record["s"])
     response.assessment.ParseFromString(bytes(row["assessment"]))
-    response.signals.extend(assessment_pb2.SignalValue(name=name, value=value)
-                            for name, value in zip(sig.NAMES, row["signals"], strict=False))
+    values = dict(zip(sig.NAMES, row["signals"], strict=False))
+    response.signals.extend(assessment_pb2.SignalValue(name=name, value=value) for name, value in values.items())
+    contributions = {r.rule_id: r.contribution for r in response.assessment.shadow.reasons
+                     if r.source == assessment_pb2.REASON_SOURCE_RULE}
+    contributions.update({r.rule_id: r.contribution for r in response.assessment.reasons
+                          if r.source == assessment_pb2.REASON_SOURCE_RULE})
+    rule_set = await rule_sets.get(pool, row["rule_set_version"])
+    for rule, result in zip(rule_set.rules, record["r"], strict=True):
+        response.rule_outcomes.add(
+            rule_id=rule.rule_id, description=rule.description, expression=rule.expression.source,
+            action=int(rule.action), mode=int(rule.mode), weight=rule.weight,
+            result=int(result), contribution=contributions.get(rule.rule_id, 0.0),
+            error=record["e"].get(rule.rule_id, ""),
+            observed=[assessment_pb2.SignalValue(name=n, value=values.get(n, 0.0)) for n in rule.expression.names])
     return response
+
+
+class RuleSetCache:
+    """Compiled rule set versions by number (versions are immutable, so entries never go stale)."""
+
+    def __init__(self) -> None:
+        self._by_version: dict[int, RuleSet] = {}
+
+    async def get(self, pool: asyncpg.Pool, version: int) -> RuleSet:
+        if version not in self._by_version:
+            self._by_version[version] = rulesets.compile_rule_set(await rulesets.get(pool, version))
+        return self._by_version[version]
 
 
 async def member_signals(pool: asyncpg.Pool, member_id: str, peer_medians: dict[str, float],
@@ -100,15 +132,16 @@ async def member_signals(pool: asyncpg.Pool, member_id: str, peer_medians: dict[
             )
             SELECT
               (SELECT coalesce(max(n), 0) FROM (SELECT count(DISTINCT a.member_id) AS n FROM assessments a
-                 WHERE a.device_id IN (SELECT device_id FROM mine WHERE device_id <> '')
+                 WHERE a.device_id <> '' AND a.device_id IN (SELECT device_id FROM mine WHERE device_id <> '')
                    AND a.occurred_at > $2 - interval '24 hours' AND a.occurred_at <= $2 GROUP BY a.device_id) d)
                 AS max_device,
               (SELECT coalesce(max(n), 0) FROM (SELECT count(DISTINCT a.member_id) AS n FROM assessments a
-                 WHERE a.ip IN (SELECT ip FROM mine WHERE ip <> '')
+                 WHERE a.ip <> '' AND a.ip IN (SELECT ip FROM mine WHERE ip <> '')
                    AND a.occurred_at > $2 - interval '24 hours' AND a.occurred_at <= $2 GROUP BY a.ip) i)
                 AS max_ip,
               (SELECT count(DISTINCT o.order_id) FROM assessments o WHERE o.member_id = $1 AND o.order_id <> ''
-                 AND EXISTS (SELECT 1 FROM assessments x WHERE x.order_id = o.order_id AND x.member_id <> $1))
+                 AND EXISTS (SELECT 1 FROM assessments x WHERE x.order_id <> '' AND x.order_id = o.order_id
+                             AND x.member_id <> $1))
                 AS shared_orders
             """,
             member_id, now,

@@ -49,7 +49,7 @@ def compile_rule_set(message: rules_pb2.RuleSet) -> RuleSet:
              Mode(r.mode), r.enabled)
         for r in message.rules
     )
-    return RuleSet(message.version, rules, message.review_threshold, message.block_threshold)
+    return RuleSet.of(message.version, rules, message.review_threshold, message.block_threshold)
 
 
 def default_rule_set() -> rules_pb2.RuleSet:
