@@ -18,12 +18,12 @@ def database() -> AbstractContextManager[str]:
 
 
 @contextmanager
-def service(name: str, dsn: str, state_dir: Path, **env: str) -> Iterator[RunningProcess]:
+def service(name: str, dsn: str, state_dir: Path, port: int | None = None, **env: str) -> Iterator[RunningProcess]:
     ensure_dev_tokens(state_dir)
     full_env = {"DATABASE_URL": dsn, "LOYALTY_STATE_DIR": str(state_dir), "LOYALTY_LOG_LEVEL": "WARNING",
                 # Nothing listens here: the outbox relay backs off quietly instead of delivering.
                 "LOYALTY_REWARDS_ADDR": f"127.0.0.1:{free_port()}", **env}
-    process = start_module(name, f"services.{name}", full_env, state_dir / "logs")
+    process = start_module(name, f"services.{name}", full_env, state_dir / "logs", port=port)
     try:
         process.wait_status("SERVING", timeout_s=120)
         yield process

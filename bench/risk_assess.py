@@ -24,8 +24,10 @@ import statistics
 import tempfile
 import time
 import uuid
+from contextlib import AsyncExitStack, ExitStack
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import Any
 
 import asyncpg
 import grpc
@@ -40,6 +42,7 @@ from services.risk.domain.decision import ModelResult, judge
 from services.risk.domain.forest import CompiledForest, train_forest
 from services.risk.domain.lists import ListIndex
 from services.risk.service_layer.rulesets import compile_rule_set, default_rule_set
+from tests.support.processes import free_port
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -167,17 +170,35 @@ async def baseline_round_trip(stub: risk_pb2_grpc.RiskServiceStub, md: tuple[tup
     return {"p50_ms": percentile(latencies, 50), "p99_ms": percentile(latencies, 99)}
 
 
-async def batches(stub: risk_pb2_grpc.RiskServiceStub, md: tuple[tuple[str, str]], count: int, members: int
-                  ) -> float:
+async def batches(stub: Any, md: tuple[tuple[str, str]], count: int, members: int, streams: int = 1) -> float:
+    """`count` batches of 1,000 sent by `streams` callers at once (as several rewards relays would)."""
     rng = random.Random(13)
     now = datetime.now(UTC)
     prepared = [risk_pb2.BatchAssessAccrualsRequest(requests=[accrual_request(rng, now, members)
                                                               for _ in range(1_000)]) for _ in range(count)]
-    with Timer() as timer:
-        for request in prepared:
-            response = await stub.BatchAssessAccruals(request, metadata=md, timeout=60)
+    queue = list(prepared)
+
+    async def caller() -> None:
+        while queue:
+            response = await stub.BatchAssessAccruals(queue.pop(), metadata=md, timeout=120)
             assert all(r.HasField("assessment") for r in response.results)
+
+    with Timer() as timer:
+        await asyncio.gather(*(caller() for _ in range(streams)))
     return count * 1_000 / timer.seconds
+
+
+class RoundRobin:
+    """Spreads calls over stubs (one connection each), as a client of several processes does."""
+
+    def __init__(self, stubs: list[risk_pb2_grpc.RiskServiceStub]) -> None:
+        self._stubs = stubs
+        self._next = 0
+
+    def __getattr__(self, name: str) -> Any:
+        stub = self._stubs[self._next % len(self._stubs)]
+        self._next += 1
+        return getattr(stub, name)
 
 
 async def raw_copy(dsn: str, rows: int) -> float:
@@ -200,9 +221,18 @@ async def raw_copy(dsn: str, rows: int) -> float:
 async def over_grpc(dsn: str, state_dir: Path, forest: CompiledForest, args: argparse.Namespace) -> None:
     tokens = ensure_dev_tokens(state_dir)
     md = (("authorization", f"Bearer {tokens['admin']}"),)
-    with service("risk", dsn, state_dir) as process:
-        async with grpc.aio.insecure_channel(process.address) as channel:
-            stub = risk_pb2_grpc.RiskServiceStub(channel)
+    port = free_port()
+    env = {"LOYALTY_REUSE_PORT": "true"}
+    with ExitStack() as processes:
+        # --workers processes of the service on one port (SO_REUSEPORT), one channel (connection) each.
+        for _ in range(args.workers):
+            processes.enter_context(service("risk", dsn, state_dir, port=port, **env))
+        async with AsyncExitStack() as channels:
+            stubs = [risk_pb2_grpc.RiskServiceStub(
+                await channels.enter_async_context(grpc.aio.insecure_channel(
+                    f"127.0.0.1:{port}", options=[("grpc.use_local_subchannel_pool", 1)])))
+                for _ in range(args.workers)]
+            stub = RoundRobin(stubs)
             content = forest.to_bytes()
             await stub.ImportModel(risk_pb2.ImportModelRequest(
                 request_id="bench-model", model_version="bench-forest", content=content,
@@ -211,7 +241,7 @@ async def over_grpc(dsn: str, state_dir: Path, forest: CompiledForest, args: arg
             await batches(stub, md, 2, args.members)  # warm up: plans cached, members known
             base = await baseline_round_trip(stub, md)
             sustained = await paced(stub, md, args.rate, args.seconds, args.members)
-            batch_rate = await batches(stub, md, args.batches, args.members)
+            batch_rate = await batches(stub, md, args.batches, args.members, args.streams)
     copy_rate = await raw_copy(dsn, args.batches * 1_000)
     print(f"gRPC AssessAccrual at {args.rate:.0f}/s for {args.seconds:.0f} s: {sustained['calls']:.0f} calls, "
           f"{sustained['errors']:.0f} errors, achieved {sustained['achieved_per_s']:.0f}/s")
@@ -231,6 +261,8 @@ def main() -> None:
     parser.add_argument("--batches", type=int, default=20)
     parser.add_argument("--members", type=int, default=20_000)
     parser.add_argument("--iterations", type=int, default=20_000)
+    parser.add_argument("--workers", type=int, default=1, help="service processes sharing the port")
+    parser.add_argument("--streams", type=int, default=2, help="concurrent BatchAssessAccruals callers")
     args = parser.parse_args()
     forest = trained_forest()
     local = in_process(forest, args.iterations)

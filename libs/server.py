@@ -115,7 +115,7 @@ class ServiceProcess:
         options = [
             ("grpc.max_receive_message_length", self.settings.max_message_bytes),
             ("grpc.max_send_message_length", self.settings.max_message_bytes),
-            ("grpc.so_reuseport", 0),
+            ("grpc.so_reuseport", 1 if self.settings.reuse_port else 0),
         ]
         server = grpc.aio.server(
             interceptors=[ContractInterceptor(self.contracts, _token_registry(self.settings))],

@@ -44,6 +44,10 @@ class Settings(BaseSettings):
     # Serving.
     host: str = "127.0.0.1"
     port: int | None = Field(default=None, ge=0, le=65535)
+    # Let several processes of one service listen on the same port (SO_REUSEPORT): the kernel spreads
+    # incoming connections over them, one way to use every core. Off by default so a port already in
+    # use fails start-up instead of being shared by accident.
+    reuse_port: bool = False
     grace_period_s: float = Field(default=10.0, ge=0, le=300)
     max_message_bytes: int = Field(default=16 * 1024 * 1024, ge=1024)
     max_concurrent_rpcs: int | None = Field(default=None, ge=1)

@@ -21,11 +21,16 @@ class MemberState:
     recent_points: tuple[int, ...]
 
 
-async def lock_members(conn: DbConnection, accruals: Sequence[Accrual]) -> dict[str, MemberState]:
-    """Create or update each member's row and lock it until commit, in member-id order (no deadlocks).
+async def lock_members(conn: DbConnection, accruals: Sequence[Accrual], source_event_ids: Sequence[str]
+                       ) -> tuple[dict[str, MemberState], dict[str, tuple[bytes, bytes]]]:
+    """Create or update each member's row and lock it until commit, in member-id order (no deadlocks);
+    in the same round trip, the source events already assessed: (request digest, Assessment bytes).
 
     The lock serialises assessments of one member across connections and replicas, so the history
-    read after it includes every accrual committed before."""
+    read after it (a later statement, a fresh snapshot) includes every accrual committed before. The
+    already-assessed look-up shares this statement's snapshot, which predates a lock wait: an event
+    assessed by the call we waited for is then caught by the unique key when writing (the caller
+    retries, and the retry finds it here)."""
     first: dict[str, Accrual] = {}
     earliest: dict[str, datetime] = {}
     for a in accruals:
@@ -36,18 +41,33 @@ async def lock_members(conn: DbConnection, accruals: Sequence[Accrual]) -> dict[
     ids = sorted(first)
     rows = await conn.fetch(
         """
-        INSERT INTO members AS m (member_id, first_seen, member_since, tier_id)
-        SELECT * FROM unnest($1::text[], $2::timestamptz[], $3::timestamptz[], $4::text[]) ORDER BY 1
-        ON CONFLICT (member_id) DO UPDATE SET
-            first_seen = least(m.first_seen, EXCLUDED.first_seen),
-            member_since = coalesce(EXCLUDED.member_since, m.member_since),
-            tier_id = CASE WHEN EXCLUDED.tier_id <> '' THEN EXCLUDED.tier_id ELSE m.tier_id END
-        RETURNING member_id, first_seen, member_since, recent_points
+        WITH locked AS (
+            INSERT INTO members AS m (member_id, first_seen, member_since, tier_id)
+            SELECT * FROM unnest($1::text[], $2::timestamptz[], $3::timestamptz[], $4::text[]) ORDER BY 1
+            ON CONFLICT (member_id) DO UPDATE SET
+                first_seen = least(m.first_seen, EXCLUDED.first_seen),
+                member_since = coalesce(EXCLUDED.member_since, m.member_since),
+                tier_id = CASE WHEN EXCLUDED.tier_id <> '' THEN EXCLUDED.tier_id ELSE m.tier_id END
+            RETURNING member_id, first_seen, member_since, recent_points
+        )
+        SELECT member_id, first_seen, member_since, recent_points, NULL AS source_event_id,
+               NULL::bytea AS request_sha256, NULL::bytea AS assessment
+        FROM locked
+        UNION ALL
+        SELECT NULL, NULL, NULL, NULL, source_event_id, request_sha256, assessment
+        FROM assessments WHERE source_event_id = ANY($5::text[])
         """,
         ids, [earliest[i] for i in ids], [first[i].member_since for i in ids], [first[i].tier_id for i in ids],
+        list(source_event_ids),
     )
-    return {r["member_id"]: MemberState(r["member_since"] or r["first_seen"], tuple(r["recent_points"]))
-            for r in rows}
+    members: dict[str, MemberState] = {}
+    known: dict[str, tuple[bytes, bytes]] = {}
+    for r in rows:
+        if r["source_event_id"] is not None:
+            known[r["source_event_id"]] = (bytes(r["request_sha256"]), bytes(r["assessment"]))
+        else:
+            members[r["member_id"]] = MemberState(r["member_since"] or r["first_seen"], tuple(r["recent_points"]))
+    return members, known
 
 
 # The device, IP and order look-ups repeat `a.<column> <> ''` although the join implies it: the
@@ -137,46 +157,69 @@ async def stored_history(conn: DbConnection, accruals: Sequence[Accrual], member
     return [h for h in out if h is not None]
 
 
+@dataclass
+class Writes:
+    """Everything one assessment call writes, sent as one statement."""
+
+    assessments: list[tuple[Any, ...]]  # ASSESSMENT_COLUMNS order, signals as a list of floats
+    cases: list[tuple[str, str, str, datetime, datetime]]  # case_id, assessment_id, member_id, created, sla due
+    recent_points: dict[str, list[int]]
+    assessed_at: datetime
+
+
 ASSESSMENT_COLUMNS = (
     "assessment_id", "source_event_id", "request_sha256", "member_id", "event_type", "is_purchase", "is_browse",
     "points", "amount_minor", "currency", "order_id", "device_id", "ip", "tier_id", "occurred_at",
     "browse_seconds", "decision", "score", "anomaly_score", "rule_set_version", "model_version", "case_id",
     "assessed_at", "signals", "assessment", "explanation",
 )
+_TYPES = ("text", "text", "bytea", "text", "smallint", "boolean", "boolean", "bigint", "bigint", "text", "text",
+          "text", "text", "text", "timestamptz", "integer", "smallint", "float8", "float8", "bigint", "text", "text",
+          "timestamptz", "", "bytea", "bytea")
+_SIGNALS = ASSESSMENT_COLUMNS.index("signals")
+_UNNESTED = [(name, kind) for name, kind in zip(ASSESSMENT_COLUMNS, _TYPES, strict=True) if kind]
+_N = len(_UNNESTED)
+# Arrays of arrays cannot be unnested row by row, so the signals travel flattened (one float8[] of
+# rows x width, parameter N+1, the width N+2) and each row takes its slice.
+_SELECTED = ", ".join(f"x.{name}" if name != "signals" else f"(${_N + 1}::float8[])[(x.n - 1) * ${_N + 2} + 1 :"
+                      f" x.n * ${_N + 2}]" for name in ASSESSMENT_COLUMNS)
+_WRITE_SQL = f"""
+WITH new_assessments AS (
+    INSERT INTO assessments ({", ".join(ASSESSMENT_COLUMNS)})
+    SELECT {_SELECTED}
+    FROM unnest({", ".join(f"${i + 1}::{kind}[]" for i, (_, kind) in enumerate(_UNNESTED))})
+        WITH ORDINALITY AS x({", ".join(name for name, _ in _UNNESTED)}, n)
+    RETURNING assessment_id
+), new_cases AS (
+    INSERT INTO cases (case_id, assessment_id, member_id, status, created_at, sla_due_at)
+    SELECT c, a, m, 1, t, s FROM unnest(${_N + 3}::text[], ${_N + 4}::text[], ${_N + 5}::text[],
+                                        ${_N + 6}::timestamptz[], ${_N + 7}::timestamptz[]) AS y(c, a, m, t, s)
+    RETURNING case_id
+), members_updated AS (
+    UPDATE members m SET recent_points = ARRAY(SELECT jsonb_array_elements_text(z.value)::bigint),
+                         last_assessed_at = ${_N + 9}
+    FROM jsonb_each(${_N + 8}::jsonb) AS z WHERE m.member_id = z.key
+    RETURNING m.member_id
+)
+SELECT (SELECT count(*) FROM new_assessments), (SELECT count(*) FROM new_cases), (SELECT count(*) FROM members_updated)
+"""
 
 
-async def insert_assessments(conn: DbConnection, records: Sequence[tuple[Any, ...]]) -> None:
-    await conn.copy_records_to_table("assessments", records=records, columns=ASSESSMENT_COLUMNS)
-
-
-async def insert_cases(conn: DbConnection, cases: Sequence[tuple[str, str, str, datetime, datetime]]) -> None:
-    """(case_id, assessment_id, member_id, created_at, sla_due_at) for each REVIEW."""
-    if cases:
-        await conn.execute(
-            "INSERT INTO cases (case_id, assessment_id, member_id, status, created_at, sla_due_at)"
-            " SELECT c, a, m, 1, t, s FROM unnest($1::text[], $2::text[], $3::text[], $4::timestamptz[],"
-            " $5::timestamptz[]) AS x(c, a, m, t, s)",
-            [c[0] for c in cases], [c[1] for c in cases], [c[2] for c in cases], [c[3] for c in cases],
-            [c[4] for c in cases],
-        )
-
-
-async def update_members(conn: DbConnection, recent: dict[str, list[int]], assessed_at: datetime) -> None:
-    if recent:
-        await conn.execute(
-            "UPDATE members m SET recent_points = ARRAY(SELECT jsonb_array_elements_text(x.value)::bigint),"
-            " last_assessed_at = $2 FROM jsonb_each($1::jsonb) AS x WHERE m.member_id = x.key",
-            json.dumps(recent), assessed_at,
-        )
-
-
-async def existing(conn: DbConnection, source_event_ids: Sequence[str]) -> dict[str, tuple[bytes, bytes]]:
-    """Stored (request digest, Assessment bytes) by source event id."""
-    rows = await conn.fetch(
-        "SELECT source_event_id, request_sha256, assessment FROM assessments WHERE source_event_id = ANY($1::text[])",
-        list(source_event_ids),
+async def write(conn: DbConnection, writes: Writes) -> None:
+    """Assessments, review cases and members' recent points in one round trip. Cases reference their
+    assessment: the foreign key is checked at the end of the statement, when both are in."""
+    columns: list[list[Any]] = [[] for _ in _UNNESTED]
+    flat: list[float] = []
+    for record in writes.assessments:
+        flat.extend(record[_SIGNALS])
+        for column, value in zip(columns, record[:_SIGNALS] + record[_SIGNALS + 1:], strict=True):
+            column.append(value)
+    cases = writes.cases
+    width = len(writes.assessments[0][_SIGNALS]) if writes.assessments else 0
+    await conn.execute(
+        _WRITE_SQL, *columns, flat, width, [c[0] for c in cases], [c[1] for c in cases], [c[2] for c in cases],
+        [c[3] for c in cases], [c[4] for c in cases], json.dumps(writes.recent_points), writes.assessed_at,
     )
-    return {r["source_event_id"]: (bytes(r["request_sha256"]), bytes(r["assessment"])) for r in rows}
 
 
 async def peer_medians(conn: DbConnection, since: datetime) -> dict[str, float]:

@@ -30,11 +30,13 @@ import time
 import zipfile
 from collections.abc import Collection, Sequence
 from dataclasses import dataclass, field
-from typing import Any, overload
+from typing import TYPE_CHECKING, Any, overload
 
 import numpy as np
 from numpy.typing import NDArray
-from sklearn.ensemble import IsolationForest
+
+if TYPE_CHECKING:  # scikit-learn is imported only to train or compile: serving never loads it
+    from sklearn.ensemble import IsolationForest
 
 FORMAT_NAME = "flat-forest-npz"
 FORMAT_VERSION = 1
@@ -523,6 +525,8 @@ def _read_header(array: NDArray[Any]) -> dict[str, Any]:
 
 def compile_forest(model: IsolationForest, feature_names: Sequence[str], threshold: float) -> CompiledForest:
     """Flatten a fitted IsolationForest (its columns named ``feature_names``) into a CompiledForest."""
+    from sklearn.ensemble import IsolationForest
+
     if not isinstance(model, IsolationForest) or not hasattr(model, "estimators_"):
         raise ModelValidationError("expected a fitted sklearn.ensemble.IsolationForest")
     n_features = int(model.n_features_in_)
@@ -648,6 +652,8 @@ def train_forest(
         raise ModelValidationError(
             f"not enough history: {training.shape[0]} training rows (non-fraud, before the validation part), "
             f"at least {MIN_TRAINING_ROWS} needed")
+
+    from sklearn.ensemble import IsolationForest
 
     model = IsolationForest(n_estimators=n_estimators, max_samples=min(max_samples, training.shape[0]),
                             random_state=random_seed, contamination="auto")

@@ -58,11 +58,12 @@ class AssessmentsApi:
 
     async def BatchAssessAccruals(self, request: risk_pb2.BatchAssessAccrualsRequest, context: Any
                                   ) -> risk_pb2.BatchAssessAccrualsResponse:
-        results = await self.assessor.assess(request.requests)
-        for result in results:
-            if result.HasField("assessment"):
-                shown(result.assessment)
-        return risk_pb2.BatchAssessAccrualsResponse(results=results)
+        response = await self.assessor.assess(request.requests)
+        if not can_read_pii():
+            for result in response.results:
+                if result.HasField("assessment"):
+                    shown(result.assessment)
+        return response
 
     async def RecordActivities(self, request: risk_pb2.RecordActivitiesRequest, context: Any
                                ) -> risk_pb2.RecordActivitiesResponse:

@@ -120,6 +120,10 @@ class ConfigCache:
     async def run(self, stop: asyncio.Event) -> None:
         """Follow changes until `stop`: LISTEN for notifications, poll as a fallback, refresh peers."""
         wake = asyncio.Event()
+
+        def notified(*_: object) -> None:
+            wake.set()
+
         listener: DbConnection | None = None
         loop = asyncio.get_running_loop()
         next_peer = 0.0
@@ -128,26 +132,29 @@ class ConfigCache:
                 try:
                     if listener is None:
                         listener = await self._pool().acquire()
-                        await listener.add_listener(CHANNEL, lambda *_: wake.set())
+                        await listener.add_listener(CHANNEL, notified)
                     await self.reload()
                     if loop.time() >= next_peer:
                         await self.refresh_peers()
                         next_peer = loop.time() + PEER_REFRESH_S
                 except Exception as exc:  # the follower must outlive any one failure
                     log.warning("risk configuration refresh failed: %s", exc)
-                    await self._release(listener)
+                    await self._release(listener, notified)
                     listener = None
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(_first(wake, stop), POLL_S)
                 wake.clear()
         finally:
             # On cancellation too: the pool cannot close while the listener is checked out.
-            await self._release(listener)
+            await self._release(listener, notified)
 
-    async def _release(self, listener: DbConnection | None) -> None:
+    async def _release(self, listener: DbConnection | None, callback: Callable[..., None]) -> None:
         if listener is not None:
             with contextlib.suppress(Exception):
-                await self._pool().release(listener)  # type: ignore[arg-type] # resets it: UNLISTEN *
+                # The pool does not reset clean connections (libs.db): stop listening ourselves.
+                await listener.remove_listener(CHANNEL, callback)
+            with contextlib.suppress(Exception):
+                await self._pool().release(listener)  # type: ignore[arg-type]
 
 
 async def _first(*events: asyncio.Event) -> None:
