@@ -11,25 +11,18 @@ import asyncpg
 import grpc
 import pytest
 
-from libs.migrations import migrate
 from loyalty.profile.v1 import event_pb2
 from loyalty.profile.v1.profile_service_pb2_grpc import ProfileServiceStub
 from services.profile.bootstrap import SERVICE_DIR
 from tests.conftest import bearer
+from tests.support.database import schema_pool
 from tests.support.processes import RunningProcess
 
 
 @pytest.fixture(scope="session")
 async def profile_pool(pg_dsn: str) -> AsyncIterator[asyncpg.Pool]:
-    connection = await asyncpg.connect(pg_dsn)
-    try:
-        await migrate(connection, "profile", SERVICE_DIR / "migrations")
-    finally:
-        await connection.close()
-    pool = await asyncpg.create_pool(pg_dsn, min_size=2, max_size=10, server_settings={"search_path": "profile"})
-    assert pool is not None
-    yield pool
-    await pool.close()
+    async with schema_pool(pg_dsn, "profile", SERVICE_DIR / "migrations", max_size=10) as pool:
+        yield pool
 
 
 def uid(prefix: str) -> str:

@@ -12,13 +12,13 @@ import asyncpg
 import grpc
 import pytest
 
-from libs.migrations import migrate
 from loyalty.rewards.v1 import rewards_pb2, rewards_pb2_grpc
 from services.profile.bootstrap import SERVICE_DIR
 from services.profile.service_layer.merge import merge_members
 from services.profile.service_layer.outbox_relay import GrpcRewards, OutboxRelay, OutboxRow, outbox_status
 from tests.profile.conftest import Events
 from tests.profile.test_record_events import record
+from tests.support.database import schema_pool
 
 SCHEMA = "profile_relay_test"
 
@@ -55,16 +55,8 @@ class FakeRewards(rewards_pb2_grpc.RewardsServiceServicer):
 
 @pytest.fixture
 async def pool(pg_dsn: str) -> AsyncIterator[asyncpg.Pool]:
-    connection = await asyncpg.connect(pg_dsn)
-    try:
-        await migrate(connection, SCHEMA, SERVICE_DIR / "migrations")
-        await connection.execute(f"TRUNCATE {SCHEMA}.outbox")
-    finally:
-        await connection.close()
-    created = await asyncpg.create_pool(pg_dsn, min_size=2, max_size=6, server_settings={"search_path": SCHEMA})
-    assert created is not None
-    yield created
-    await created.close()
+    async with schema_pool(pg_dsn, SCHEMA, SERVICE_DIR / "migrations", "outbox") as created:
+        yield created
 
 
 @pytest.fixture

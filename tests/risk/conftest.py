@@ -12,12 +12,12 @@ import asyncpg
 import grpc
 import pytest
 
-from libs.migrations import migrate
 from loyalty.common.v1 import types_pb2
 from loyalty.risk.v1 import risk_pb2
 from loyalty.risk.v1.risk_pb2_grpc import RiskServiceStub
 from services.risk.bootstrap import SERVICE_DIR
 from tests.conftest import bearer
+from tests.support.database import schema_pool
 from tests.support.processes import RunningProcess
 
 
@@ -28,15 +28,8 @@ def uid(prefix: str) -> str:
 @pytest.fixture(scope="session")
 async def risk_pool(pg_dsn: str) -> AsyncIterator[asyncpg.Pool]:
     """A pool on the migrated `risk` schema (the service process migrates the same schema)."""
-    connection = await asyncpg.connect(pg_dsn)
-    try:
-        await migrate(connection, "risk", SERVICE_DIR / "migrations")
-    finally:
-        await connection.close()
-    pool = await asyncpg.create_pool(pg_dsn, min_size=1, max_size=4, server_settings={"search_path": "risk"})
-    assert pool is not None
-    yield pool
-    await pool.close()
+    async with schema_pool(pg_dsn, "risk", SERVICE_DIR / "migrations", max_size=4) as pool:
+        yield pool
 
 
 @pytest.fixture

@@ -22,7 +22,6 @@ from google.protobuf import any_pb2
 from google.rpc import code_pb2, error_details_pb2, status_pb2
 from grpc_status import rpc_status
 
-from libs.migrations import migrate
 from libs.server import Runtime
 from libs.settings import Settings
 from loyalty.rewards.v1 import ledger_pb2, rewards_pb2, rewards_pb2_grpc
@@ -38,6 +37,7 @@ from services.risk.service_layer.case_relay import (
 )
 from services.risk.settings import RiskSettings
 from tests.risk.conftest import uid
+from tests.support.database import schema_pool
 
 SCHEMA = "risk_relay_test"
 SETTINGS = RiskSettings(relay_interval_s=0.5, relay_backoff_max_s=4.0)
@@ -80,17 +80,8 @@ class FakeRewards(rewards_pb2_grpc.RewardsServiceServicer):
 
 @pytest.fixture
 async def pool(pg_dsn: str) -> AsyncIterator[asyncpg.Pool]:
-    connection = await asyncpg.connect(pg_dsn)
-    try:
-        await migrate(connection, SCHEMA, SERVICE_DIR / "migrations")
-        await connection.execute(f"TRUNCATE {SCHEMA}.outbox, {SCHEMA}.labels, {SCHEMA}.cases,"
-                                 f" {SCHEMA}.assessments CASCADE")
-    finally:
-        await connection.close()
-    created = await asyncpg.create_pool(pg_dsn, min_size=2, max_size=6, server_settings={"search_path": SCHEMA})
-    assert created is not None
-    yield created
-    await created.close()
+    async with schema_pool(pg_dsn, SCHEMA, SERVICE_DIR / "migrations", "outbox, labels, cases, assessments") as created:
+        yield created
 
 
 @pytest.fixture

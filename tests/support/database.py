@@ -9,14 +9,15 @@ import os
 import secrets
 import shutil
 import tempfile
-from collections.abc import Iterator
-from contextlib import contextmanager
+from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager, contextmanager
 from pathlib import Path
 from urllib.parse import urlparse, urlunparse
 
 import asyncpg
 
 from libs.db import pgserver_handle, stop_embedded_postgres, tune_embedded_postgres
+from libs.migrations import migrate
 
 
 def _with_database(url: str, database: str) -> str:
@@ -52,3 +53,24 @@ def throwaway_database(prefix: str) -> Iterator[str]:
     finally:
         stop_embedded_postgres(pgdata)
         shutil.rmtree(pgdata, ignore_errors=True)
+
+
+@asynccontextmanager
+async def schema_pool(dsn: str, schema: str, migrations_dir: Path, truncate: str = "", max_size: int = 6
+                      ) -> AsyncIterator[asyncpg.Pool]:
+    """A pool on `schema`, migrated from `migrations_dir` first (and `truncate`d: a comma-separated
+    list of its tables a test wants empty)."""
+    connection = await asyncpg.connect(dsn)
+    try:
+        await migrate(connection, schema, migrations_dir)
+        if truncate:
+            await connection.execute(f"TRUNCATE {', '.join(f'{schema}.{t.strip()}' for t in truncate.split(','))}"
+                                     " CASCADE")
+    finally:
+        await connection.close()
+    pool = await asyncpg.create_pool(dsn, min_size=1, max_size=max_size, server_settings={"search_path": schema})
+    assert pool is not None
+    try:
+        yield pool
+    finally:
+        await pool.close()
