@@ -6,12 +6,11 @@ One transaction per call, whatever the batch size:
 3. read each new accrual's stored history in one statement, then compute its signals in request
    order, each item also counting the batch's earlier items;
 4. score the model vectors of the whole batch at once, evaluate the rules, combine (domain.decision);
-5. write the assessments (COPY), the review cases and the members' recent points, and commit.
+5. write the assessments, the review cases and the members' recent points in one statement, and commit.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import uuid
@@ -25,6 +24,7 @@ import numpy as np
 from libs import errors
 from libs.db import DbConnection
 from libs.errors import FieldViolation
+from libs.idempotency import payload_digest
 from libs.validation import validate
 from loyalty.common.v1 import types_pb2
 from loyalty.risk.v1 import assessment_pb2, risk_pb2, support_pb2
@@ -40,16 +40,18 @@ SOURCE_EVENT_CONFLICT = "SOURCE_EVENT_CONFLICT"
 TOP_SIGNALS = 5
 
 
-def digest(request: risk_pb2.AssessAccrualRequest) -> bytes:
-    return hashlib.sha256(request.SerializeToString(deterministic=True)).digest()
-
-
-def item_violations(request: risk_pb2.AssessAccrualRequest, path: str = "") -> list[FieldViolation]:
-    """The field rules plus what they cannot say: a money amount is never negative."""
-    violations = list(validate(request, path))
-    if request.HasField("amount") and request.amount.amount_minor < 0:
+def item_violations(item: risk_pb2.AssessAccrualRequest | assessment_pb2.Activity, path: str = ""
+                    ) -> list[FieldViolation]:
+    """A batch item's field rules plus what they cannot say: a money amount is never negative."""
+    violations = list(validate(item, path))
+    if item.HasField("amount") and item.amount.amount_minor < 0:
         violations.append(FieldViolation(f"{path}amount.amount_minor", "must not be negative"))
     return violations
+
+
+def item_error(reason: str, message: str, violations: Sequence[FieldViolation] = ()) -> support_pb2.ItemError:
+    return support_pb2.ItemError(reason=reason, message=message, field_violations=[
+        support_pb2.FieldViolation(field=v.field, description=v.description) for v in violations])
 
 
 def to_accrual(request: risk_pb2.AssessAccrualRequest) -> sig.Accrual:
@@ -81,13 +83,8 @@ class _New:
     signals: dict[str, float] | None = None
 
 
-def _item_error(reason: str, message: str, violations: Sequence[FieldViolation] = ()) -> support_pb2.ItemError:
-    return support_pb2.ItemError(reason=reason, message=message, field_violations=[
-        support_pb2.FieldViolation(field=v.field, description=v.description) for v in violations])
-
-
 def _conflict(source_event_id: str) -> support_pb2.ItemError:
-    return _item_error(SOURCE_EVENT_CONFLICT,
+    return item_error(SOURCE_EVENT_CONFLICT,
                        f"source event {source_event_id!r} was already assessed with a different payload")
 
 
@@ -98,9 +95,7 @@ class Assessor:
         self._settings = settings
 
     async def assess_one(self, request: risk_pb2.AssessAccrualRequest) -> assessment_pb2.Assessment:
-        violations = item_violations(request)
-        if violations:
-            raise errors.invalid_argument(violations)
+        """One accrual; an item error of the batch path becomes the call's status error."""
         result = (await self.assess([request])).results[0]
         if result.HasField("error"):
             if result.error.reason == SOURCE_EVENT_CONFLICT:
@@ -120,9 +115,9 @@ class Assessor:
         for index, request in enumerate(requests):
             violations = item_violations(request)
             if violations:
-                results[index].error.CopyFrom(_item_error("INVALID_ARGUMENT", "the accrual is invalid", violations))
+                results[index].error.CopyFrom(item_error("INVALID_ARGUMENT", "the accrual is invalid", violations))
                 continue
-            key = digest(request)
+            key = payload_digest(request)
             seen = first.get(request.source_event_id)
             if seen is None:
                 first[request.source_event_id] = _New(index, request, key, to_accrual(request))

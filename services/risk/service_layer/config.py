@@ -20,6 +20,7 @@ import asyncpg
 
 from libs.db import DbConnection
 from loyalty.risk.v1 import models_pb2
+from services.risk.adapters.assessments_repo import peer_medians
 from services.risk.domain.decision import ListKind, RuleSet
 from services.risk.domain.forest import CompiledForest
 from services.risk.domain.lists import Entry, ListIndex, Subject
@@ -109,8 +110,6 @@ class ConfigCache:
         return self._models[version]
 
     async def refresh_peers(self) -> None:
-        from services.risk.adapters.assessments_repo import peer_medians
-
         async with self._pool().acquire() as conn:
             self._peer = await peer_medians(conn, datetime.now(UTC) - PEER_WINDOW)
         if self._snapshot is not None:

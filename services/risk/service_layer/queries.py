@@ -3,7 +3,6 @@ and RecordActivities (refunds and redemptions the signals need)."""
 
 from __future__ import annotations
 
-import hashlib
 import json
 from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
@@ -12,13 +11,13 @@ import asyncpg
 from google.protobuf import duration_pb2
 
 from libs import errors, paging
-from libs.errors import FieldViolation
-from libs.validation import validate
+from libs.idempotency import payload_digest
 from loyalty.risk.v1 import assessment_pb2, risk_pb2, support_pb2
 from services.risk.adapters import assessments_repo as repo
 from services.risk.domain import signals as sig
 from services.risk.domain.decision import RuleSet
 from services.risk.service_layer import rulesets
+from services.risk.service_layer.assess import item_error, item_violations
 from services.risk.settings import RiskSettings
 
 ACTIVITY_CONFLICT = "ACTIVITY_CONFLICT"
@@ -200,28 +199,18 @@ def signal_definitions(request: risk_pb2.ListSignalDefinitionsRequest) -> risk_p
     return response
 
 
-def _activity_violations(activity: assessment_pb2.Activity, path: str) -> list[FieldViolation]:
-    violations = list(validate(activity, path))
-    if activity.HasField("amount") and activity.amount.amount_minor < 0:
-        violations.append(FieldViolation(f"{path}amount.amount_minor", "must not be negative"))
-    return violations
-
-
 async def record_activities(pool: Callable[[], asyncpg.Pool], activities: Sequence[assessment_pb2.Activity]
                             ) -> risk_pb2.RecordActivitiesResponse:
     results = [assessment_pb2.ActivityResult(activity_id=a.activity_id) for a in activities]
     valid: dict[str, tuple[int, assessment_pb2.Activity, bytes]] = {}
     repeats: list[tuple[int, str, bytes]] = []
     for index, activity in enumerate(activities):
-        violations = _activity_violations(activity, "")
+        violations = item_violations(activity)
         if violations:
             results[index].outcome = assessment_pb2.ACTIVITY_OUTCOME_REJECTED
-            results[index].error.CopyFrom(support_pb2.ItemError(
-                reason="INVALID_ARGUMENT", message="the activity is invalid",
-                field_violations=[support_pb2.FieldViolation(field=v.field, description=v.description)
-                                  for v in violations]))
+            results[index].error.CopyFrom(item_error("INVALID_ARGUMENT", "the activity is invalid", violations))
             continue
-        key = hashlib.sha256(activity.SerializeToString(deterministic=True)).digest()
+        key = payload_digest(activity)
         if activity.activity_id in valid:
             repeats.append((index, activity.activity_id, key))
         else:
