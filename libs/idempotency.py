@@ -7,6 +7,7 @@ import hashlib
 from collections.abc import Awaitable, Callable
 from typing import TypeVar
 
+import asyncpg
 from google.protobuf.message import Message
 
 from libs import errors
@@ -59,3 +60,16 @@ async def run_once(
         method, request_id, response.SerializeToString(),
     )
     return response
+
+
+async def run_once_in_transaction(
+    pool: asyncpg.Pool,
+    method: str,
+    request: Message,
+    response_type: type[ResponseT],
+    mutate: Callable[[DbConnection], Awaitable[ResponseT]],
+) -> ResponseT:
+    """`run_once` in a transaction of its own on a pooled connection, keyed by `request.request_id`."""
+    request_id: str = getattr(request, "request_id")  # noqa: B009 - every mutating request has one
+    async with pool.acquire() as connection, connection.transaction():
+        return await run_once(connection, method, request_id, request, response_type, lambda: mutate(connection))

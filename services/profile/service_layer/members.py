@@ -26,7 +26,7 @@ import json
 import logging
 import time
 import uuid
-from collections.abc import Awaitable, Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, TypeVar
@@ -36,10 +36,10 @@ import grpc
 from google.protobuf.message import Message
 from opentelemetry import propagate
 
-from libs import errors, idempotency
+from libs import errors
 from libs.db import DbConnection
 from libs.errors import FieldViolation
-from libs.idempotency import payload_digest
+from libs.idempotency import payload_digest, run_once
 from loyalty.profile.v1 import member_pb2, profile_service_pb2
 from services.profile.adapters import members_repo as repo
 from services.profile.adapters.members_repo import MemberFilter, StoredMember
@@ -198,7 +198,7 @@ class MembersService:
                 created.append(member)
                 return _receipt(profile_service_pb2.CreateMemberResponse, member.member_id)
 
-            receipt = await _run_once(connection, self._method("CreateMember", reader), request.request_id,
+            receipt = await run_once(connection, self._method("CreateMember", reader), request.request_id,
                                      _without_pii(request, ring), profile_service_pb2.CreateMemberResponse, mutate)
             member = created[0] if created else await self._reread(connection, receipt.member.member_id)
         return self._present([member], reader, "CreateMember")[0]
@@ -236,7 +236,7 @@ class MembersService:
                 updated.append(after)
                 return _receipt(profile_service_pb2.UpdateMemberResponse, member_id)
 
-            receipt = await _run_once(connection, self._method("UpdateMember", reader), request.request_id,
+            receipt = await run_once(connection, self._method("UpdateMember", reader), request.request_id,
                                      _without_pii(request, ring), profile_service_pb2.UpdateMemberResponse, mutate)
             member = updated[0] if updated else await self._reread(connection, receipt.member.member_id)
         return self._present([member], reader, "UpdateMember")[0]
@@ -277,7 +277,7 @@ class MembersService:
                 response.events_anonymised = anonymised
                 return response
 
-            receipt = await _run_once(connection, self._method("EraseMember", reader), request.request_id, request,
+            receipt = await run_once(connection, self._method("EraseMember", reader), request.request_id, request,
                                      profile_service_pb2.EraseMemberResponse, mutate)
             member = await self._reread(connection, member_id)
         log.info("member erased", extra={"member_id": member_id, "erasure_reason": request.reason,
@@ -310,7 +310,7 @@ class MembersService:
                     duplicate=member_pb2.Member(member_id=duplicate_id),
                     events_moved=outcome.events_moved, conflicting_orders=outcome.conflicting_orders)
 
-            receipt = await _run_once(connection, self._method("MergeMembers", reader), request.request_id, request,
+            receipt = await run_once(connection, self._method("MergeMembers", reader), request.request_id, request,
                                       profile_service_pb2.MergeMembersResponse, mutate)
             survivor = await self._reread(connection, receipt.survivor.member_id)
             duplicate = await self._reread(connection, receipt.duplicate.member_id)
@@ -380,7 +380,7 @@ class MembersService:
                 async def record() -> profile_service_pb2.RotateEncryptionKeysResponse:
                     return response
 
-                result = await _run_once(connection, method, request.request_id, request, response_type, record)
+                result = await run_once(connection, method, request.request_id, request, response_type, record)
         log.info("PII keys rotated", extra={"key_id": target, "members_reencrypted": rewrapped,
                                             "members_remaining": result.members_remaining,
                                             "dry_run": request.dry_run})
@@ -532,14 +532,6 @@ async def _scrub_outbox(connection: DbConnection, member_ids: Sequence[str]) -> 
         scrubbed += await repo.store_outbox_payloads(connection, changed)
         after = batch[-1][1]
     return scrubbed + await repo.blank_delivered_outbox(connection, member_ids)
-
-
-ResponseT = TypeVar("ResponseT", bound=Message)
-
-
-async def _run_once(connection: DbConnection, method: str, request_id: str, request: Message,
-                    response_type: type[ResponseT], mutate: Callable[[], Awaitable[ResponseT]]) -> ResponseT:
-    return await idempotency.run_once(connection, method, request_id, request, response_type, mutate)
 
 
 def _trace_context() -> str:

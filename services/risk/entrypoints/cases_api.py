@@ -11,7 +11,8 @@ from datetime import UTC, datetime
 from typing import Any
 
 from libs import errors
-from libs.idempotency import run_once
+from libs.db import DbConnection
+from libs.idempotency import run_once_in_transaction
 from libs.server import Runtime
 from loyalty.risk.v1 import cases_pb2, risk_pb2
 from services.risk.entrypoints.assessments_api import shown
@@ -41,14 +42,13 @@ class CasesApi:
 
     async def AssignCase(self, request: risk_pb2.AssignCaseRequest, context: Any) -> risk_pb2.AssignCaseResponse:
         pool = self.runtime.pool
-        async with pool.acquire() as conn, conn.transaction():
-            async def assign() -> risk_pb2.AssignCaseResponse:
-                case = await cases.assign(conn, request, datetime.now(UTC))
-                audit.info("case assigned", extra={"actor": actor(), "case_id": case.case_id,
-                                                   "assignee_id": case.assignee_id, "note": request.note})
-                return risk_pb2.AssignCaseResponse(case=case)
+        async def assign(conn: DbConnection) -> risk_pb2.AssignCaseResponse:
+            case = await cases.assign(conn, request, datetime.now(UTC))
+            audit.info("case assigned", extra={"actor": actor(), "case_id": case.case_id,
+                                               "assignee_id": case.assignee_id, "note": request.note})
+            return risk_pb2.AssignCaseResponse(case=case)
 
-            await run_once(conn, "AssignCase", request.request_id, request, risk_pb2.AssignCaseResponse, assign)
+        await run_once_in_transaction(pool, "AssignCase", request, risk_pb2.AssignCaseResponse, assign)
         return risk_pb2.AssignCaseResponse(case=await cases.load_case(pool, request.case_id))
 
     async def ResolveCase(self, request: risk_pb2.ResolveCaseRequest, context: Any) -> risk_pb2.ResolveCaseResponse:
@@ -56,17 +56,16 @@ class CasesApi:
         if violations:
             raise errors.invalid_argument(violations)
         pool = self.runtime.pool
-        async with pool.acquire() as conn, conn.transaction():
-            async def resolve() -> risk_pb2.ResolveCaseResponse:
-                case = await cases.resolve(conn, request, datetime.now(UTC))
-                audit.info("case resolved", extra={
-                    "actor": actor(), "case_id": case.case_id, "member_id": case.member_id,
-                    "decision": cases_pb2.CaseDecision.Name(request.decision), "analyst_id": request.analyst_id,
-                    "label_id": case.resolution.label_id, "attack_type": cases_pb2.AttackType.Name(request.attack_type),
-                })
-                return risk_pb2.ResolveCaseResponse(case=case)
+        async def resolve(conn: DbConnection) -> risk_pb2.ResolveCaseResponse:
+            case = await cases.resolve(conn, request, datetime.now(UTC))
+            audit.info("case resolved", extra={
+                "actor": actor(), "case_id": case.case_id, "member_id": case.member_id,
+                "decision": cases_pb2.CaseDecision.Name(request.decision), "analyst_id": request.analyst_id,
+                "label_id": case.resolution.label_id, "attack_type": cases_pb2.AttackType.Name(request.attack_type),
+            })
+            return risk_pb2.ResolveCaseResponse(case=case)
 
-            await run_once(conn, "ResolveCase", request.request_id, request, risk_pb2.ResolveCaseResponse, resolve)
+        await run_once_in_transaction(pool, "ResolveCase", request, risk_pb2.ResolveCaseResponse, resolve)
         return risk_pb2.ResolveCaseResponse(case=await cases.load_case(pool, request.case_id))
 
     async def ListLabels(self, request: risk_pb2.ListLabelsRequest, context: Any) -> risk_pb2.ListLabelsResponse:
@@ -76,16 +75,15 @@ class CasesApi:
         violations = cases.label_violations(request)
         if violations:
             raise errors.invalid_argument(violations)
-        async with self.runtime.pool.acquire() as conn, conn.transaction():
-            async def record() -> risk_pb2.RecordLabelResponse:
-                label = await cases.record_label(conn, request, datetime.now(UTC))
-                audit.info("label recorded", extra={
-                    "actor": actor(), "label_id": label.label_id, "assessment_id": label.assessment_id,
-                    "value": cases_pb2.LabelValue.Name(label.value), "analyst_id": label.analyst_id,
-                })
-                return risk_pb2.RecordLabelResponse(label=label)
+        async def record(conn: DbConnection) -> risk_pb2.RecordLabelResponse:
+            label = await cases.record_label(conn, request, datetime.now(UTC))
+            audit.info("label recorded", extra={
+                "actor": actor(), "label_id": label.label_id, "assessment_id": label.assessment_id,
+                "value": cases_pb2.LabelValue.Name(label.value), "analyst_id": label.analyst_id,
+            })
+            return risk_pb2.RecordLabelResponse(label=label)
 
-            response = await run_once(conn, "RecordLabel", request.request_id, request,
-                                      risk_pb2.RecordLabelResponse, record)
+        response = await run_once_in_transaction(
+            self.runtime.pool, "RecordLabel", request, risk_pb2.RecordLabelResponse, record)
         # As it is now: a later label may have superseded it since.
         return risk_pb2.RecordLabelResponse(label=await cases.load_label(self.runtime.pool, response.label.label_id))

@@ -13,8 +13,9 @@ from datetime import UTC
 from typing import Any
 
 from libs import errors, paging
+from libs.db import DbConnection
 from libs.errors import FieldViolation
-from libs.idempotency import run_once
+from libs.idempotency import run_once_in_transaction
 from libs.server import Runtime
 from loyalty.risk.v1 import risk_pb2
 from services.risk.domain.forest import MIN_TRAINING_ROWS, ModelValidationError
@@ -43,8 +44,7 @@ class ModelsApi:
                                        random_seed=request.random_seed, target_review_rate=rate,
                                        description=request.description, created_by=actor())
 
-        async with models.training_slot, self.runtime.pool.acquire() as conn, conn.transaction():
-            async def train() -> risk_pb2.TrainModelResponse:
+        async def train(conn: DbConnection) -> risk_pb2.TrainModelResponse:
                 history = await models.load_history(conn, start, end, request.include_labels)
                 if models.training_rows_available(history) < MIN_TRAINING_ROWS:
                     raise models.not_enough_history(history, start, end)
@@ -60,8 +60,9 @@ class ModelsApi:
                                                          "previous": previous})
                 return risk_pb2.TrainModelResponse(model=stored)
 
-            response = await run_once(conn, "TrainModel", request.request_id, request,
-                                      risk_pb2.TrainModelResponse, train)
+        async with models.training_slot:  # one training at a time per replica
+            response = await run_once_in_transaction(
+                self.runtime.pool, "TrainModel", request, risk_pb2.TrainModelResponse, train)
         if request.activate:
             await self.config.reload()  # this replica at once; the others on NOTIFY
         return response
@@ -79,20 +80,19 @@ class ModelsApi:
             raise errors.invalid_argument([FieldViolation("content", str(exc))],
                                           reason=models.VALIDATION_FAILED) from None
 
-        async with self.runtime.pool.acquire() as conn, conn.transaction():
-            async def store() -> risk_pb2.ImportModelResponse:
-                info = models.imported_info(request.model_version, forest, content, request.description, actor())
-                stored = await models.insert(conn, info, content)
-                audit.info("model imported", extra={"actor": actor(), "model_version": stored.model_version,
-                                                    "checksum_sha256": stored.checksum_sha256})
-                if request.activate:
-                    stored, previous = await models.activate(conn, stored.model_version)
-                    audit.info("model activated", extra={"actor": actor(), "model_version": stored.model_version,
-                                                         "previous": previous})
-                return risk_pb2.ImportModelResponse(model=stored)
+        async def store(conn: DbConnection) -> risk_pb2.ImportModelResponse:
+            info = models.imported_info(request.model_version, forest, content, request.description, actor())
+            stored = await models.insert(conn, info, content)
+            audit.info("model imported", extra={"actor": actor(), "model_version": stored.model_version,
+                                                "checksum_sha256": stored.checksum_sha256})
+            if request.activate:
+                stored, previous = await models.activate(conn, stored.model_version)
+                audit.info("model activated", extra={"actor": actor(), "model_version": stored.model_version,
+                                                     "previous": previous})
+            return risk_pb2.ImportModelResponse(model=stored)
 
-            response = await run_once(conn, "ImportModel", request.request_id, request,
-                                      risk_pb2.ImportModelResponse, store)
+        response = await run_once_in_transaction(
+            self.runtime.pool, "ImportModel", request, risk_pb2.ImportModelResponse, store)
         if request.activate:
             await self.config.reload()
         return response
@@ -112,15 +112,14 @@ class ModelsApi:
 
     async def ActivateModel(self, request: risk_pb2.ActivateModelRequest, context: Any
                             ) -> risk_pb2.ActivateModelResponse:
-        async with self.runtime.pool.acquire() as conn, conn.transaction():
-            async def activate() -> risk_pb2.ActivateModelResponse:
-                model, previous = await models.activate(conn, request.model_version)
-                if previous != model.model_version:
-                    audit.info("model activated", extra={"actor": actor(), "model_version": model.model_version,
-                                                         "previous": previous})
-                return risk_pb2.ActivateModelResponse(model=model, previous_model_version=previous)
+        async def activate(conn: DbConnection) -> risk_pb2.ActivateModelResponse:
+            model, previous = await models.activate(conn, request.model_version)
+            if previous != model.model_version:
+                audit.info("model activated", extra={"actor": actor(), "model_version": model.model_version,
+                                                     "previous": previous})
+            return risk_pb2.ActivateModelResponse(model=model, previous_model_version=previous)
 
-            response = await run_once(conn, "ActivateModel", request.request_id, request,
-                                      risk_pb2.ActivateModelResponse, activate)
+        response = await run_once_in_transaction(
+            self.runtime.pool, "ActivateModel", request, risk_pb2.ActivateModelResponse, activate)
         await self.config.reload()  # this replica at once; the others on NOTIFY
         return response

@@ -9,8 +9,9 @@ from typing import Any
 
 from libs import errors, paging
 from libs.auth import current_principal
+from libs.db import DbConnection
 from libs.errors import FieldViolation
-from libs.idempotency import run_once
+from libs.idempotency import run_once_in_transaction
 from libs.server import Runtime
 from loyalty.risk.v1 import risk_pb2, rules_pb2
 from services.risk.domain.lists import Subject, normalise
@@ -40,14 +41,13 @@ class RulesApi:
             draft.state = rules_pb2.RULE_SET_STATE_DRAFT
             return risk_pb2.CreateRuleSetResponse(rule_set=draft)
 
-        async with self.runtime.pool.acquire() as conn, conn.transaction():
-            async def create() -> risk_pb2.CreateRuleSetResponse:
-                stored = await rulesets.insert(conn, request.rule_set, actor())
-                audit.info("rule set created", extra={"actor": actor(), "version": stored.version})
-                return risk_pb2.CreateRuleSetResponse(rule_set=stored)
+        async def create(conn: DbConnection) -> risk_pb2.CreateRuleSetResponse:
+            stored = await rulesets.insert(conn, request.rule_set, actor())
+            audit.info("rule set created", extra={"actor": actor(), "version": stored.version})
+            return risk_pb2.CreateRuleSetResponse(rule_set=stored)
 
-            return await run_once(conn, "CreateRuleSet", request.request_id, request,
-                                  risk_pb2.CreateRuleSetResponse, create)
+        return await run_once_in_transaction(
+            self.runtime.pool, "CreateRuleSet", request, risk_pb2.CreateRuleSetResponse, create)
 
     async def GetRuleSet(self, request: risk_pb2.GetRuleSetRequest, context: Any) -> risk_pb2.GetRuleSetResponse:
         return risk_pb2.GetRuleSetResponse(rule_set=await rulesets.get(self.runtime.pool, request.version))
@@ -65,17 +65,16 @@ class RulesApi:
 
     async def ActivateRuleSet(self, request: risk_pb2.ActivateRuleSetRequest, context: Any
                               ) -> risk_pb2.ActivateRuleSetResponse:
-        async with self.runtime.pool.acquire() as conn, conn.transaction():
-            async def activate() -> risk_pb2.ActivateRuleSetResponse:
-                rule_set, previous = await rulesets.activate(conn, request.version)
-                if previous != rule_set.version:
-                    await bump(conn)
-                    audit.info("rule set activated", extra={"actor": actor(), "version": rule_set.version,
-                                                            "previous": previous})
-                return risk_pb2.ActivateRuleSetResponse(rule_set=rule_set, previous_version=previous)
+        async def activate(conn: DbConnection) -> risk_pb2.ActivateRuleSetResponse:
+            rule_set, previous = await rulesets.activate(conn, request.version)
+            if previous != rule_set.version:
+                await bump(conn)
+                audit.info("rule set activated", extra={"actor": actor(), "version": rule_set.version,
+                                                        "previous": previous})
+            return risk_pb2.ActivateRuleSetResponse(rule_set=rule_set, previous_version=previous)
 
-            response = await run_once(conn, "ActivateRuleSet", request.request_id, request,
-                                      risk_pb2.ActivateRuleSetResponse, activate)
+        response = await run_once_in_transaction(
+            self.runtime.pool, "ActivateRuleSet", request, risk_pb2.ActivateRuleSetResponse, activate)
         await self.config.reload()  # this replica at once; the others on NOTIFY
         return response
 
@@ -103,47 +102,45 @@ class RulesApi:
                 violations.append(FieldViolation(f"entries[{i}].value", str(exc)))
         if violations:
             raise errors.invalid_argument(violations)
-        async with self.runtime.pool.acquire() as conn, conn.transaction():
-            async def add() -> risk_pb2.AddListEntriesResponse:
-                response = risk_pb2.AddListEntriesResponse()
-                for entry, value in zip(request.entries, values, strict=True):
-                    expires = entry.expires_at.ToDatetime(tzinfo=UTC) if entry.HasField("expires_at") else None
-                    row = await conn.fetchrow(
-                        """
-                        INSERT INTO list_entries (entry_id, kind, subject_type, value, reason, expires_at, created_by)
-                        VALUES ($1, $2, $3, $4, $5, $6, $7)
-                        ON CONFLICT (kind, subject_type, value) WHERE removed_at IS NULL
-                        DO UPDATE SET reason = EXCLUDED.reason, expires_at = EXCLUDED.expires_at, updated_at = now()
-                        RETURNING *
-                        """,
-                        str(uuid.uuid4()), entry.kind, entry.subject_type, value, entry.reason, expires, actor(),
-                    )
-                    response.entries.append(_entry(row))
-                await bump(conn)
-                audit.info("list entries added", extra={"actor": actor(), "count": len(response.entries)})
-                return response
+        async def add(conn: DbConnection) -> risk_pb2.AddListEntriesResponse:
+            response = risk_pb2.AddListEntriesResponse()
+            for entry, value in zip(request.entries, values, strict=True):
+                expires = entry.expires_at.ToDatetime(tzinfo=UTC) if entry.HasField("expires_at") else None
+                row = await conn.fetchrow(
+                    """
+                    INSERT INTO list_entries (entry_id, kind, subject_type, value, reason, expires_at, created_by)
+                    VALUES ($1, $2, $3, $4, $5, $6, $7)
+                    ON CONFLICT (kind, subject_type, value) WHERE removed_at IS NULL
+                    DO UPDATE SET reason = EXCLUDED.reason, expires_at = EXCLUDED.expires_at, updated_at = now()
+                    RETURNING *
+                    """,
+                    str(uuid.uuid4()), entry.kind, entry.subject_type, value, entry.reason, expires, actor(),
+                )
+                response.entries.append(_entry(row))
+            await bump(conn)
+            audit.info("list entries added", extra={"actor": actor(), "count": len(response.entries)})
+            return response
 
-            response = await run_once(conn, "AddListEntries", request.request_id, request,
-                                      risk_pb2.AddListEntriesResponse, add)
+        response = await run_once_in_transaction(
+            self.runtime.pool, "AddListEntries", request, risk_pb2.AddListEntriesResponse, add)
         await self.config.reload()
         return response
 
     async def RemoveListEntries(self, request: risk_pb2.RemoveListEntriesRequest, context: Any
                                 ) -> risk_pb2.RemoveListEntriesResponse:
-        async with self.runtime.pool.acquire() as conn, conn.transaction():
-            async def remove() -> risk_pb2.RemoveListEntriesResponse:
-                removed = {r["entry_id"] for r in await conn.fetch(
-                    "UPDATE list_entries SET removed_at = now(), removed_by = $2, removed_reason = $3"
-                    " WHERE entry_id = ANY($1::text[]) AND removed_at IS NULL RETURNING entry_id",
-                    list(request.entry_ids), actor(), request.reason)}
-                if removed:
-                    await bump(conn)
-                    audit.info("list entries removed", extra={"actor": actor(), "count": len(removed)})
-                return risk_pb2.RemoveListEntriesResponse(
-                    removed_count=len(removed), not_found_entry_ids=[i for i in request.entry_ids if i not in removed])
+        async def remove(conn: DbConnection) -> risk_pb2.RemoveListEntriesResponse:
+            removed = {r["entry_id"] for r in await conn.fetch(
+                "UPDATE list_entries SET removed_at = now(), removed_by = $2, removed_reason = $3"
+                " WHERE entry_id = ANY($1::text[]) AND removed_at IS NULL RETURNING entry_id",
+                list(request.entry_ids), actor(), request.reason)}
+            if removed:
+                await bump(conn)
+                audit.info("list entries removed", extra={"actor": actor(), "count": len(removed)})
+            return risk_pb2.RemoveListEntriesResponse(
+                removed_count=len(removed), not_found_entry_ids=[i for i in request.entry_ids if i not in removed])
 
-            response = await run_once(conn, "RemoveListEntries", request.request_id, request,
-                                      risk_pb2.RemoveListEntriesResponse, remove)
+        response = await run_once_in_transaction(
+            self.runtime.pool, "RemoveListEntries", request, risk_pb2.RemoveListEntriesResponse, remove)
         await self.config.reload()
         return response
 
