@@ -44,6 +44,12 @@ class Principal:
 current_principal: contextvars.ContextVar[Principal | None] = contextvars.ContextVar("current_principal", default=None)
 
 
+def actor() -> str:
+    """Who is calling, for audit fields: the authenticated principal's name."""
+    principal = current_principal.get()
+    return principal.name if principal else "anonymous"
+
+
 def hash_token(token: str) -> str:
     return hashlib.sha256(token.encode()).hexdigest()
 

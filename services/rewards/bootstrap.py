@@ -1,16 +1,90 @@
-"""Composition root of the rewards service: builds its dependencies and the process spec.
-
-Until its issue lands, the service serves its full contract with every RPC answering UNIMPLEMENTED.
-"""
+"""Composition root of the rewards service: builds its dependencies and the process spec."""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import logging
+from collections.abc import Awaitable, Callable
 from pathlib import Path
+from typing import Any
 
-from libs.server import ServiceSpec, placeholder_spec
+import asyncpg
+
+from libs.clients import open_channel
+from libs.contracts import package_modules, service_descriptors
+from libs.server import Runtime, ServiceSpec
+from loyalty.rewards.v1 import rewards_pb2_grpc
+from loyalty.risk.v1 import risk_pb2, risk_pb2_grpc
+from services.rewards.adapters import rules_repo
+from services.rewards.adapters.risk_gate import GrpcRiskGate
+from services.rewards.entrypoints.grpc_api import PACKAGE, RewardsServicer
+from services.rewards.settings import get_rewards_settings
 
 SERVICE_DIR = Path(__file__).resolve().parent
+log = logging.getLogger(__name__)
+
+
+async def run_job(name: str, once: Callable[[], Awaitable[int]], interval_s: float) -> None:
+    """Run `once` until cancelled: straight on while it finds work, else every interval_s. A failed
+    round is logged and retried after the interval."""
+    while True:
+        try:
+            done = await once()
+        except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as error:
+            log.warning("job round failed", extra={"job": name, "error": type(error).__name__})
+            done = 0
+        except Exception:
+            log.exception("job round failed", extra={"job": name})
+            done = 0
+        if done == 0:
+            await asyncio.sleep(interval_s)
 
 
 def build_spec() -> ServiceSpec:
-    return placeholder_spec("rewards", SERVICE_DIR)
+    servicers: list[RewardsServicer] = []
+    channels: list[Any] = []
+    settings = get_rewards_settings()
+
+    def register(runtime: Runtime, server: Any) -> None:
+        channel = open_channel(runtime.settings.addr_for("risk"), runtime.settings,
+                               service_descriptors([risk_pb2]), token=runtime.client_token)
+        channels.append(channel)
+        gate = GrpcRiskGate(risk_pb2_grpc.RiskServiceStub(channel), settings.risk_deadline_ms / 1000)
+        # The governance RPCs (audit trail, disputes) are not built yet: the generated base answers
+        # them UNIMPLEMENTED, which is why the class still has abstract methods for mypy.
+        servicer = RewardsServicer(runtime, gate)  # type: ignore[abstract]
+        servicers.append(servicer)
+        rewards_pb2_grpc.add_RewardsServiceServicer_to_server(servicer, server)
+
+    async def on_ready(runtime: Runtime) -> None:
+        """Seed the default earning rules on a fresh installation, then start the jobs: gate
+        re-assessment of held credits, posting of pending credits."""
+        async with runtime.pool.acquire() as conn:
+            await rules_repo.seed_default(conn)
+        for servicer in servicers:
+            holds = servicer.holds
+            runtime.background.append(asyncio.create_task(
+                run_job("gate-retry", holds.retry_gate_once, settings.jobs_interval_s), name="rewards-gate-retry"))
+            runtime.background.append(asyncio.create_task(
+                run_job("pending", holds.post_pending_once, settings.jobs_interval_s), name="rewards-pending"))
+        runtime.background.append(asyncio.create_task(_close_on_cancel(channels), name="rewards-channels"))
+
+    return ServiceSpec(
+        name="rewards",
+        schema="rewards",
+        migrations_dir=SERVICE_DIR / "migrations",
+        pb2_modules=package_modules(PACKAGE),
+        register=register,
+        on_ready=on_ready,
+    )
+
+
+async def _close_on_cancel(channels: list[Any]) -> None:
+    """Close the outgoing channels when the process stops (its background tasks are cancelled)."""
+    try:
+        await asyncio.Event().wait()
+    finally:
+        for channel in channels:
+            with contextlib.suppress(Exception):
+                await channel.close(None)

@@ -11,12 +11,12 @@ from datetime import UTC, datetime
 from typing import Any
 
 from libs import errors
+from libs.auth import actor
 from libs.db import DbConnection
 from libs.idempotency import run_once_in_transaction
 from libs.server import Runtime
 from loyalty.risk.v1 import cases_pb2, risk_pb2
 from services.risk.entrypoints.assessments_api import shown
-from services.risk.entrypoints.rules_api import actor
 from services.risk.service_layer import cases
 from services.risk.service_layer.config import ConfigCache
 from services.risk.settings import get_risk_settings

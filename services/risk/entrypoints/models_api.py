@@ -13,13 +13,13 @@ from datetime import UTC
 from typing import Any
 
 from libs import errors, paging
+from libs.auth import actor
 from libs.db import DbConnection
 from libs.errors import FieldViolation
 from libs.idempotency import run_once_in_transaction
 from libs.server import Runtime
 from loyalty.risk.v1 import risk_pb2
 from services.risk.domain.forest import MIN_TRAINING_ROWS, ModelValidationError
-from services.risk.entrypoints.rules_api import actor
 from services.risk.service_layer import models
 from services.risk.service_layer.config import ConfigCache
 

@@ -8,7 +8,7 @@ from datetime import UTC
 from typing import Any
 
 from libs import errors, paging
-from libs.auth import current_principal
+from libs.auth import actor
 from libs.db import DbConnection
 from libs.errors import FieldViolation
 from libs.idempotency import run_once_in_transaction
@@ -19,11 +19,6 @@ from services.risk.service_layer import backtest, rulesets
 from services.risk.service_layer.config import ConfigCache, bump
 
 audit = logging.getLogger("loyalty.audit")
-
-
-def actor() -> str:
-    principal = current_principal.get()
-    return principal.name if principal else "anonymous"
 
 
 class RulesApi:

@@ -1,0 +1,32 @@
+"""The RewardsService servicer: one class composed of the ledger, redemption, tier and benefit APIs."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from libs.server import Runtime
+from loyalty.rewards.v1 import rewards_pb2_grpc
+from services.rewards.adapters.risk_gate import RiskGate
+from services.rewards.adapters.rules_repo import RulesCache
+from services.rewards.entrypoints.benefits_api import BenefitsApi
+from services.rewards.entrypoints.ledger_api import LedgerApi
+from services.rewards.entrypoints.tiers_api import TiersApi
+from services.rewards.service_layer.accrue import Accruer
+from services.rewards.service_layer.holds import Holds
+from services.rewards.settings import get_rewards_settings
+
+PACKAGE = "loyalty.rewards.v1"
+
+
+class RewardsServicer(LedgerApi, TiersApi, BenefitsApi, rewards_pb2_grpc.RewardsServiceServicer):
+    def __init__(self, runtime: Runtime, gate: RiskGate) -> None:
+        self.runtime = runtime
+        self.settings = get_rewards_settings()
+        self.rules = RulesCache()
+
+        def pool() -> Any:
+            return runtime.pool
+
+        self.accruer = Accruer(pool, self.rules, gate, self.settings)
+        self.holds = Holds(pool, self.rules, gate, self.settings.zone, self.settings.gate_retry_backoff_max_s,
+                           self.settings.jobs_interval_s)

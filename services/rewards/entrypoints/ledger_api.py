@@ -1,0 +1,165 @@
+"""Earning rule, accrual, hold and ledger read RPCs of RewardsService."""
+
+from __future__ import annotations
+
+import logging
+from datetime import UTC, datetime
+from typing import Any
+
+from libs import errors, paging
+from libs.auth import actor
+from libs.db import DbConnection
+from libs.idempotency import run_once_in_transaction
+from libs.server import Runtime
+from loyalty.rewards.v1 import rewards_pb2
+from services.rewards.adapters import accruals_repo, rules_repo
+from services.rewards.adapters.rules_repo import RulesCache
+from services.rewards.domain.earning import MemberContext, compute_points
+from services.rewards.domain.expiry import programme_day
+from services.rewards.domain.rules import accrual_violations, rule_set_violations
+from services.rewards.service_layer import queries
+from services.rewards.service_layer.accrue import Accruer, Usage
+from services.rewards.service_layer.holds import Holds
+from services.rewards.settings import RewardsSettings
+
+audit = logging.getLogger("loyalty.audit")
+
+
+class LedgerApi:
+    runtime: Runtime
+    rules: RulesCache
+    accruer: Accruer
+    holds: Holds
+    settings: RewardsSettings
+
+    # ---- earning rules --------------------------------------------------------------------------
+
+    async def CreateEarningRules(self, request: rewards_pb2.CreateEarningRulesRequest, context: Any
+                                 ) -> rewards_pb2.CreateEarningRulesResponse:
+        violations = rule_set_violations(request.rule_set)
+        if violations:
+            raise errors.invalid_argument(violations)
+        if request.validate_only:
+            return rewards_pb2.CreateEarningRulesResponse(rule_set=request.rule_set)
+
+        async def create(conn: DbConnection) -> rewards_pb2.CreateEarningRulesResponse:
+            stored = await rules_repo.create(conn, request.rule_set, actor())
+            audit.info("earning rules created", extra={"actor": actor(), "version": stored.version})
+            return rewards_pb2.CreateEarningRulesResponse(rule_set=stored)
+
+        return await run_once_in_transaction(self.runtime.pool, "CreateEarningRules", request,
+                                             rewards_pb2.CreateEarningRulesResponse, create)
+
+    async def GetEarningRules(self, request: rewards_pb2.GetEarningRulesRequest, context: Any
+                              ) -> rewards_pb2.GetEarningRulesResponse:
+        async with self.runtime.pool.acquire() as conn:
+            if request.version:
+                found = await rules_repo.load_version(conn, request.version)
+                if found is None:
+                    raise errors.not_found("earning rules version", str(request.version),
+                                           reason="EARNING_RULES_NOT_FOUND")
+                return rewards_pb2.GetEarningRulesResponse(rule_set=found)
+            return rewards_pb2.GetEarningRulesResponse(rule_set=await rules_repo.active_rule_set(conn))
+
+    async def ListEarningRuleVersions(self, request: rewards_pb2.ListEarningRuleVersionsRequest, context: Any
+                                      ) -> rewards_pb2.ListEarningRuleVersionsResponse:
+        size = paging.page_size(request.page_size)
+        after = paging.decode(request, 1)
+        async with self.runtime.pool.acquire() as conn:
+            found = await rules_repo.list_versions(conn, after[0] if after else None, size + 1)
+        page, more = paging.split(found, size)
+        response = rewards_pb2.ListEarningRuleVersionsResponse(rule_sets=page)
+        if more:
+            response.next_page_token = paging.encode([page[-1].version], request)
+        return response
+
+    async def ActivateEarningRules(self, request: rewards_pb2.ActivateEarningRulesRequest, context: Any
+                                   ) -> rewards_pb2.ActivateEarningRulesResponse:
+        async def activate(conn: DbConnection) -> rewards_pb2.ActivateEarningRulesResponse:
+            done = await rules_repo.activate(conn, request.version)
+            if done is None:
+                raise errors.not_found("earning rules version", str(request.version), reason="EARNING_RULES_NOT_FOUND")
+            rule_set, previous = done
+            audit.info("earning rules activated", extra={"actor": actor(), "version": rule_set.version,
+                                                         "previous_version": previous})
+            return rewards_pb2.ActivateEarningRulesResponse(rule_set=rule_set, previous_version=previous)
+
+        response = await run_once_in_transaction(self.runtime.pool, "ActivateEarningRules", request,
+                                                 rewards_pb2.ActivateEarningRulesResponse, activate)
+        self.rules.invalidate()
+        return response
+
+    async def PreviewPoints(self, request: rewards_pb2.PreviewPointsRequest, context: Any
+                            ) -> rewards_pb2.PreviewPointsResponse:
+        violations = accrual_violations(request.accrual, "accrual.")
+        if violations:
+            raise errors.invalid_argument(violations)
+        accrual = request.accrual
+        zone = self.settings.zone
+        async with self.runtime.pool.acquire() as conn:
+            if request.earning_rules_version:
+                rules = await rules_repo.load_version(conn, request.earning_rules_version)
+                if rules is None:
+                    raise errors.not_found("earning rules version", str(request.earning_rules_version),
+                                           reason="EARNING_RULES_NOT_FOUND")
+            else:
+                rules = await self.rules.active(conn)
+            member = (await accruals_repo.survivors(conn, [accrual.member_id])).get(accrual.member_id,
+                                                                                      accrual.member_id)
+            tier_id, segment_id = (await accruals_repo.member_status(conn, [member])).get(member, ("", ""))
+            tier_id = request.tier_id or tier_id
+            day = programme_day(accrual.occurred_at.ToDatetime(UTC), zone)
+            if request.ignore_member_history:
+                context_ = MemberContext(tier_id=tier_id, segment_id=segment_id)
+            else:
+                from services.rewards.domain.expiry import month_start
+                campaign_ids = [c.campaign_id for c in rules.campaigns]
+                usage = Usage(days=await accruals_repo.usage(conn, [member], month_start(day), day),
+                              campaign_member=await accruals_repo.campaign_usage(conn, [member], campaign_ids),
+                              budgets=await accruals_repo.budgets(conn, campaign_ids, lock=False))
+                context_ = usage.context(member, day, tier_id, segment_id, rules)
+        return rewards_pb2.PreviewPointsResponse(breakdown=compute_points(rules, accrual, context_, zone))
+
+    # ---- accrual and holds ------------------------------------------------------------------------
+
+    async def Accrue(self, request: rewards_pb2.AccrueRequest, context: Any) -> rewards_pb2.AccrueResponse:
+        return await self.accruer.accrue(request)
+
+    async def ResolveHold(self, request: rewards_pb2.ResolveHoldRequest, context: Any
+                          ) -> rewards_pb2.ResolveHoldResponse:
+        who = actor()
+
+        async def resolve(conn: DbConnection) -> rewards_pb2.ResolveHoldResponse:
+            response = await self.holds.resolve(conn, request, who)
+            if not response.resolution.already_resolved:
+                audit.info("hold resolved", extra={
+                    "actor": who, "case_id": response.resolution.case_id, "operator_id": request.operator_id,
+                    "source_event_id": response.resolution.source_event_id, "action": request.action,
+                    "points": response.resolution.points})
+            return response
+
+        return await run_once_in_transaction(self.runtime.pool, "ResolveHold", request,
+                                             rewards_pb2.ResolveHoldResponse, resolve)
+
+    # ---- ledger reads -------------------------------------------------------------------------------
+
+    async def GetBalance(self, request: rewards_pb2.GetBalanceRequest, context: Any) -> rewards_pb2.GetBalanceResponse:
+        async with self.runtime.pool.acquire() as conn:
+            rules = await self.rules.active(conn)
+            return rewards_pb2.GetBalanceResponse(balance=await queries.balance(
+                conn, request.member_id, rules, self.settings.zone, datetime.now(UTC)))
+
+    async def ListLedgerEntries(self, request: rewards_pb2.ListLedgerEntriesRequest, context: Any
+                                ) -> rewards_pb2.ListLedgerEntriesResponse:
+        async with self.runtime.pool.acquire() as conn:
+            return await queries.list_entries(conn, request)
+
+    async def ListLots(self, request: rewards_pb2.ListLotsRequest, context: Any) -> rewards_pb2.ListLotsResponse:
+        async with self.runtime.pool.acquire() as conn:
+            return await queries.list_lots(conn, request)
+
+    async def ListExpiringPoints(self, request: rewards_pb2.ListExpiringPointsRequest, context: Any
+                                 ) -> rewards_pb2.ListExpiringPointsResponse:
+        async with self.runtime.pool.acquire() as conn:
+            rules = await self.rules.active(conn)
+            return await queries.list_expiring(conn, request, rules, datetime.now(UTC))

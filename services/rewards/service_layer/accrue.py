@@ -1,0 +1,369 @@
+"""The accrual use case: a batch of events in, one outcome each, never a point granted unchecked.
+
+Per batch, whatever its size:
+1. check each accrual (a bad one is REJECTED in its own result) and answer replays of recorded
+   source events from the store (DUPLICATE) or refuse them (SOURCE_EVENT_CONFLICT);
+2. price the new ones with the active earning rules and the members' tier, segment and usage so
+   far (no lock held), and ask risk about every one that earns points, in one call under a deadline;
+3. in one transaction: lock the members' accounts, re-read what concurrent batches may have
+   changed, price again (caps are exact under concurrency; never more than risk assessed), then
+   post, hold, void or reverse, and write the accrual rows, the entries, the lots, the balances and
+   the usage with a few statements.
+
+Risk is never asked while locks are held. Risk unreachable or late holds the credits (fail-closed)
+and the gate retry job re-assesses them with the very same request.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, date, datetime, timedelta
+
+import asyncpg
+
+from libs.auth import actor
+from libs.db import DbConnection
+from libs.errors import FieldViolation, LoyaltyError
+from libs.idempotency import payload_digest
+from loyalty.common.v1 import types_pb2
+from loyalty.rewards.v1 import earning_pb2, ledger_pb2, rewards_pb2, support_pb2
+from loyalty.risk.v1 import risk_pb2
+from services.rewards.adapters import accruals_repo as repo
+from services.rewards.adapters.ledger import LedgerTx
+from services.rewards.adapters.risk_gate import GateAnswer, RiskGate
+from services.rewards.adapters.rules_repo import RulesCache
+from services.rewards.domain.earning import MemberContext, compute_points, usage_of
+from services.rewards.domain.expiry import month_start, programme_day
+from services.rewards.domain.rules import accrual_violations
+from services.rewards.service_layer import credits, reversals
+from services.rewards.settings import RewardsSettings
+
+log = logging.getLogger(__name__)
+
+OUTCOME = earning_pb2.AccrualOutcome
+RISK = earning_pb2.RiskOutcome
+S = ledger_pb2.LedgerSource
+REFUND = types_pb2.EVENT_TYPE_REFUND
+SOURCE_EVENT_CONFLICT = "SOURCE_EVENT_CONFLICT"
+
+
+def item_error(reason: str, message: str, violations: Sequence[FieldViolation] = ()) -> support_pb2.ItemError:
+    return support_pb2.ItemError(reason=reason, message=message, field_violations=[
+        support_pb2.FieldViolation(field=v.field, description=v.description) for v in violations])
+
+
+def rejected(accrual: earning_pb2.Accrual, error: support_pb2.ItemError) -> earning_pb2.AccrualResult:
+    return earning_pb2.AccrualResult(source_event_id=accrual.source_event_id, member_id=accrual.member_id,
+                                     outcome=OUTCOME.ACCRUAL_OUTCOME_REJECTED,
+                                     risk_outcome=RISK.RISK_OUTCOME_NOT_REQUIRED, error=error)
+
+
+def duplicate_of(result: earning_pb2.AccrualResult) -> earning_pb2.AccrualResult:
+    """A replay's answer: the first processing's facts, with its outcome as original_outcome."""
+    answer = earning_pb2.AccrualResult()
+    answer.CopyFrom(result)
+    answer.original_outcome = result.outcome
+    answer.outcome = OUTCOME.ACCRUAL_OUTCOME_DUPLICATE
+    return answer
+
+
+def conflict(accrual: earning_pb2.Accrual) -> earning_pb2.AccrualResult:
+    return rejected(accrual, item_error(
+        SOURCE_EVENT_CONFLICT, f"source event {accrual.source_event_id!r} was already accrued with another payload"))
+
+
+@dataclass(slots=True)
+class Item:
+    """One new accrual of the batch on its way through the use case."""
+
+    index: int
+    accrual: earning_pb2.Accrual
+    digest: bytes
+    credited: str = ""  # the member credited: the survivor after a merge
+    day: date | None = None
+    breakdown: earning_pb2.PointsBreakdown = field(default_factory=earning_pb2.PointsBreakdown)
+    proposed: int = 0  # points risk was asked about
+    gate_request: risk_pb2.AssessAccrualRequest | None = None
+    answer: GateAnswer | None = None
+
+
+@dataclass(slots=True)
+class Usage:
+    """Usage towards caps and budgets: as read, plus what this batch adds (in request order)."""
+
+    days: dict[tuple[str, date], tuple[int, int]]
+    campaign_member: dict[tuple[str, str], int]
+    budgets: dict[str, int]
+    added_days: dict[tuple[str, date], tuple[int, int]] = field(default_factory=dict)
+    added_campaigns: dict[tuple[str, str], int] = field(default_factory=dict)
+
+    def context(self, member_id: str, day: date, tier_id: str, segment_id: str,
+                rules: earning_pb2.EarningRuleSet) -> MemberContext:
+        today = self.days.get((member_id, day), (0, 0))
+        first = month_start(day)
+        month = sum(p for (m, d), (p, _) in self.days.items() if m == member_id and first <= d <= _month_end(day))
+        ids = [c.campaign_id for c in rules.campaigns]
+        return MemberContext(tier_id=tier_id, segment_id=segment_id, day_points=today[0], month_points=month,
+                             browse_points_today=today[1],
+                             campaign_member_points={c: self.campaign_member.get((member_id, c), 0) for c in ids},
+                             campaign_budget_used={c: self.budgets.get(c, 0) for c in ids})
+
+    def add(self, member_id: str, day: date, breakdown: earning_pb2.PointsBreakdown, sign: int = 1) -> None:
+        total, browse, campaigns = usage_of(breakdown)
+        for target in (self.days, self.added_days):
+            p, b = target.get((member_id, day), (0, 0))
+            target[(member_id, day)] = (p + sign * total, b + sign * browse)
+        for campaign_id, points in campaigns.items():
+            for counter in (self.campaign_member, self.added_campaigns):
+                counter[(member_id, campaign_id)] = counter.get((member_id, campaign_id), 0) + sign * points
+            self.budgets[campaign_id] = self.budgets.get(campaign_id, 0) + sign * points
+
+
+def _month_end(day: date) -> date:
+    first = month_start(day)
+    return (first.replace(year=first.year + 1, month=1) if first.month == 12
+            else first.replace(month=first.month + 1)) - timedelta(days=1)
+
+
+def gate_request(item: Item, tier_id: str) -> risk_pb2.AssessAccrualRequest:
+    a = item.accrual
+    request = risk_pb2.AssessAccrualRequest(
+        source_event_id=a.source_event_id, member_id=item.credited, event_type=a.event_type,
+        points_proposed=item.proposed, order_id=a.order_id, device_id=a.device_id, ip=a.ip, channel=a.channel,
+        browse_seconds=a.browse_seconds, email_domain=a.email_domain, tier_id=tier_id)
+    if a.HasField("amount"):
+        request.amount.CopyFrom(a.amount)
+    request.occurred_at.CopyFrom(a.occurred_at)
+    if a.HasField("member_since"):
+        request.member_since.CopyFrom(a.member_since)
+    return request
+
+
+class Accruer:
+    def __init__(self, pool: Callable[[], asyncpg.Pool], rules: RulesCache, gate: RiskGate,
+                 settings: RewardsSettings) -> None:
+        self._pool = pool
+        self._rules = rules
+        self._gate = gate
+        self._settings = settings
+        self._zone = settings.zone
+
+    async def accrue(self, request: rewards_pb2.AccrueRequest) -> rewards_pb2.AccrueResponse:
+        now = datetime.now(UTC)
+        results: list[earning_pb2.AccrualResult | None] = [None] * len(request.accruals)
+        firsts: dict[tuple[str, str], Item] = {}
+        repeats: list[Item] = []
+        for i, accrual in enumerate(request.accruals):
+            violations = accrual_violations(accrual)
+            if violations:
+                results[i] = rejected(accrual, item_error("INVALID_ARGUMENT", "the accrual is invalid", violations))
+                continue
+            item = Item(i, accrual, payload_digest(accrual))
+            key = (accrual.member_id, accrual.source_event_id)
+            if key in firsts:
+                repeats.append(item)
+            else:
+                firsts[key] = item
+        pool = self._pool()
+        async with pool.acquire() as conn:
+            known = await repo.stored(conn, list(firsts))
+            fresh = self._answer_known(firsts, known, results)
+            if fresh:
+                rules = await self._rules.active(conn)
+                await self._price(conn, fresh, rules, lock=False)
+        if fresh:
+            asked = [item for item in fresh if item.gate_request is not None]
+            answers = await self._gate.assess([item.gate_request for item in asked if item.gate_request])
+            for item, answer in zip(asked, answers, strict=True):
+                item.answer = answer
+            async with pool.acquire() as conn, conn.transaction():
+                await self._write(conn, fresh, rules, now, results)
+        for item in repeats:
+            first = firsts[(item.accrual.member_id, item.accrual.source_event_id)]
+            first_result = results[first.index]
+            assert first_result is not None
+            same = item.digest == first.digest and first_result.outcome != OUTCOME.ACCRUAL_OUTCOME_REJECTED
+            results[item.index] = duplicate_of(first_result) if same else conflict(item.accrual)
+        return rewards_pb2.AccrueResponse(results=[r for r in results if r is not None])
+
+    @staticmethod
+    def _answer_known(firsts: dict[tuple[str, str], Item], known: dict[tuple[str, str], repo.Stored],
+                      results: list[earning_pb2.AccrualResult | None]) -> list[Item]:
+        """Answer the recorded source events; return the new ones."""
+        fresh: list[Item] = []
+        for key, item in firsts.items():
+            stored = known.get(key)
+            if stored is None:
+                fresh.append(item)
+            elif stored.payload_sha256 == item.digest:
+                results[item.index] = duplicate_of(earning_pb2.AccrualResult.FromString(stored.result))
+            else:
+                results[item.index] = conflict(item.accrual)
+        return fresh
+
+    async def _price(self, conn: DbConnection, items: Sequence[Item], rules: earning_pb2.EarningRuleSet,
+                     lock: bool) -> Usage:
+        """Compute each item's points in request order, each seeing the usage of the earlier ones.
+        The first pass (no lock) sets what risk is asked about; the second (locked) never exceeds it."""
+        survivors = await repo.survivors(conn, {i.accrual.member_id for i in items})
+        for item in items:
+            item.credited = survivors.get(item.accrual.member_id, item.accrual.member_id)
+            item.day = programme_day(item.accrual.occurred_at.ToDatetime(UTC), self._zone)
+        members = sorted({i.credited for i in items})
+        status = await repo.member_status(conn, members)
+        days = [i.day for i in items if i.day is not None]
+        campaign_ids = [c.campaign_id for c in rules.campaigns]
+        usage = Usage(
+            days=await repo.usage(conn, members, month_start(min(days)), max(days)),
+            campaign_member=await repo.campaign_usage(conn, members, campaign_ids) if campaign_ids else {},
+            budgets=await repo.budgets(conn, [c.campaign_id for c in rules.campaigns if c.budget_points > 0], lock))
+        for item in items:
+            if item.accrual.event_type == REFUND:
+                continue
+            tier_id, segment_id = status.get(item.credited, ("", ""))
+            assert item.day is not None
+            breakdown = compute_points(rules, item.accrual,
+                                       usage.context(item.credited, item.day, tier_id, segment_id, rules), self._zone)
+            if lock:
+                _limit_to_assessed(breakdown, item.proposed)
+            else:
+                item.proposed = breakdown.total_points
+                if item.proposed > 0:
+                    item.gate_request = gate_request(item, tier_id)
+            item.breakdown = breakdown
+            usage.add(item.credited, item.day, breakdown)
+        return usage
+
+    async def _write(self, conn: DbConnection, items: list[Item], rules: earning_pb2.EarningRuleSet, now: datetime,
+                     results: list[earning_pb2.AccrualResult | None]) -> None:
+        tx = LedgerTx(conn, now, actor())
+        await tx.lock({i.accrual.member_id for i in items} | {i.credited for i in items})
+        # Concurrent batches with the same source events waited on the lock: they are replays now.
+        firsts = {(i.accrual.member_id, i.accrual.source_event_id): i for i in items}
+        items = self._answer_known(firsts, await repo.stored(conn, list(firsts)), results)
+        if not items:
+            return
+        usage = await self._price(conn, items, rules, lock=True)
+        await tx.lock(i.credited for i in items)  # a merge that raced the first read
+        await tx.reserve_ids(entries=2 * len(items) + 8, lots=len(items) + 8)
+        records: list[repo.AccrualRecord] = []
+        for item in items:
+            record = await self._settle(tx, conn, item, rules)
+            results[item.index] = earning_pb2.AccrualResult.FromString(record.result)
+            records.append(record)
+        # A blocked or rejected credit takes nothing from the caps and budgets.
+        for item, record in zip(items, records, strict=True):
+            if record.status in (OUTCOME.ACCRUAL_OUTCOME_VOIDED_BLOCKED, OUTCOME.ACCRUAL_OUTCOME_REJECTED) \
+                    and item.day is not None and item.accrual.event_type != REFUND:
+                usage.add(item.credited, item.day, item.breakdown, sign=-1)
+        await tx.flush()
+        await repo.insert(conn, records)
+        await repo.add_usage(conn, {k: v for k, v in usage.added_days.items() if v != (0, 0)},
+                             {k: v for k, v in usage.added_campaigns.items() if v})
+
+    async def _settle(self, tx: LedgerTx, conn: DbConnection, item: Item, rules: earning_pb2.EarningRuleSet
+                      ) -> repo.AccrualRecord:
+        """Decide and stage one accrual's outcome; returns its row (with its result)."""
+        a = item.accrual
+        b = item.breakdown
+        result = earning_pb2.AccrualResult(source_event_id=a.source_event_id, member_id=a.member_id,
+                                           earning_rules_version=rules.version)
+        record = repo.AccrualRecord(
+            member_id=a.member_id, source_event_id=a.source_event_id, payload_sha256=item.digest,
+            credited_member_id=item.credited, event_type=a.event_type, order_id=a.order_id or None,
+            occurred_at=a.occurred_at.ToDatetime(UTC), currency=a.amount.currency,
+            amount_minor=a.amount.amount_minor, status=OUTCOME.ACCRUAL_OUTCOME_NO_POINTS, points=0,
+            qualifying_points=0, unposted=0, unposted_qualifying=0, entry_id=None, case_id=None, assessment_id=None,
+            available_at=None, earning_rules_version=rules.version, day=item.day,
+            breakdown=b.SerializeToString(), result=b"", gate_request=None, next_gate_attempt_at=None)
+        if a.event_type == REFUND:
+            await self._refund(tx, conn, item, result, record)
+        elif b.total_points <= 0:
+            result.outcome = OUTCOME.ACCRUAL_OUTCOME_NO_POINTS
+            result.risk_outcome = RISK.RISK_OUTCOME_NOT_REQUIRED
+        else:
+            self._credit(tx, item, rules, result, record)
+        record.status = result.outcome
+        record.result = result.SerializeToString()
+        return record
+
+    def _credit(self, tx: LedgerTx, item: Item, rules: earning_pb2.EarningRuleSet,
+                result: earning_pb2.AccrualResult, record: repo.AccrualRecord) -> None:
+        a = item.accrual
+        b = item.breakdown
+        answer = item.answer or GateAnswer(RISK.RISK_OUTCOME_UNAVAILABLE)
+        credit = credits.Credit(member_id=item.credited, source_event_id=a.source_event_id,
+                                order_id=a.order_id or None, occurred_at=record.occurred_at, points=b.total_points,
+                                qualifying=b.qualifying_points, rules_version=rules.version,
+                                case_id=answer.case_id or None)
+        reasons = list(answer.reasons) + [
+            earning_pb2.Reason(code="EARNING_CAP", message=f"{earning_pb2.EarningCapKind.Name(c.kind)} removed"
+                                                           f" {c.points_removed} points (limit {c.limit})")
+            for c in b.caps_applied]
+        text = "; ".join(f"{r.rule_id or r.code}: {r.message}" for r in answer.reasons)[:2000]
+        if answer.outcome == RISK.RISK_OUTCOME_ALLOW:
+            placed = credits.allow(tx, credit, rules, self._zone, origin=credits.FRESH, source=S.LEDGER_SOURCE_ACCRUAL)
+        elif answer.outcome == RISK.RISK_OUTCOME_REVIEW:
+            placed = credits.hold(tx, credit, for_review=True, reason=text, reason_code="RISK_REVIEW")
+        elif answer.outcome == RISK.RISK_OUTCOME_BLOCK:
+            placed = credits.void(tx, credit, origin=credits.FRESH, source=S.LEDGER_SOURCE_ACCRUAL, reason=text,
+                                  reason_code="RISK_BLOCK")
+        else:
+            placed = credits.hold(tx, credit, for_review=False, reason=text, reason_code="GATE_UNAVAILABLE")
+            assert item.gate_request is not None
+            record.gate_request = item.gate_request.SerializeToString()
+            record.next_gate_attempt_at = tx.now + timedelta(seconds=self._settings.jobs_interval_s)
+        result.outcome = placed.outcome
+        result.points = b.total_points
+        result.qualifying_points = b.qualifying_points
+        result.ledger_entry_id = str(placed.entry_id or "")
+        result.lot_id = str(placed.lot_id or "")
+        result.risk_outcome = answer.outcome
+        result.assessment_id = answer.assessment_id
+        result.risk_score = answer.score
+        result.case_id = answer.case_id
+        result.reasons.extend(reasons)
+        if placed.available_at is not None:
+            result.available_at.FromDatetime(placed.available_at)
+        record.points = b.total_points
+        record.qualifying_points = b.qualifying_points
+        record.entry_id = placed.entry_id
+        record.case_id = answer.case_id or None
+        record.assessment_id = answer.assessment_id or None
+        record.available_at = placed.available_at
+        if placed.outcome not in (OUTCOME.ACCRUAL_OUTCOME_POSTED, OUTCOME.ACCRUAL_OUTCOME_VOIDED_BLOCKED):
+            record.unposted = b.total_points
+            record.unposted_qualifying = b.qualifying_points
+
+    async def _refund(self, tx: LedgerTx, conn: DbConnection, item: Item, result: earning_pb2.AccrualResult,
+                      record: repo.AccrualRecord) -> None:
+        a = item.accrual
+        result.risk_outcome = RISK.RISK_OUTCOME_NOT_REQUIRED
+        try:
+            reversal = await reversals.reverse(
+                tx, conn, reversals.RefundRequest(
+                    member_id=a.member_id, source_event_id=a.source_event_id, order_id=a.order_id,
+                    refunded=a.amount, occurred_at=record.occurred_at, reason="refund event",
+                    digest=item.digest), self._zone)
+        except LoyaltyError as error:
+            result.outcome = OUTCOME.ACCRUAL_OUTCOME_REJECTED
+            result.error.CopyFrom(item_error(error.reason, error.message))
+            return
+        result.outcome = OUTCOME.ACCRUAL_OUTCOME_REVERSED
+        result.points = -(reversal.posted_points_reversed + reversal.unposted_points_reversed)
+        result.qualifying_points = -reversal.qualifying_points_reversed
+        result.ledger_entry_id = reversal.ledger_entry_ids[0] if reversal.ledger_entry_ids else ""
+        record.points = result.points
+        record.qualifying_points = result.qualifying_points
+
+
+def _limit_to_assessed(breakdown: earning_pb2.PointsBreakdown, assessed: int) -> None:
+    """Never grant more than risk assessed: a concurrent change (a new tier) that would raise the
+    points after the gate answered is capped at what the gate saw."""
+    if breakdown.total_points > assessed:
+        removed = breakdown.total_points - assessed
+        breakdown.caps_applied.add(kind=earning_pb2.EARNING_CAP_KIND_PER_EVENT, limit=assessed, points_removed=removed)
+        breakdown.total_points = assessed
+        breakdown.qualifying_points = min(breakdown.qualifying_points, assessed)

@@ -1,0 +1,177 @@
+"""Read side of the ledger: balances, entries, lots and expiring points of one member."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta
+from zoneinfo import ZoneInfo
+
+import asyncpg
+
+from libs import paging
+from libs.db import DbConnection
+from loyalty.rewards.v1 import earning_pb2, ledger_pb2, rewards_pb2
+from services.rewards.domain.expiry import expiring_soon_notice
+
+LOT = ledger_pb2.LotState
+
+_BALANCE_SQL = """
+WITH RECURSIVE merged(member_id, depth) AS (
+    SELECT $1::text, 0
+  UNION ALL
+    SELECT a.member_id, m.depth + 1 FROM accounts a JOIN merged m ON a.merged_into = m.member_id WHERE m.depth < 16
+)
+SELECT a.posted, a.pending, a.held, a.reserved, a.lifetime, a.merged_into,
+       (SELECT coalesce(sum(e.qualifying_delta), 0)::bigint FROM ledger_entries e
+         WHERE e.member_id IN (SELECT member_id FROM merged) AND e.qualifying_delta <> 0 AND e.qualifying_at >= $2
+       ) AS qualifying,
+       (SELECT min(expires_at) FROM lots WHERE member_id = $1 AND state = 1) AS next_expiry,
+       (SELECT coalesce(sum(remaining_points), 0)::bigint FROM lots
+         WHERE member_id = $1 AND state = 1 AND expires_at < $3) AS expiring_soon
+  FROM (SELECT 1) AS one LEFT JOIN accounts a ON a.member_id = $1
+"""
+
+
+def months_before(instant: datetime, months: int, zone: ZoneInfo) -> datetime:
+    """The same wall-clock time `months` calendar months earlier in the programme zone (the day of
+    month clamped to the shorter month)."""
+    local = instant.astimezone(zone)
+    index = local.year * 12 + local.month - 1 - months
+    year, month = divmod(index, 12)
+    month += 1
+    next_first = datetime(year + (month == 12), month % 12 + 1, 1, tzinfo=zone)
+    last_day = (next_first - timedelta(days=1)).day
+    return local.replace(year=year, month=month, day=min(local.day, last_day)).astimezone(instant.tzinfo)
+
+
+async def balance(conn: DbConnection, member_id: str, rules: earning_pb2.EarningRuleSet, zone: ZoneInfo,
+                  now: datetime) -> ledger_pb2.Balance:
+    window_start = months_before(now, rules.qualifying.window_months or 12, zone)
+    soon = now + expiring_soon_notice(rules.expiry)
+    r = await conn.fetchrow(_BALANCE_SQL, member_id, window_start, soon)
+    assert r is not None
+    result = ledger_pb2.Balance(member_id=member_id)
+    result.as_of.FromDatetime(now)
+    result.qualifying_window_start.FromDatetime(window_start)
+    if r["posted"] is None:
+        return result
+    posted: int = r["posted"]
+    result.posted_points = posted
+    result.pending_points = r["pending"]
+    result.held_points = r["held"]
+    result.reserved_points = r["reserved"]
+    result.available_points = max(0, posted - r["reserved"]) if posted > 0 else 0
+    result.debt_points = max(0, -posted)
+    result.lifetime_points = r["lifetime"]
+    result.qualifying_points = r["qualifying"]
+    result.merged_into_member_id = r["merged_into"] or ""
+    result.expiring_soon_points = r["expiring_soon"]
+    if r["next_expiry"] is not None:
+        result.next_expiry_at.FromDatetime(r["next_expiry"])
+        result.next_expiring_points = await conn.fetchval(
+            "SELECT sum(remaining_points)::bigint FROM lots WHERE member_id = $1 AND state = 1 AND expires_at = $2",
+            member_id, r["next_expiry"])
+    return result
+
+
+_ENTRY_COLUMNS = """entry_id, member_id, type, points, qualifying_delta, posted_balance_after, source,
+    source_event_id, order_id, redemption_id, case_id, dispute_id, related_entry_id, lot_ids, lot_points, reason,
+    reason_code, actor, request_id, earning_rules_version, available_at, created_at, operator_id"""
+
+
+def entry_of(r: asyncpg.Record) -> ledger_pb2.LedgerEntry:
+    entry = ledger_pb2.LedgerEntry(
+        entry_id=str(r["entry_id"]), member_id=r["member_id"], type=r["type"], points=r["points"],
+        qualifying_points=r["qualifying_delta"], posted_balance_after=r["posted_balance_after"], source=r["source"],
+        source_event_id=r["source_event_id"] or "", order_id=r["order_id"] or "",
+        redemption_id=r["redemption_id"] or "", case_id=r["case_id"] or "", dispute_id=r["dispute_id"] or "",
+        related_entry_id=str(r["related_entry_id"] or ""), reason=r["reason"], reason_code=r["reason_code"],
+        actor=r["actor"], request_id=r["request_id"], earning_rules_version=r["earning_rules_version"],
+        operator_id=r["operator_id"])
+    for lot_id, points in zip(r["lot_ids"] or (), r["lot_points"] or (), strict=True):
+        entry.lot_movements.add(lot_id=str(lot_id), points=points)
+    if r["available_at"] is not None:
+        entry.available_at.FromDatetime(r["available_at"])
+    entry.created_at.FromDatetime(r["created_at"])
+    return entry
+
+
+async def entries_by_id(conn: DbConnection, member_id: str, entry_ids: list[int]) -> list[ledger_pb2.LedgerEntry]:
+    rows = await conn.fetch(f"SELECT {_ENTRY_COLUMNS} FROM ledger_entries WHERE member_id = $1"
+                            " AND entry_id = ANY($2::bigint[]) ORDER BY entry_id", member_id, entry_ids)
+    return [entry_of(r) for r in rows]
+
+
+async def list_entries(conn: DbConnection, request: rewards_pb2.ListLedgerEntriesRequest
+                       ) -> rewards_pb2.ListLedgerEntriesResponse:
+    size = paging.page_size(request.page_size)
+    after = paging.decode(request, 1)
+    rows = await conn.fetch(
+        f"""SELECT {_ENTRY_COLUMNS} FROM ledger_entries
+             WHERE member_id = $1 AND ($2::bigint IS NULL OR entry_id < $2)
+               AND (cardinality($3::smallint[]) = 0 OR type = ANY($3))
+               AND ($4::timestamptz IS NULL OR created_at >= $4) AND ($5::timestamptz IS NULL OR created_at < $5)
+               AND ($6 = '' OR source_event_id = $6) AND ($7 = '' OR order_id = $7)
+             ORDER BY entry_id DESC LIMIT $8""",
+        request.member_id, after[0] if after else None, list(request.types),
+        request.start_time.ToDatetime(UTC) if request.HasField("start_time") else None,
+        request.end_time.ToDatetime(UTC) if request.HasField("end_time") else None,
+        request.source_event_id, request.order_id, size + 1)
+    page, more = paging.split(rows, size)
+    response = rewards_pb2.ListLedgerEntriesResponse(entries=[entry_of(r) for r in page])
+    if more:
+        response.next_page_token = paging.encode([page[-1]["entry_id"]], request)
+    return response
+
+
+async def list_lots(conn: DbConnection, request: rewards_pb2.ListLotsRequest) -> rewards_pb2.ListLotsResponse:
+    size = paging.page_size(request.page_size)
+    after = paging.decode(request, 3)
+    states = list(request.states) or [LOT.LOT_STATE_OPEN]
+    rows = await conn.fetch(
+        """SELECT lot_id, member_id, source_entry_id, source_event_id, original_points, remaining_points, earned_at,
+                  expires_at, state FROM lots
+            WHERE member_id = $1 AND state = ANY($2::smallint[])
+              AND ($3::timestamptz IS NULL OR (expires_at, earned_at, lot_id) > ($3, $4::timestamptz, $5::bigint))
+            ORDER BY expires_at, earned_at, lot_id LIMIT $6""",
+        request.member_id, states, datetime.fromisoformat(after[0]) if after else None,
+        datetime.fromisoformat(after[1]) if after else None, after[2] if after else None, size + 1)
+    page, more = paging.split(rows, size)
+    response = rewards_pb2.ListLotsResponse()
+    for r in page:
+        lot = response.lots.add(lot_id=str(r["lot_id"]), member_id=r["member_id"],
+                                source_entry_id=str(r["source_entry_id"]), source_event_id=r["source_event_id"] or "",
+                                original_points=r["original_points"], remaining_points=r["remaining_points"],
+                                state=r["state"])
+        lot.earned_at.FromDatetime(r["earned_at"])
+        lot.expires_at.FromDatetime(r["expires_at"])
+    if more:
+        last = page[-1]
+        response.next_page_token = paging.encode(
+            [last["expires_at"].isoformat(), last["earned_at"].isoformat(), last["lot_id"]], request)
+    return response
+
+
+async def list_expiring(conn: DbConnection, request: rewards_pb2.ListExpiringPointsRequest,
+                        rules: earning_pb2.EarningRuleSet, now: datetime) -> rewards_pb2.ListExpiringPointsResponse:
+    size = paging.page_size(request.page_size)
+    after = paging.decode(request, 1)
+    horizon = request.end_time.ToDatetime(UTC) if request.HasField("end_time") else now + expiring_soon_notice(
+        rules.expiry)
+    if horizon.tzinfo is None:
+        horizon = horizon.replace(tzinfo=now.tzinfo)
+    rows = await conn.fetch(
+        """SELECT expires_at, sum(remaining_points)::bigint AS points, count(*) AS lots FROM lots
+            WHERE member_id = $1 AND state = 1 AND expires_at < $2
+              AND ($3::timestamptz IS NULL OR expires_at > $3)
+            GROUP BY expires_at ORDER BY expires_at LIMIT $4""",
+        request.member_id, horizon, datetime.fromisoformat(after[0]) if after else None, size + 1)
+    total = await conn.fetchval("SELECT coalesce(sum(remaining_points), 0)::bigint FROM lots"
+                                " WHERE member_id = $1 AND state = 1 AND expires_at < $2", request.member_id, horizon)
+    page, more = paging.split(rows, size)
+    response = rewards_pb2.ListExpiringPointsResponse(total_points=total)
+    for r in page:
+        item = response.expiring_points.add(points=r["points"], lot_count=r["lots"])
+        item.expires_at.FromDatetime(r["expires_at"])
+    if more:
+        response.next_page_token = paging.encode([page[-1]["expires_at"].isoformat()], request)
+    return response
