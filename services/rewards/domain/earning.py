@@ -135,13 +135,17 @@ def _browse_points(rules: earning_pb2.EarningRuleSet, accrual: earning_pb2.Accru
     return _apply_cap(points, rules.browse_points_daily_cap, member.browse_points_today, _BROWSE_DAILY, applied)
 
 
-def _tier_multiplier_bps(rules: earning_pb2.EarningRuleSet, tier_id: str) -> int:
+def tier_multiplier_bps(rules: earning_pb2.EarningRuleSet, tier_id: str) -> int:
     """The multiplier of the member's tier; 1x for no tier or a tier the rules do not list."""
     if tier_id:
         for tier in rules.tier_multipliers:
             if tier.tier_id == tier_id:
                 return tier.multiplier_bps
     return ONE_X_BPS
+
+
+# The name service_layer/tiers.py imports today; remove once it imports tier_multiplier_bps.
+_tier_multiplier_bps = tier_multiplier_bps
 
 
 def _campaign_matches(campaign: earning_pb2.Campaign, accrual: earning_pb2.Accrual, member: MemberContext) -> bool:
@@ -231,7 +235,7 @@ def compute_points(rules: earning_pb2.EarningRuleSet, accrual: earning_pb2.Accru
     base = breakdown.spend_points + breakdown.purchase_points + breakdown.browse_points
     breakdown.base_points = base
     breakdown.tier_id = member.tier_id
-    breakdown.tier_multiplier_bps = _tier_multiplier_bps(rules, member.tier_id)
+    breakdown.tier_multiplier_bps = tier_multiplier_bps(rules, member.tier_id)
     breakdown.tiered_points = base * breakdown.tier_multiplier_bps // ONE_X_BPS
     for campaign in rules.campaigns:
         if _campaign_matches(campaign, accrual, member):

@@ -112,7 +112,7 @@ def _duration_violations(duration: duration_pb2.Duration, where: str, low: int, 
     not a canonical value; JSON cannot even render it, so it is refused rather than guessed at.
     """
     seconds, nanos = duration.seconds, duration.nanos
-    if abs(nanos) >= _NANOS_PER_SECOND  or (seconds < 0 < nanos):
+    if abs(nanos) >= _NANOS_PER_SECOND or (seconds > 0 > nanos) or (seconds < 0 < nanos):
         return [FieldViolation(where, "must be normalised: seconds and nanos of the same sign, |nanos| < 1e9")]
     total = duration.ToNanoseconds()
     if total < low:
