@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import Awaitable, Callable
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +20,7 @@ from loyalty.risk.v1 import risk_pb2, risk_pb2_grpc
 from services.rewards.adapters import rules_repo
 from services.rewards.adapters.risk_gate import GrpcRiskGate
 from services.rewards.entrypoints.grpc_api import PACKAGE, RewardsServicer
+from services.rewards.service_layer import operations
 from services.rewards.settings import get_rewards_settings
 
 SERVICE_DIR = Path(__file__).resolve().parent
@@ -59,7 +61,7 @@ def build_spec() -> ServiceSpec:
 
     async def on_ready(runtime: Runtime) -> None:
         """Seed the default earning rules on a fresh installation, then start the jobs: gate
-        re-assessment of held credits, posting of pending credits."""
+        re-assessment of held credits, posting of pending credits, expiry of lots."""
         async with runtime.pool.acquire() as conn:
             await rules_repo.seed_default(conn)
         for servicer in servicers:
@@ -68,6 +70,12 @@ def build_spec() -> ServiceSpec:
                 run_job("gate-retry", holds.retry_gate_once, settings.jobs_interval_s), name="rewards-gate-retry"))
             runtime.background.append(asyncio.create_task(
                 run_job("pending", holds.post_pending_once, settings.jobs_interval_s), name="rewards-pending"))
+
+        async def expire_once() -> int:
+            return await operations.expire_batch(runtime.pool, datetime.now(UTC), operations.ExpiryTotals())
+
+        runtime.background.append(asyncio.create_task(run_job("expiry", expire_once, settings.expiry_interval_s),
+                                                      name="rewards-expiry"))
         runtime.background.append(asyncio.create_task(_close_on_cancel(channels), name="rewards-channels"))
 
     return ServiceSpec(

@@ -21,6 +21,8 @@ class RewardsSettings(BaseSettings):
     # interval, and the longest back-off between re-assessments of one held credit.
     jobs_interval_s: float = Field(default=1.0, gt=0, le=3600)
     gate_retry_backoff_max_s: float = Field(default=60.0, gt=0, le=3600)
+    # How often the expiry job looks for lots past their expiry date (RunExpiry runs it on demand).
+    expiry_interval_s: float = Field(default=60.0, gt=0, le=86400)
 
     @property
     def zone(self) -> ZoneInfo:

@@ -247,11 +247,13 @@ class LedgerTx:
         self.entries.append(entry)
         return entry
 
-    def new_lot(self, entry: Entry, points: int, earned_at: datetime, expires_at: datetime) -> int:
-        """Create the lot of a posted credit. The credit pays the member's debt first: the lot keeps
+    def new_lot(self, entry: Entry, points: int, earned_at: datetime, expires_at: datetime,
+                debt: int | None = None) -> int:
+        """Create a lot of a posted credit. The credit pays the member's debt first: the lot keeps
         what is left (it is born consumed when the debt takes it all). Call after staging `entry`,
-        whose posted balance already includes the credit."""
-        debt_before = max(0, -(entry.posted_balance_after - points))
+        whose posted balance already includes the credit; `debt` is the debt still to pay before
+        this lot when one entry creates several lots (default: the debt before the entry)."""
+        debt_before = max(0, -(entry.posted_balance_after - points)) if debt is None else debt
         remaining = max(0, points - debt_before)
         lot_id = self._next(self._lot_ids, "lot")
         self.new_lots.append(Lot(entry.member_id, lot_id, entry.entry_id, entry.source_event_id, points, remaining,

@@ -9,17 +9,20 @@ from typing import Any
 from libs import errors, paging
 from libs.auth import actor
 from libs.db import DbConnection
-from libs.idempotency import run_once_in_transaction
+from libs.errors import FieldViolation
+from libs.idempotency import payload_digest, run_once_in_transaction
 from libs.server import Runtime
 from loyalty.rewards.v1 import rewards_pb2
 from services.rewards.adapters import accruals_repo, rules_repo
+from services.rewards.adapters.ledger import LedgerTx
 from services.rewards.adapters.rules_repo import RulesCache
 from services.rewards.domain.earning import MemberContext, compute_points
 from services.rewards.domain.expiry import programme_day
 from services.rewards.domain.rules import accrual_violations, rule_set_violations
-from services.rewards.service_layer import queries
+from services.rewards.service_layer import operations, queries, reversals
 from services.rewards.service_layer.accrue import Accruer, Usage
 from services.rewards.service_layer.holds import Holds
+from services.rewards.service_layer.reconcile import reconcile
 from services.rewards.settings import RewardsSettings
 
 audit = logging.getLogger("loyalty.audit")
@@ -163,3 +166,91 @@ class LedgerApi:
         async with self.runtime.pool.acquire() as conn:
             rules = await self.rules.active(conn)
             return await queries.list_expiring(conn, request, rules, datetime.now(UTC))
+
+    # ---- refunds, expiry and operator corrections -----------------------------------------------
+
+    async def ReverseOrder(self, request: rewards_pb2.ReverseOrderRequest, context: Any
+                           ) -> rewards_pb2.ReverseOrderResponse:
+        if request.refunded_amount.amount_minor <= 0:
+            raise errors.invalid_argument([FieldViolation("refunded_amount.amount_minor", "must be positive")])
+        now = datetime.now(UTC)
+        digest = payload_digest(request)
+        async with self.runtime.pool.acquire() as conn, conn.transaction():
+            tx = LedgerTx(conn, now, actor())
+            await tx.lock([request.member_id])
+            stored = await reversals.stored_reversal(conn, request.member_id, request.source_event_id, digest)
+            if stored is None:
+                survivor = (await accruals_repo.survivors(conn, [request.member_id]))[request.member_id]
+                stored = await reversals.stored_reversal(conn, survivor, request.source_event_id, digest)
+            if stored is not None:
+                return rewards_pb2.ReverseOrderResponse(reversal=stored)
+            reversal = await reversals.reverse(tx, conn, reversals.RefundRequest(
+                member_id=request.member_id, source_event_id=request.source_event_id, order_id=request.order_id,
+                refunded=request.refunded_amount,
+                occurred_at=request.occurred_at.ToDatetime(UTC) if request.HasField("occurred_at") else now,
+                reason=request.reason, digest=digest), self.settings.zone)
+        points = reversal.posted_points_reversed + reversal.unposted_points_reversed
+        audit.info("order reversed", extra={"actor": actor(), "member_id": reversal.member_id,
+                                            "order_id": request.order_id, "points": points})
+        return rewards_pb2.ReverseOrderResponse(reversal=reversal)
+
+    async def RunExpiry(self, request: rewards_pb2.RunExpiryRequest, context: Any) -> rewards_pb2.RunExpiryResponse:
+        now = datetime.now(UTC)
+        as_of = request.as_of.ToDatetime(UTC) if request.HasField("as_of") else now
+        if as_of > now:
+            raise errors.invalid_argument([FieldViolation("as_of", "must not be in the future")])
+        pool = self.runtime.pool
+        async with pool.acquire() as conn:
+            rules = await self.rules.active(conn)
+        run = await operations.run_expiry(pool, request.request_id, as_of, rules, now)
+        audit.info("expiry run", extra={"actor": actor(), "request_id": request.request_id,
+                                        "lots_expired": run.lots_expired, "points_expired": run.points_expired})
+        return rewards_pb2.RunExpiryResponse(run=run)
+
+    async def AdjustPoints(self, request: rewards_pb2.AdjustPointsRequest, context: Any
+                           ) -> rewards_pb2.AdjustPointsResponse:
+        if request.points == 0:
+            raise errors.invalid_argument([FieldViolation("points", "must not be zero")])
+
+        async def adjust(conn: DbConnection) -> rewards_pb2.AdjustPointsResponse:
+            rules = await self.rules.active(conn)
+            response = await operations.adjust(conn, LedgerTx(conn, datetime.now(UTC), actor()), request, rules,
+                                               self.settings.zone)
+            audit.info("points adjusted", extra={"actor": actor(), "member_id": request.member_id,
+                                                 "points": request.points, "operator_id": request.operator_id,
+                                                 "reason_code": request.reason_code})
+            return response
+
+        return await run_once_in_transaction(self.runtime.pool, "AdjustPoints", request,
+                                             rewards_pb2.AdjustPointsResponse, adjust)
+
+    async def TransferPoints(self, request: rewards_pb2.TransferPointsRequest, context: Any
+                             ) -> rewards_pb2.TransferPointsResponse:
+        async def transfer(conn: DbConnection) -> rewards_pb2.TransferPointsResponse:
+            response = await operations.transfer(conn, LedgerTx(conn, datetime.now(UTC), actor()), request)
+            audit.info("points transferred", extra={"actor": actor(), "from_member_id": request.from_member_id,
+                                                    "to_member_id": request.to_member_id, "points": request.points,
+                                                    "operator_id": request.operator_id})
+            return response
+
+        return await run_once_in_transaction(self.runtime.pool, "TransferPoints", request,
+                                             rewards_pb2.TransferPointsResponse, transfer)
+
+    async def MergeMemberLedgers(self, request: rewards_pb2.MergeMemberLedgersRequest, context: Any
+                                 ) -> rewards_pb2.MergeMemberLedgersResponse:
+        async def merge(conn: DbConnection) -> rewards_pb2.MergeMemberLedgersResponse:
+            response = await operations.merge(conn, LedgerTx(conn, datetime.now(UTC), actor()), request)
+            audit.info("member ledgers merged", extra={
+                "actor": actor(), "survivor_member_id": request.survivor_member_id,
+                "duplicate_member_id": request.duplicate_member_id, "points": response.merge.points_moved})
+            return response
+
+        return await run_once_in_transaction(self.runtime.pool, "MergeMemberLedgers", request,
+                                             rewards_pb2.MergeMemberLedgersResponse, merge)
+
+    async def Reconcile(self, request: rewards_pb2.ReconcileRequest, context: Any) -> rewards_pb2.ReconcileResponse:
+        pool = self.runtime.pool
+        async with pool.acquire() as conn:
+            rules = await self.rules.active(conn)
+        return rewards_pb2.ReconcileResponse(report=await reconcile(pool, request, rules, self.settings.zone,
+                                                                    datetime.now(UTC)))
