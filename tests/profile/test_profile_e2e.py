@@ -24,6 +24,8 @@ from loyalty.common.v1 import types_pb2
 from loyalty.profile.v1 import event_pb2, member_pb2
 from loyalty.profile.v1 import profile_service_pb2 as pb
 from loyalty.profile.v1.profile_service_pb2_grpc import ProfileServiceStub
+from loyalty.rewards.v1 import rewards_pb2
+from loyalty.rewards.v1.rewards_pb2_grpc import RewardsServiceStub
 from tests.profile.conftest import Events
 from tests.support.processes import RunningProcess, start_module
 from tools.supervisor import health_status
@@ -364,25 +366,27 @@ async def test_feature_catalogue_stream_and_batch(stub: ProfileServiceStub, stor
 # ---- Outbox ------------------------------------------------------------------------------------
 
 
-async def test_outbox_status_shows_the_backlog_while_rewards_refuses(stub: ProfileServiceStub,
-                                                                     storefront: Any) -> None:
+async def test_recorded_events_are_credited_in_rewards_through_the_outbox(
+        stub: ProfileServiceStub, storefront: Any, services: dict[str, RunningProcess]) -> None:
+    """The first vertical slice: profile stores the events, its relay delivers them to rewards,
+    rewards asks risk and posts the points; the outbox shows them delivered."""
     member = await _create(stub, storefront, _person())
     ev = Events(member.member_id)
     assert (await _record(stub, storefront, ev.purchase(4_200), ev.browse(120))).accepted_count == 2
-    # Every delivery fails and is retried: the session's processes listen on random ports, so this
-    # The session's rewards does not implement Accrue yet: the relay keeps the rows and backs off.
-    deadline = time.monotonic() + 10
-    status = pb.GetOutboxStatusResponse()
-    while time.monotonic() < deadline:
-        status = await stub.GetOutboxStatus(pb.GetOutboxStatusRequest(), metadata=storefront, timeout=CALL_TIMEOUT_S)
-        if status.pending_count >= 2 and status.last_error and status.retrying_count:
-            break
-        await asyncio.sleep(0.2)
-    assert status.pending_count >= 2 and status.retrying_count >= 1, status
-    assert status.last_error == "UNIMPLEMENTED: rewards did not accept the batch", status.last_error
-    assert status.max_attempts >= 1 and status.oldest_pending_age.ToTimedelta() > timedelta(0)
-    accruals = {k.kind: k for k in status.by_kind}[pb.OUTBOX_MESSAGE_KIND_ACCRUAL]
-    assert accruals.pending_count >= 2
+    async with grpc.aio.insecure_channel(services["rewards"].address) as channel:
+        rewards = RewardsServiceStub(channel)
+        deadline = time.monotonic() + 20
+        posted = 0
+        while time.monotonic() < deadline:
+            balance = await rewards.GetBalance(rewards_pb2.GetBalanceRequest(member_id=member.member_id),
+                                               metadata=storefront, timeout=CALL_TIMEOUT_S)
+            posted = balance.balance.posted_points
+            if posted:
+                break
+            await asyncio.sleep(0.1)
+    assert posted == 42 + 5 + 2  # 1 point per yuan + 5 per purchase + 1 per browse minute
+    status = await stub.GetOutboxStatus(pb.GetOutboxStatusRequest(), metadata=storefront, timeout=CALL_TIMEOUT_S)
+    assert status.delivered_count >= 2 and status.last_error == "", status
 
 
 # ---- MergeMembers ------------------------------------------------------------------------------
