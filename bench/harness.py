@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import asyncio
 import time
-from collections.abc import Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from contextlib import AbstractContextManager, contextmanager
 from pathlib import Path
+
+import grpc
+import numpy as np
 
 from libs.auth import ensure_dev_tokens
 from tests.support.database import throwaway_database
@@ -46,3 +50,39 @@ class Timer:
 
     def __exit__(self, *exc: object) -> None:
         self.seconds = time.perf_counter() - self.started
+
+
+def percentile(values: list[float], q: float) -> float:
+    return float(np.percentile(np.array(values), q))
+
+
+async def paced(call: Callable[[], Awaitable[object]], rate: float, seconds: float) -> dict[str, float]:
+    """Start `call` `rate` times a second for `seconds` (open loop: each latency counts from the call's
+    scheduled start, so a stall is not hidden); p50 / p99 / max and the errors."""
+    total = int(rate * seconds)
+    latencies: list[float] = []
+    errors = 0
+    in_flight: set[asyncio.Task[None]] = set()
+    start = time.perf_counter()
+
+    async def one(scheduled: float) -> None:
+        nonlocal errors
+        try:
+            await call()
+            latencies.append((time.perf_counter() - scheduled) * 1e3)
+        except grpc.aio.AioRpcError:
+            errors += 1
+
+    for i in range(total):
+        scheduled = start + i / rate
+        delay = scheduled - time.perf_counter()
+        if delay > 0:
+            await asyncio.sleep(delay)
+        task = asyncio.create_task(one(scheduled))
+        in_flight.add(task)
+        task.add_done_callback(in_flight.discard)
+    await asyncio.gather(*in_flight)
+    elapsed = time.perf_counter() - start
+    return {"calls": total, "errors": errors, "achieved_per_s": len(latencies) / elapsed,
+            "p50_ms": percentile(latencies, 50), "p99_ms": percentile(latencies, 99),
+            "max_ms": max(latencies) if latencies else float("nan")}

@@ -33,7 +33,7 @@ import asyncpg
 import grpc
 import numpy as np
 
-from bench.harness import Timer, database, service
+from bench.harness import Timer, database, paced, percentile, service
 from libs.auth import ensure_dev_tokens
 from loyalty.common.v1 import types_pb2
 from loyalty.risk.v1 import models_pb2, risk_pb2, risk_pb2_grpc
@@ -43,10 +43,6 @@ from services.risk.domain.forest import CompiledForest, train_forest
 from services.risk.domain.lists import ListIndex
 from services.risk.service_layer.rulesets import compile_rule_set, default_rule_set
 from tests.support.processes import free_port
-
-
-def percentile(values: list[float], q: float) -> float:
-    return float(np.percentile(np.array(values), q))
 
 
 def synthetic_rows(n: int, seed: int = 3) -> np.ndarray:
@@ -128,36 +124,11 @@ def accrual_request(rng: random.Random, now: datetime, members: int) -> risk_pb2
     return request
 
 
-async def paced(stub: risk_pb2_grpc.RiskServiceStub, md: tuple[tuple[str, str]], rate: float, seconds: float,
-                members: int) -> dict[str, float]:
+async def paced_assessments(stub: risk_pb2_grpc.RiskServiceStub, md: tuple[tuple[str, str]], rate: float,
+                            seconds: float, members: int) -> dict[str, float]:
     rng = random.Random(11)
-    total = int(rate * seconds)
-    latencies: list[float] = []
-    errors = 0
-    in_flight: set[asyncio.Task[None]] = set()
-    start = time.perf_counter()
-
-    async def one(scheduled: float) -> None:
-        nonlocal errors
-        try:
-            await stub.AssessAccrual(accrual_request(rng, datetime.now(UTC), members), metadata=md, timeout=5)
-            latencies.append((time.perf_counter() - scheduled) * 1e3)
-        except grpc.aio.AioRpcError:
-            errors += 1
-
-    for i in range(total):
-        scheduled = start + i / rate
-        delay = scheduled - time.perf_counter()
-        if delay > 0:
-            await asyncio.sleep(delay)
-        task = asyncio.create_task(one(scheduled))
-        in_flight.add(task)
-        task.add_done_callback(in_flight.discard)
-    await asyncio.gather(*in_flight)
-    elapsed = time.perf_counter() - start
-    return {"calls": total, "errors": errors, "achieved_per_s": len(latencies) / elapsed,
-            "p50_ms": percentile(latencies, 50), "p99_ms": percentile(latencies, 99),
-            "max_ms": max(latencies)}
+    return await paced(lambda: stub.AssessAccrual(accrual_request(rng, datetime.now(UTC), members), metadata=md,
+                                                  timeout=5), rate, seconds)
 
 
 async def baseline_round_trip(stub: risk_pb2_grpc.RiskServiceStub, md: tuple[tuple[str, str]], n: int = 500
@@ -240,7 +211,7 @@ async def over_grpc(dsn: str, state_dir: Path, forest: CompiledForest, args: arg
                 activate=True), metadata=md)
             await batches(stub, md, 2, args.members)  # warm up: plans cached, members known
             base = await baseline_round_trip(stub, md)
-            sustained = await paced(stub, md, args.rate, args.seconds, args.members)
+            sustained = await paced_assessments(stub, md, args.rate, args.seconds, args.members)
             batch_rate = await batches(stub, md, args.batches, args.members, args.streams)
     copy_rate = await raw_copy(dsn, args.batches * 1_000)
     print(f"gRPC AssessAccrual at {args.rate:.0f}/s for {args.seconds:.0f} s: {sustained['calls']:.0f} calls, "
