@@ -15,12 +15,14 @@ import asyncpg
 from libs.clients import open_channel
 from libs.contracts import package_modules, service_descriptors
 from libs.server import Runtime, ServiceSpec
+from loyalty.profile.v1 import profile_service_pb2, profile_service_pb2_grpc
 from loyalty.rewards.v1 import rewards_pb2_grpc
 from loyalty.risk.v1 import risk_pb2, risk_pb2_grpc
 from services.rewards.adapters import rules_repo
+from services.rewards.adapters.benefits_birthdays import ProfileBirthMonths
 from services.rewards.adapters.risk_gate import GrpcRiskGate
 from services.rewards.entrypoints.grpc_api import PACKAGE, RewardsServicer
-from services.rewards.service_layer import operations
+from services.rewards.service_layer import operations, redemptions
 from services.rewards.settings import get_rewards_settings
 
 SERVICE_DIR = Path(__file__).resolve().parent
@@ -53,15 +55,19 @@ def build_spec() -> ServiceSpec:
                                service_descriptors([risk_pb2]), token=runtime.client_token)
         channels.append(channel)
         gate = GrpcRiskGate(risk_pb2_grpc.RiskServiceStub(channel), settings.risk_deadline_ms / 1000)
+        profile = open_channel(runtime.settings.addr_for("profile"), runtime.settings,
+                               service_descriptors([profile_service_pb2]), token=runtime.client_token)
+        channels.append(profile)
+        birth_months = ProfileBirthMonths(profile_service_pb2_grpc.ProfileServiceStub(profile))
         # The governance RPCs (audit trail, disputes) are not built yet: the generated base answers
         # them UNIMPLEMENTED, which is why the class still has abstract methods for mypy.
-        servicer = RewardsServicer(runtime, gate)  # type: ignore[abstract]
+        servicer = RewardsServicer(runtime, gate, birth_months)  # type: ignore[abstract]
         servicers.append(servicer)
         rewards_pb2_grpc.add_RewardsServiceServicer_to_server(servicer, server)
 
     async def on_ready(runtime: Runtime) -> None:
         """Seed the default earning rules on a fresh installation, then start the jobs: gate
-        re-assessment of held credits, posting of pending credits, expiry of lots."""
+        re-assessment of held credits, posting of pending credits, lapsed reservations, expiry of lots."""
         async with runtime.pool.acquire() as conn:
             await rules_repo.seed_default(conn)
         for servicer in servicers:
@@ -70,6 +76,10 @@ def build_spec() -> ServiceSpec:
                 run_job("gate-retry", holds.retry_gate_once, settings.jobs_interval_s), name="rewards-gate-retry"))
             runtime.background.append(asyncio.create_task(
                 run_job("pending", holds.post_pending_once, settings.jobs_interval_s), name="rewards-pending"))
+
+        runtime.background.append(asyncio.create_task(
+            run_job("reservation-expiry", lambda: redemptions.expire_reservations_once(runtime.pool),
+                    settings.jobs_interval_s), name="rewards-reservation-expiry"))
 
         async def expire_once() -> int:
             return await operations.expire_batch(runtime.pool, datetime.now(UTC), operations.ExpiryTotals())

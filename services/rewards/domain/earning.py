@@ -144,8 +144,6 @@ def tier_multiplier_bps(rules: earning_pb2.EarningRuleSet, tier_id: str) -> int:
     return ONE_X_BPS
 
 
-# The name service_layer/tiers.py imports today; remove once it imports tier_multiplier_bps.
-_tier_multiplier_bps = tier_multiplier_bps
 
 
 def _campaign_matches(campaign: earning_pb2.Campaign, accrual: earning_pb2.Accrual, member: MemberContext) -> bool:

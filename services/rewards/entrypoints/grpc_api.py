@@ -6,10 +6,12 @@ from typing import Any
 
 from libs.server import Runtime
 from loyalty.rewards.v1 import rewards_pb2_grpc
+from services.rewards.adapters.benefits_birthdays import BirthMonths
 from services.rewards.adapters.risk_gate import RiskGate
 from services.rewards.adapters.rules_repo import RulesCache
 from services.rewards.entrypoints.benefits_api import BenefitsApi
 from services.rewards.entrypoints.ledger_api import LedgerApi
+from services.rewards.entrypoints.redemptions_api import RedemptionsApi
 from services.rewards.entrypoints.tiers_api import TiersApi
 from services.rewards.service_layer.accrue import Accruer
 from services.rewards.service_layer.holds import Holds
@@ -18,9 +20,10 @@ from services.rewards.settings import get_rewards_settings
 PACKAGE = "loyalty.rewards.v1"
 
 
-class RewardsServicer(LedgerApi, TiersApi, BenefitsApi, rewards_pb2_grpc.RewardsServiceServicer):
-    def __init__(self, runtime: Runtime, gate: RiskGate) -> None:
+class RewardsServicer(LedgerApi, RedemptionsApi, TiersApi, BenefitsApi, rewards_pb2_grpc.RewardsServiceServicer):
+    def __init__(self, runtime: Runtime, gate: RiskGate, birth_months: BirthMonths) -> None:
         self.runtime = runtime
+        self.birth_months = birth_months
         self.settings = get_rewards_settings()
         self.rules = RulesCache()
 

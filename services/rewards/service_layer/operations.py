@@ -129,6 +129,10 @@ async def merge(conn: DbConnection, tx: LedgerTx, request: rewards_pb2.MergeMemb
     re-pointed, so refunds and hold resolutions of its orders reach the survivor. Qualifying
     points are read through the merge (see queries.balance), so their window is kept."""
     _same_member(request.survivor_member_id, request.duplicate_member_id, "duplicate_member_id")
+    # Open reservations move too: lock them before the accounts, in the order Confirm, Release and
+    # the reservation job use, so a merge never deadlocks with them.
+    await conn.execute("SELECT 1 FROM redemptions WHERE member_id = $1 AND state = 2 ORDER BY redemption_id"
+                       " FOR UPDATE", request.duplicate_member_id)
     accounts = await tx.lock([request.survivor_member_id, request.duplicate_member_id])
     survivor, duplicate = accounts[request.survivor_member_id], accounts[request.duplicate_member_id]
     result = ledger_pb2.LedgerMerge(duplicate_member_id=duplicate.member_id, survivor_member_id=survivor.member_id)
