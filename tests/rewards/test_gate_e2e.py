@@ -16,7 +16,6 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse, urlunparse
 
-import asyncpg
 import grpc
 import pytest
 
@@ -26,6 +25,7 @@ from loyalty.risk.v1 import cases_pb2, risk_pb2
 from loyalty.risk.v1.risk_pb2_grpc import RiskServiceStub
 from tests.rewards.conftest import purchase, uid
 from tests.rewards.test_accrue import accrue, balance
+from tests.support.database import admin_sql
 from tests.support.processes import RunningProcess, free_port, start_module
 
 OUTCOME = earning_pb2.AccrualOutcome
@@ -46,18 +46,10 @@ class Stack:
         return process
 
 
-async def _admin(dsn: str, sql: str) -> None:
-    connection = await asyncpg.connect(dsn)
-    try:
-        await connection.execute(sql)
-    finally:
-        await connection.close()
-
-
 @pytest.fixture(scope="module")
 def stack(pg_dsn: str, service_env: dict[str, str], state_dir: Path) -> Iterator[Stack]:
     name = f"loyalty_gate_{secrets.token_hex(4)}"
-    asyncio.run(_admin(pg_dsn, f'CREATE DATABASE "{name}"'))
+    asyncio.run(admin_sql(pg_dsn, f'CREATE DATABASE "{name}"'))
     rewards_port, risk_port = free_port(), free_port()
     env = dict(service_env, DATABASE_URL=urlunparse(urlparse(pg_dsn)._replace(path=f"/{name}")),
                LOYALTY_RISK_ADDR=f"127.0.0.1:{risk_port}", LOYALTY_REWARDS_ADDR=f"127.0.0.1:{rewards_port}",
@@ -67,7 +59,7 @@ def stack(pg_dsn: str, service_env: dict[str, str], state_dir: Path) -> Iterator
     try:
         yield Stack(env, state_dir / "logs", rewards_port, risk_port)
     finally:
-        asyncio.run(_admin(pg_dsn, f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+        asyncio.run(admin_sql(pg_dsn, f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
 
 
 @contextlib.asynccontextmanager

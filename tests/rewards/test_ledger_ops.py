@@ -198,3 +198,21 @@ async def test_reconcile_finds_a_tampered_balance(rewards: RewardsServiceStub, a
         assert ledger_pb2.DISCREPANCY_KIND_POSTED_BALANCE in kinds and ledger_pb2.DISCREPANCY_KIND_LOTS in kinds
     finally:
         await rewards_pool.execute("UPDATE accounts SET posted = posted - 7 WHERE member_id = $1", member)
+
+
+async def test_merges_of_a_chain_arriving_out_of_order_end_in_the_last_survivor(rewards: RewardsServiceStub,
+                                                                                admin: Any, reader: Any) -> None:
+    first, second, last = uid("m"), uid("m"), uid("m")
+    for member in (first, second, last):
+        await adjust(rewards, admin, member, 100)
+
+    def merge(survivor: str, duplicate: str) -> rewards_pb2.MergeMemberLedgersRequest:
+        return rewards_pb2.MergeMemberLedgersRequest(request_id=uid("mg"), survivor_member_id=survivor,
+                                                     duplicate_member_id=duplicate, reason="chain")
+
+    await rewards.MergeMemberLedgers(merge(last, second), metadata=admin)  # second -> last arrives first
+    late = (await rewards.MergeMemberLedgers(merge(second, first), metadata=admin)).merge  # then first -> second
+    assert late.survivor_member_id == last and late.points_moved == 100
+    assert (await balance(rewards, reader, last)).posted_points == 300
+    assert (await balance(rewards, reader, first)).merged_into_member_id == last
+    await reconciled(rewards, admin, first, second, last)

@@ -24,7 +24,7 @@ def _with_database(url: str, database: str) -> str:
     return urlunparse(urlparse(url)._replace(path=f"/{database}"))
 
 
-async def _admin(url: str, sql: str) -> None:
+async def admin_sql(url: str, sql: str) -> None:
     connection = await asyncpg.connect(url)
     try:
         await connection.execute(sql)
@@ -38,11 +38,11 @@ def throwaway_database(prefix: str) -> Iterator[str]:
     name = f"{prefix}_{os.getpid()}_{secrets.token_hex(3)}"
     external = os.environ.get("DATABASE_URL")
     if external:
-        asyncio.run(_admin(external, f'CREATE DATABASE "{name}"'))
+        asyncio.run(admin_sql(external, f'CREATE DATABASE "{name}"'))
         try:
             yield _with_database(external, name)
         finally:
-            asyncio.run(_admin(external, f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+            asyncio.run(admin_sql(external, f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
         return
     pgdata = Path(tempfile.mkdtemp(prefix=f"{prefix.replace('_', '-')}-pg-"))
     server = pgserver_handle(pgdata)

@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, TypeVar
+
+from google.protobuf.message import Message
 
 from libs import errors, paging
 from libs.auth import actor
@@ -26,6 +29,7 @@ from services.rewards.service_layer.reconcile import reconcile
 from services.rewards.settings import RewardsSettings
 
 audit = logging.getLogger("loyalty.audit")
+ResponseT = TypeVar("ResponseT", bound=Message)
 
 
 class LedgerApi:
@@ -207,46 +211,46 @@ class LedgerApi:
                                         "lots_expired": run.lots_expired, "points_expired": run.points_expired})
         return rewards_pb2.RunExpiryResponse(run=run)
 
+    async def _ledger_mutation(self, method: str, request: Any, response_type: type[ResponseT],
+                               mutate: Callable[[DbConnection, LedgerTx], Awaitable[ResponseT]],
+                               audit_message: str, audit_fields: Callable[[ResponseT], dict[str, Any]]) -> ResponseT:
+        """An operator mutation of the ledger: once per request id, in one transaction, audited."""
+        async def run(conn: DbConnection) -> ResponseT:
+            response = await mutate(conn, LedgerTx(conn, datetime.now(UTC), actor()))
+            audit.info(audit_message, extra={"actor": actor(), **audit_fields(response)})
+            return response
+
+        return await run_once_in_transaction(self.runtime.pool, method, request, response_type, run)
+
     async def AdjustPoints(self, request: rewards_pb2.AdjustPointsRequest, context: Any
                            ) -> rewards_pb2.AdjustPointsResponse:
         if request.points == 0:
             raise errors.invalid_argument([FieldViolation("points", "must not be zero")])
 
-        async def adjust(conn: DbConnection) -> rewards_pb2.AdjustPointsResponse:
-            rules = await self.rules.active(conn)
-            response = await operations.adjust(conn, LedgerTx(conn, datetime.now(UTC), actor()), request, rules,
-                                               self.settings.zone)
-            audit.info("points adjusted", extra={"actor": actor(), "member_id": request.member_id,
-                                                 "points": request.points, "operator_id": request.operator_id,
-                                                 "reason_code": request.reason_code})
-            return response
+        async def adjust(conn: DbConnection, tx: LedgerTx) -> rewards_pb2.AdjustPointsResponse:
+            return await operations.adjust(conn, tx, request, await self.rules.active(conn), self.settings.zone)
 
-        return await run_once_in_transaction(self.runtime.pool, "AdjustPoints", request,
-                                             rewards_pb2.AdjustPointsResponse, adjust)
+        return await self._ledger_mutation(
+            "AdjustPoints", request, rewards_pb2.AdjustPointsResponse, adjust, "points adjusted",
+            lambda _: {"member_id": request.member_id, "points": request.points, "operator_id": request.operator_id,
+                       "reason_code": request.reason_code})
 
     async def TransferPoints(self, request: rewards_pb2.TransferPointsRequest, context: Any
                              ) -> rewards_pb2.TransferPointsResponse:
-        async def transfer(conn: DbConnection) -> rewards_pb2.TransferPointsResponse:
-            response = await operations.transfer(conn, LedgerTx(conn, datetime.now(UTC), actor()), request)
-            audit.info("points transferred", extra={"actor": actor(), "from_member_id": request.from_member_id,
-                                                    "to_member_id": request.to_member_id, "points": request.points,
-                                                    "operator_id": request.operator_id})
-            return response
-
-        return await run_once_in_transaction(self.runtime.pool, "TransferPoints", request,
-                                             rewards_pb2.TransferPointsResponse, transfer)
+        return await self._ledger_mutation(
+            "TransferPoints", request, rewards_pb2.TransferPointsResponse,
+            lambda conn, tx: operations.transfer(conn, tx, request), "points transferred",
+            lambda _: {"from_member_id": request.from_member_id, "to_member_id": request.to_member_id,
+                       "points": request.points, "operator_id": request.operator_id})
 
     async def MergeMemberLedgers(self, request: rewards_pb2.MergeMemberLedgersRequest, context: Any
                                  ) -> rewards_pb2.MergeMemberLedgersResponse:
-        async def merge(conn: DbConnection) -> rewards_pb2.MergeMemberLedgersResponse:
-            response = await operations.merge(conn, LedgerTx(conn, datetime.now(UTC), actor()), request)
-            audit.info("member ledgers merged", extra={
-                "actor": actor(), "survivor_member_id": request.survivor_member_id,
-                "duplicate_member_id": request.duplicate_member_id, "points": response.merge.points_moved})
-            return response
-
-        return await run_once_in_transaction(self.runtime.pool, "MergeMemberLedgers", request,
-                                             rewards_pb2.MergeMemberLedgersResponse, merge)
+        return await self._ledger_mutation(
+            "MergeMemberLedgers", request, rewards_pb2.MergeMemberLedgersResponse,
+            lambda conn, tx: operations.merge(conn, tx, request), "member ledgers merged",
+            lambda response: {"survivor_member_id": request.survivor_member_id,
+                              "duplicate_member_id": request.duplicate_member_id,
+                              "points": response.merge.points_moved})
 
     async def Reconcile(self, request: rewards_pb2.ReconcileRequest, context: Any) -> rewards_pb2.ReconcileResponse:
         pool = self.runtime.pool

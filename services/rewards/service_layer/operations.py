@@ -15,6 +15,7 @@ import asyncpg
 from libs import errors
 from libs.db import DbConnection
 from loyalty.rewards.v1 import earning_pb2, ledger_pb2, rewards_pb2
+from services.rewards.adapters import accruals_repo
 from services.rewards.adapters.ledger import Account, Entry, LedgerTx
 from services.rewards.domain.expiry import expires_at, expiring_soon_notice
 from services.rewards.service_layer import queries
@@ -133,8 +134,12 @@ async def merge(conn: DbConnection, tx: LedgerTx, request: rewards_pb2.MergeMemb
     # the reservation job use, so a merge never deadlocks with them.
     await conn.execute("SELECT 1 FROM redemptions WHERE member_id = $1 AND state = 2 ORDER BY redemption_id"
                        " FOR UPDATE", request.duplicate_member_id)
-    accounts = await tx.lock([request.survivor_member_id, request.duplicate_member_id])
-    survivor, duplicate = accounts[request.survivor_member_id], accounts[request.duplicate_member_id]
+    # A survivor that was itself merged meanwhile (merges of a chain can arrive in any order) hands
+    # the duplicate on to the member it was merged into.
+    survivor_id = (await accruals_repo.survivors(conn, [request.survivor_member_id]))[request.survivor_member_id]
+    _same_member(survivor_id, request.duplicate_member_id, "duplicate_member_id")
+    accounts = await tx.lock([survivor_id, request.duplicate_member_id])
+    survivor, duplicate = accounts[survivor_id], accounts[request.duplicate_member_id]
     result = ledger_pb2.LedgerMerge(duplicate_member_id=duplicate.member_id, survivor_member_id=survivor.member_id)
     result.merged_at.FromDatetime(tx.now)
     if duplicate.merged_into == survivor.member_id:  # merged before under another request id: nothing to move
