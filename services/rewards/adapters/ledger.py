@@ -107,6 +107,7 @@ class OpenLot:
     lot_id: int
     remaining: int
     expires_at: datetime
+    earned_at: datetime
     taken: int = 0
 
 
@@ -165,12 +166,12 @@ UPDATE accounts SET posted = u.posted, pending = u.pending, held = u.held, reser
 """
 
 _OPEN_LOTS_SQL = """
-SELECT lot_id, remaining_points, expires_at
-  FROM (SELECT lot_id, remaining_points, expires_at,
+SELECT lot_id, remaining_points, expires_at, earned_at
+  FROM (SELECT lot_id, remaining_points, expires_at, earned_at,
                sum(remaining_points) OVER (ORDER BY expires_at, earned_at, lot_id) AS running
           FROM lots WHERE member_id = $1 AND state = 1) AS fifo
  WHERE running - remaining_points < $2
- ORDER BY expires_at, lot_id
+ ORDER BY expires_at, earned_at, lot_id
 """
 
 
@@ -288,7 +289,7 @@ class LedgerTx:
         await self._read_open_lots(member_id, points, first_lot_ids)
         order = [lot for m, lot in self._lots_read.values() if m == member_id and lot.remaining > lot.taken]
         first = {lot_id: i for i, lot_id in enumerate(first_lot_ids)}
-        order.sort(key=lambda lot: (first.get(lot.lot_id, len(first)), lot.expires_at, lot.lot_id))
+        order.sort(key=lambda lot: (first.get(lot.lot_id, len(first)), lot.expires_at, lot.earned_at, lot.lot_id))
         taken: list[tuple[int, int]] = []
         left = points
         for lot in order:
@@ -305,20 +306,22 @@ class LedgerTx:
         transaction already took, plus the named ones; lots staged as new in this transaction count."""
         for lot in self.new_lots:
             if lot.member_id == member_id and lot.state == LOT_OPEN and lot.lot_id not in self._lots_read:
-                self._lots_read[lot.lot_id] = (member_id, OpenLot(lot.lot_id, lot.remaining_points, lot.expires_at))
+                self._lots_read[lot.lot_id] = (member_id, OpenLot(lot.lot_id, lot.remaining_points, lot.expires_at,
+                                                                        lot.earned_at))
         already = sum(lot.remaining - lot.taken for m, lot in self._lots_read.values() if m == member_id)
         rows = list(await self.conn.fetch(_OPEN_LOTS_SQL, member_id, points + already + 1))
         if first_lot_ids:
             rows += await self.conn.fetch(
-                "SELECT lot_id, remaining_points, expires_at FROM lots"
+                "SELECT lot_id, remaining_points, expires_at, earned_at FROM lots"
                 " WHERE member_id = $1 AND lot_id = ANY($2::bigint[]) AND state = 1", member_id, list(first_lot_ids))
         for r in rows:
             if r["lot_id"] not in self._lots_read:
-                self._lots_read[r["lot_id"]] = (member_id, OpenLot(r["lot_id"], r["remaining_points"], r["expires_at"]))
+                self._lots_read[r["lot_id"]] = (member_id, OpenLot(r["lot_id"], r["remaining_points"], r["expires_at"],
+                                                                      r["earned_at"]))
 
     def expire_lot(self, member_id: str, lot_id: int, remaining: int, expires_at: datetime) -> None:
         """Record that a lot's `remaining` points expired (the caller stages the EXPIRY entry)."""
-        self._lots_read[lot_id] = (member_id, OpenLot(lot_id, remaining, expires_at, taken=remaining))
+        self._lots_read[lot_id] = (member_id, OpenLot(lot_id, remaining, expires_at, expires_at, taken=remaining))
         self._expired.add(lot_id)
 
     # ---- writing ---------------------------------------------------------------------------------
@@ -374,7 +377,7 @@ class LedgerTx:
             if remaining <= 0 or lot_id in self._expired:
                 del self._lots_read[lot_id]
             else:
-                self._lots_read[lot_id] = (member_id, OpenLot(lot_id, remaining, lot.expires_at))
+                self._lots_read[lot_id] = (member_id, OpenLot(lot_id, remaining, lot.expires_at, lot.earned_at))
         self._expired.clear()
         self.entries = []
         self.new_lots = []

@@ -1,8 +1,8 @@
 """Reconciliation: prove the ledger adds up, and report what the programme owes.
 
 Checks, per member: each stored balance equals the sum of its entries' deltas; the open lots hold
-exactly the posted balance (none while in debt); reserved points never exceed what is posted; one
-source event credited at most once. Programme-wide: issued + transferred/merged in = outstanding
+exactly the posted balance (none while in debt); reserved points are never negative; one source
+event credited at most once. Programme-wide: issued + transferred/merged in = outstanding
 (posted + pending + held) + voided + expired + redeemed + reversed + adjusted out + transferred/
 merged out. Read-only, in one repeatable-read snapshot."""
 
@@ -81,10 +81,12 @@ async def reconcile(pool: asyncpg.Pool, request: rewards_pb2.ReconcileRequest, r
         for bucket in ("pending", "held", "reserved"):
             _check(found, r["member_id"], K.DISCREPANCY_KIND_UNPOSTED_BALANCE, r[f"e_{bucket}"], r[bucket], bucket)
         _check(found, r["member_id"], K.DISCREPANCY_KIND_LOTS, max(r["posted"], 0), r["lots"], "open lots")
-        if r["reserved"] > max(r["posted"], 0):
+        # Reserved points above the posted balance (lots expired or reversed after the reservation)
+        # are a normal state: available is then 0 and confirming the reservation is refused.
+        if r["reserved"] < 0:
             found.append(ledger_pb2.Discrepancy(member_id=r["member_id"], kind=K.DISCREPANCY_KIND_NEGATIVE_AVAILABLE,
-                                                expected=max(r["posted"], 0), actual=r["reserved"],
-                                                detail="reserved points exceed the posted balance"))
+                                                expected=0, actual=r["reserved"],
+                                                detail="reserved points below zero"))
         totals.outstanding_posted_points += r["posted"]
         totals.pending_points += r["pending"]
         totals.held_points += r["held"]
