@@ -96,6 +96,15 @@ def unimplemented(method: str) -> LoyaltyError:
                         metadata={"method": method})
 
 
+def fill_item_error(target: Any, reason: str, message: str, violations: Sequence[FieldViolation] = ()) -> None:
+    """Fill one batch item's in-band error: every service's ItemError message has `reason`,
+    `message` and `field_violations` (field, description), mirroring ErrorInfo and BadRequest."""
+    target.reason = reason
+    target.message = message
+    for v in violations:
+        target.field_violations.add(field=v.field, description=v.description)
+
+
 _CODE_TO_RPC: dict[grpc.StatusCode, int] = {
     grpc.StatusCode.OK: code_pb2.OK,
     grpc.StatusCode.CANCELLED: code_pb2.CANCELLED,

@@ -75,6 +75,12 @@ async def db(pg_dsn: str) -> AsyncIterator[asyncpg.Connection]:
         await connection.close()
 
 
+@pytest.fixture
+def admin(dev_tokens: dict[str, str]) -> Any:
+    """The development operator's metadata: every scope, pii.read included."""
+    return bearer(dev_tokens["admin"])
+
+
 def bearer(token: str) -> tuple[tuple[str, str]]:
     return (("authorization", f"Bearer {token}"),)
 

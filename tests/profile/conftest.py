@@ -84,10 +84,5 @@ async def stub(services: dict[str, RunningProcess]) -> AsyncIterator[ProfileServ
 
 
 @pytest.fixture
-def admin(dev_tokens: dict[str, str]) -> Any:
-    return bearer(dev_tokens["admin"])  # every scope, pii.read included
-
-
-@pytest.fixture
 def storefront(dev_tokens: dict[str, str]) -> Any:
     return bearer(dev_tokens["storefront"])  # profile.read and profile.write, no pii.read

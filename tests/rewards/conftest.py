@@ -39,11 +39,6 @@ async def rewards(services: dict[str, RunningProcess]) -> AsyncIterator[RewardsS
 
 
 @pytest.fixture
-def admin(dev_tokens: dict[str, str]) -> Any:
-    return bearer(dev_tokens["admin"])  # every scope
-
-
-@pytest.fixture
 def writer(dev_tokens: dict[str, str]) -> Any:
     return bearer(dev_tokens["storefront"])  # rewards.read + rewards.write
 

@@ -23,7 +23,8 @@ from services.rewards.domain.benefits_calendar import period_bounds
 from services.rewards.domain.benefits_rules import apply_update, benefit_value, display_texts, ineligibility
 from tests.rewards.conftest import uid
 from tests.rewards.test_coupons import CODE
-from tests.rewards.test_tiers import rpc_error, ts
+from tests.rewards.test_tiers import ts
+from tests.support.rpc import rpc_error
 
 K = benefits_pb2.BenefitKind
 P = benefits_pb2.BenefitPeriod

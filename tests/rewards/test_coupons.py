@@ -20,7 +20,8 @@ from loyalty.common.v1 import types_pb2
 from loyalty.rewards.v1 import benefits_pb2, rewards_pb2
 from loyalty.rewards.v1.rewards_pb2_grpc import RewardsServiceStub
 from tests.rewards.conftest import uid
-from tests.rewards.test_tiers import rpc_error, ts
+from tests.rewards.test_tiers import ts
+from tests.support.rpc import rpc_error
 
 S = benefits_pb2.CouponState
 R = benefits_pb2.CouponRedemptionState

@@ -175,3 +175,49 @@ async def test_rewards_killed_mid_batch_credits_every_event_exactly_once(stack: 
     finally:
         rewards_process.terminate()
         risk_process.terminate()
+
+
+async def test_a_credit_inside_the_return_window_is_pending_then_posted_by_the_job(
+        stack: Stack, relay_caller: Any, reader: Any, admin: Any) -> None:
+    rewards_process, risk_process = stack.start("rewards"), stack.start("risk")
+    try:
+        async with stubs(stack) as (rewards, _):
+            rules = (await rewards.GetEarningRules(rewards_pb2.GetEarningRulesRequest(), metadata=reader)).rule_set
+            previous = rules.version
+            rules.pending_period.FromSeconds(2)
+            draft = (await rewards.CreateEarningRules(rewards_pb2.CreateEarningRulesRequest(
+                request_id=uid("er"), rule_set=rules), metadata=admin)).rule_set
+            await rewards.ActivateEarningRules(rewards_pb2.ActivateEarningRulesRequest(
+                request_id=uid("ea"), version=draft.version), metadata=admin)
+            try:
+                member = uid("m")
+                # The active version is re-read at most every second: wait until accruals use it.
+                async def pending() -> earning_pb2.AccrualResult | None:
+                    [result] = await accrue(rewards, relay_caller, purchase(uid("m"), 10_000))
+                    return result if result.outcome == OUTCOME.ACCRUAL_OUTCOME_PENDING_PERIOD else None
+
+                await eventually(pending, "accruals priced with the pending period")
+                [result] = await accrue(rewards, relay_caller, purchase(member, 10_000))
+                assert result.outcome == OUTCOME.ACCRUAL_OUTCOME_PENDING_PERIOD and result.HasField("available_at")
+                waiting = await balance(rewards, reader, member)
+                assert (waiting.pending_points, waiting.posted_points, waiting.qualifying_points) == (105, 0, 0)
+
+                async def posted() -> bool:
+                    got = await balance(rewards, reader, member)
+                    return (got.pending_points, got.posted_points, got.qualifying_points) == (0, 105, 105)
+
+                await eventually(posted, "the pending credit posted once its return window ended")
+                entries = (await rewards.ListLedgerEntries(rewards_pb2.ListLedgerEntriesRequest(
+                    member_id=member), metadata=reader)).entries
+                assert [(e.type, e.source) for e in entries] == [
+                    (ledger_pb2.LEDGER_ENTRY_TYPE_RELEASE, ledger_pb2.LEDGER_SOURCE_PENDING_JOB),
+                    (ledger_pb2.LEDGER_ENTRY_TYPE_PENDING, ledger_pb2.LEDGER_SOURCE_ACCRUAL)]
+                report = (await rewards.Reconcile(rewards_pb2.ReconcileRequest(member_ids=[member]),
+                                                  metadata=admin)).report
+                assert report.balanced, report
+            finally:
+                await rewards.ActivateEarningRules(rewards_pb2.ActivateEarningRulesRequest(
+                    request_id=uid("ea"), version=previous), metadata=admin)
+    finally:
+        rewards_process.terminate()
+        risk_process.terminate()

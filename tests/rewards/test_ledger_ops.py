@@ -8,14 +8,13 @@ from typing import Any
 
 import asyncpg
 import grpc
-import pytest
 
-from libs.errors import details_from_rpc_error
 from loyalty.common.v1 import types_pb2
 from loyalty.rewards.v1 import earning_pb2, ledger_pb2, rewards_pb2
 from loyalty.rewards.v1.rewards_pb2_grpc import RewardsServiceStub
 from tests.rewards.conftest import purchase, uid
 from tests.rewards.test_accrue import accrue, balance
+from tests.support.rpc import rpc_error
 
 OUTCOME = earning_pb2.AccrualOutcome
 T = ledger_pb2.LedgerEntryType
@@ -30,10 +29,8 @@ async def adjust(stub: RewardsServiceStub, md: Any, member: str, points: int, **
 
 
 async def refused(call: Any, code: grpc.StatusCode, reason: str) -> None:
-    with pytest.raises(grpc.aio.AioRpcError) as caught:
-        await call
-    assert caught.value.code() == code, caught.value
-    assert details_from_rpc_error(caught.value).reason == reason
+    got_code, got_reason, _ = await rpc_error(call)
+    assert (got_code, got_reason) == (code, reason)
 
 
 async def reconciled(stub: RewardsServiceStub, md: Any, *members: str) -> ledger_pb2.ReconciliationReport:

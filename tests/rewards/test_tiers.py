@@ -12,11 +12,11 @@ import grpc
 import pytest
 from google.protobuf import timestamp_pb2
 
-from libs.errors import details_from_rpc_error
 from loyalty.rewards.v1 import earning_pb2, rewards_pb2, tiers_pb2
 from loyalty.rewards.v1.rewards_pb2_grpc import RewardsServiceStub
 from services.rewards.domain.tiers_rules import APPLIED, DOWNGRADE, DUPLICATE, INITIAL, SUPERSEDED, UPGRADE
 from tests.rewards.conftest import uid
+from tests.support.rpc import rpc_error
 
 T0 = datetime(2030, 1, 1, tzinfo=UTC)
 
@@ -49,13 +49,6 @@ async def member_tier(rewards: RewardsServiceStub, md: Any, member_id: str) -> t
 async def history(rewards: RewardsServiceStub, md: Any, member_id: str) -> list[tiers_pb2.TierHistoryEntry]:
     response = await rewards.ListTierHistory(rewards_pb2.ListTierHistoryRequest(member_id=member_id), metadata=md)
     return list(response.entries)
-
-
-async def rpc_error(call: Any) -> tuple[grpc.StatusCode, str | None, list[str]]:
-    with pytest.raises(grpc.aio.AioRpcError) as caught:
-        await call
-    details = details_from_rpc_error(caught.value)
-    return caught.value.code(), details.reason, [v.field for v in details.violations]
 
 
 async def activate_multiplier(rewards: RewardsServiceStub, admin: Any, tier_id: str, multiplier_bps: int) -> None:

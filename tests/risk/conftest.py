@@ -39,11 +39,6 @@ async def risk(services: dict[str, RunningProcess]) -> AsyncIterator[RiskService
 
 
 @pytest.fixture
-def admin(dev_tokens: dict[str, str]) -> Any:
-    return bearer(dev_tokens["admin"])  # every scope, pii.read included
-
-
-@pytest.fixture
 def rewards_caller(dev_tokens: dict[str, str]) -> Any:
     return bearer(dev_tokens["rewards"])  # risk.assess only
 

@@ -10,7 +10,6 @@ from typing import Any
 
 import asyncpg
 import grpc
-import pytest
 from google.protobuf import duration_pb2, timestamp_pb2
 
 from libs.errors import details_from_rpc_error
@@ -19,6 +18,7 @@ from loyalty.risk.v1 import assessment_pb2, cases_pb2, risk_pb2, rules_pb2
 from loyalty.risk.v1.risk_pb2_grpc import RiskServiceStub
 from tests.conftest import bearer
 from tests.risk.conftest import Accruals, uid
+from tests.support.rpc import rpc_error
 
 REVIEW = assessment_pb2.DECISION_REVIEW
 OPEN, ASSIGNED = cases_pb2.CASE_STATUS_OPEN, cases_pb2.CASE_STATUS_ASSIGNED
@@ -68,13 +68,6 @@ async def resolve(risk: RiskServiceStub, md: Any, case_id: str, decision: int = 
     response = await risk.ResolveCase(risk_pb2.ResolveCaseRequest(
         request_id=request_id or uid("rq"), case_id=case_id, decision=decision, **fields), metadata=md)
     return response.case
-
-
-async def rpc_error(call: Any) -> tuple[grpc.StatusCode, str | None, list[str]]:
-    with pytest.raises(grpc.aio.AioRpcError) as caught:
-        await call
-    details = details_from_rpc_error(caught.value)
-    return caught.value.code(), details.reason, [v.field for v in details.violations]
 
 
 async def labels_of(risk: RiskServiceStub, md: Any, member_id: str, **filters: Any) -> list[cases_pb2.Label]:

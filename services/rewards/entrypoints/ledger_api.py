@@ -119,11 +119,7 @@ class LedgerApi:
             if request.ignore_member_history:
                 context_ = MemberContext(tier_id=tier_id, segment_id=segment_id)
             else:
-                from services.rewards.domain.expiry import month_start
-                campaign_ids = [c.campaign_id for c in rules.campaigns]
-                usage = Usage(days=await accruals_repo.usage(conn, [member], month_start(day), day),
-                              campaign_member=await accruals_repo.campaign_usage(conn, [member], campaign_ids),
-                              budgets=await accruals_repo.budgets(conn, campaign_ids, lock=False))
+                usage = await Usage.load(conn, [member], [day], rules, lock=False)
                 context_ = usage.context(member, day, tier_id, segment_id, rules)
         return rewards_pb2.PreviewPointsResponse(breakdown=compute_points(rules, accrual, context_, zone))
 

@@ -25,10 +25,10 @@ import asyncpg
 
 from libs.auth import actor
 from libs.db import DbConnection
-from libs.errors import FieldViolation, LoyaltyError
+from libs.errors import FieldViolation, LoyaltyError, fill_item_error
 from libs.idempotency import payload_digest
 from loyalty.common.v1 import types_pb2
-from loyalty.rewards.v1 import earning_pb2, ledger_pb2, rewards_pb2, support_pb2
+from loyalty.rewards.v1 import earning_pb2, ledger_pb2, rewards_pb2
 from loyalty.risk.v1 import risk_pb2
 from services.rewards.adapters import accruals_repo as repo
 from services.rewards.adapters.ledger import LedgerTx
@@ -49,15 +49,13 @@ REFUND = types_pb2.EVENT_TYPE_REFUND
 SOURCE_EVENT_CONFLICT = "SOURCE_EVENT_CONFLICT"
 
 
-def item_error(reason: str, message: str, violations: Sequence[FieldViolation] = ()) -> support_pb2.ItemError:
-    return support_pb2.ItemError(reason=reason, message=message, field_violations=[
-        support_pb2.FieldViolation(field=v.field, description=v.description) for v in violations])
-
-
-def rejected(accrual: earning_pb2.Accrual, error: support_pb2.ItemError) -> earning_pb2.AccrualResult:
-    return earning_pb2.AccrualResult(source_event_id=accrual.source_event_id, member_id=accrual.member_id,
-                                     outcome=OUTCOME.ACCRUAL_OUTCOME_REJECTED,
-                                     risk_outcome=RISK.RISK_OUTCOME_NOT_REQUIRED, error=error)
+def rejected(accrual: earning_pb2.Accrual, reason: str, message: str, violations: Sequence[FieldViolation] = ()
+             ) -> earning_pb2.AccrualResult:
+    result = earning_pb2.AccrualResult(source_event_id=accrual.source_event_id, member_id=accrual.member_id,
+                                       outcome=OUTCOME.ACCRUAL_OUTCOME_REJECTED,
+                                       risk_outcome=RISK.RISK_OUTCOME_NOT_REQUIRED)
+    fill_item_error(result.error, reason, message, violations)
+    return result
 
 
 def duplicate_of(result: earning_pb2.AccrualResult) -> earning_pb2.AccrualResult:
@@ -70,8 +68,8 @@ def duplicate_of(result: earning_pb2.AccrualResult) -> earning_pb2.AccrualResult
 
 
 def conflict(accrual: earning_pb2.Accrual) -> earning_pb2.AccrualResult:
-    return rejected(accrual, item_error(
-        SOURCE_EVENT_CONFLICT, f"source event {accrual.source_event_id!r} was already accrued with another payload"))
+    return rejected(accrual, SOURCE_EVENT_CONFLICT,
+                    f"source event {accrual.source_event_id!r} was already accrued with another payload")
 
 
 @dataclass(slots=True)
@@ -99,11 +97,22 @@ class Usage:
     added_days: dict[tuple[str, date], tuple[int, int]] = field(default_factory=dict)
     added_campaigns: dict[tuple[str, str], int] = field(default_factory=dict)
 
+    @classmethod
+    async def load(cls, conn: DbConnection, members: Sequence[str], days: Sequence[date],
+                   rules: earning_pb2.EarningRuleSet, lock: bool) -> Usage:
+        """The members' usage in the months of `days`, their campaign usage and the campaigns'
+        budgets (locked with `lock`, until the transaction ends)."""
+        campaign_ids = [c.campaign_id for c in rules.campaigns]
+        return cls(days=await repo.usage(conn, members, month_start(min(days)), max(days)),
+                   campaign_member=await repo.campaign_usage(conn, members, campaign_ids) if campaign_ids else {},
+                   budgets=await repo.budgets(conn, [c.campaign_id for c in rules.campaigns if c.budget_points > 0],
+                                              lock))
+
     def context(self, member_id: str, day: date, tier_id: str, segment_id: str,
                 rules: earning_pb2.EarningRuleSet) -> MemberContext:
         today = self.days.get((member_id, day), (0, 0))
         first = month_start(day)
-        month = sum(p for (m, d), (p, _) in self.days.items() if m == member_id and first <= d <= _month_end(day))
+        month = sum(p for (m, d), (p, _) in self.days.items() if m == member_id and month_start(d) == first)
         ids = [c.campaign_id for c in rules.campaigns]
         return MemberContext(tier_id=tier_id, segment_id=segment_id, day_points=today[0], month_points=month,
                              browse_points_today=today[1],
@@ -119,12 +128,6 @@ class Usage:
             for counter in (self.campaign_member, self.added_campaigns):
                 counter[(member_id, campaign_id)] = counter.get((member_id, campaign_id), 0) + sign * points
             self.budgets[campaign_id] = self.budgets.get(campaign_id, 0) + sign * points
-
-
-def _month_end(day: date) -> date:
-    first = month_start(day)
-    return (first.replace(year=first.year + 1, month=1) if first.month == 12
-            else first.replace(month=first.month + 1)) - timedelta(days=1)
 
 
 def gate_request(item: Item, tier_id: str) -> risk_pb2.AssessAccrualRequest:
@@ -158,7 +161,7 @@ class Accruer:
         for i, accrual in enumerate(request.accruals):
             violations = accrual_violations(accrual)
             if violations:
-                results[i] = rejected(accrual, item_error("INVALID_ARGUMENT", "the accrual is invalid", violations))
+                results[i] = rejected(accrual, "INVALID_ARGUMENT", "the accrual is invalid", violations)
                 continue
             item = Item(i, accrual, payload_digest(accrual))
             key = (accrual.member_id, accrual.source_event_id)
@@ -213,12 +216,7 @@ class Accruer:
             item.day = programme_day(item.accrual.occurred_at.ToDatetime(UTC), self._zone)
         members = sorted({i.credited for i in items})
         status = await repo.member_status(conn, members)
-        days = [i.day for i in items if i.day is not None]
-        campaign_ids = [c.campaign_id for c in rules.campaigns]
-        usage = Usage(
-            days=await repo.usage(conn, members, month_start(min(days)), max(days)),
-            campaign_member=await repo.campaign_usage(conn, members, campaign_ids) if campaign_ids else {},
-            budgets=await repo.budgets(conn, [c.campaign_id for c in rules.campaigns if c.budget_points > 0], lock))
+        usage = await Usage.load(conn, members, [i.day for i in items if i.day is not None], rules, lock)
         for item in items:
             if item.accrual.event_type == REFUND:
                 continue
@@ -349,7 +347,7 @@ class Accruer:
                     digest=item.digest), self._zone)
         except LoyaltyError as error:
             result.outcome = OUTCOME.ACCRUAL_OUTCOME_REJECTED
-            result.error.CopyFrom(item_error(error.reason, error.message))
+            fill_item_error(result.error, error.reason, error.message)
             return
         result.outcome = OUTCOME.ACCRUAL_OUTCOME_REVERSED
         result.points = -(reversal.posted_points_reversed + reversal.unposted_points_reversed)

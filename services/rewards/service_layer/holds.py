@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
-from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from zoneinfo import ZoneInfo
 
@@ -38,16 +37,12 @@ _ROW_COLUMNS = """member_id, source_event_id, credited_member_id, order_id, occu
     resolution_entry_id, resolved_at, gate_request, gate_attempts, available_at, day, breakdown"""
 
 
-@dataclass(slots=True)
-class HeldCredit:
-    row: asyncpg.Record
-
-    def credit(self) -> credits.Credit:
-        r = self.row
-        return credits.Credit(member_id=r["credited_member_id"], source_event_id=r["source_event_id"],
-                              order_id=r["order_id"], occurred_at=r["occurred_at"], points=r["unposted"],
-                              qualifying=r["unposted_qualifying"], rules_version=r["earning_rules_version"],
-                              hold_entry_id=r["entry_id"], case_id=r["case_id"])
+def unposted_credit(r: asyncpg.Record) -> credits.Credit:
+    """What of an accrual is still held or pending, as a credit to settle."""
+    return credits.Credit(member_id=r["credited_member_id"], source_event_id=r["source_event_id"],
+                          order_id=r["order_id"], occurred_at=r["occurred_at"], points=r["unposted"],
+                          qualifying=r["unposted_qualifying"], rules_version=r["earning_rules_version"],
+                          hold_entry_id=r["entry_id"], case_id=r["case_id"])
 
 
 async def _find(conn: DbConnection, request: rewards_pb2.ResolveHoldRequest) -> asyncpg.Record | None:
@@ -83,8 +78,7 @@ async def settle(tx: LedgerTx, conn: DbConnection, row: asyncpg.Record, action: 
                  zone: ZoneInfo, *, source: int, reason: str, reason_code: str, request_id: str = "",
                  operator_id: str = "", case_id: str | None = None) -> asyncpg.Record:
     """Release or void a held credit (locked, still held); returns the updated row."""
-    held = HeldCredit(row)
-    credit = held.credit()
+    credit = unposted_credit(row)
     if case_id:
         credit.case_id = case_id
     await tx.reserve_ids(entries=1, lots=1)
@@ -228,15 +222,20 @@ class Holds:
             tx = LedgerTx(conn, datetime.now(UTC), "rewards.pending-job")
             await tx.lock(r["credited_member_id"] for r in rows)
             await tx.reserve_ids(entries=len(rows), lots=len(rows))
+            entry_ids: list[int | None] = []
             for row in rows:
                 rules = await self._rules.version(conn, row["earning_rules_version"])
                 placed = credits.Placed(OUTCOME.ACCRUAL_OUTCOME_POSTED)
                 if row["unposted"] > 0:
-                    placed = credits.allow(tx, HeldCredit(row).credit(), rules, self._zone, origin=credits.PENDING,
+                    placed = credits.allow(tx, unposted_credit(row), rules, self._zone, origin=credits.PENDING,
                                            source=S.LEDGER_SOURCE_PENDING_JOB, reason_code="PENDING_PERIOD_ELAPSED")
-                await conn.execute(
-                    "UPDATE accruals SET status = $3, unposted = 0, unposted_qualifying = 0, updated_at = $4,"
-                    " entry_id = coalesce($5, entry_id) WHERE member_id = $1 AND source_event_id = $2",
-                    row["member_id"], row["source_event_id"], OUTCOME.ACCRUAL_OUTCOME_POSTED, tx.now, placed.entry_id)
+                entry_ids.append(placed.entry_id)
             await tx.flush()
+            await conn.execute(
+                """UPDATE accruals a SET status = $4, unposted = 0, unposted_qualifying = 0, updated_at = $5,
+                          entry_id = coalesce(u.entry_id, a.entry_id)
+                     FROM unnest($1::text[], $2::text[], $3::bigint[]) AS u(member_id, source_event_id, entry_id)
+                    WHERE a.member_id = u.member_id AND a.source_event_id = u.source_event_id""",
+                [r["member_id"] for r in rows], [r["source_event_id"] for r in rows], entry_ids,
+                OUTCOME.ACCRUAL_OUTCOME_POSTED, tx.now)
             return len(rows)

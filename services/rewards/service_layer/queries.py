@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime
 from zoneinfo import ZoneInfo
 
 import asyncpg
@@ -10,7 +10,7 @@ import asyncpg
 from libs import paging
 from libs.db import DbConnection
 from loyalty.rewards.v1 import earning_pb2, ledger_pb2, rewards_pb2
-from services.rewards.domain.expiry import expiring_soon_notice
+from services.rewards.domain.expiry import add_months, expiring_soon_notice
 
 LOT = ledger_pb2.LotState
 
@@ -31,21 +31,10 @@ SELECT a.posted, a.pending, a.held, a.reserved, a.lifetime, a.merged_into,
 """
 
 
-def months_before(instant: datetime, months: int, zone: ZoneInfo) -> datetime:
-    """The same wall-clock time `months` calendar months earlier in the programme zone (the day of
-    month clamped to the shorter month)."""
-    local = instant.astimezone(zone)
-    index = local.year * 12 + local.month - 1 - months
-    year, month = divmod(index, 12)
-    month += 1
-    next_first = datetime(year + (month == 12), month % 12 + 1, 1, tzinfo=zone)
-    last_day = (next_first - timedelta(days=1)).day
-    return local.replace(year=year, month=month, day=min(local.day, last_day)).astimezone(instant.tzinfo)
-
-
 async def balance(conn: DbConnection, member_id: str, rules: earning_pb2.EarningRuleSet, zone: ZoneInfo,
                   now: datetime) -> ledger_pb2.Balance:
-    window_start = months_before(now, rules.qualifying.window_months or 12, zone)
+    # The same wall-clock time window_months calendar months earlier in the programme zone.
+    window_start = add_months(now.astimezone(zone), -(rules.qualifying.window_months or 12)).astimezone(UTC)
     soon = now + expiring_soon_notice(rules.expiry)
     r = await conn.fetchrow(_BALANCE_SQL, member_id, window_start, soon)
     assert r is not None

@@ -50,8 +50,9 @@ def item_violations(item: risk_pb2.AssessAccrualRequest | assessment_pb2.Activit
 
 
 def item_error(reason: str, message: str, violations: Sequence[FieldViolation] = ()) -> support_pb2.ItemError:
-    return support_pb2.ItemError(reason=reason, message=message, field_violations=[
-        support_pb2.FieldViolation(field=v.field, description=v.description) for v in violations])
+    error = support_pb2.ItemError()
+    errors.fill_item_error(error, reason, message, violations)
+    return error
 
 
 def to_accrual(request: risk_pb2.AssessAccrualRequest) -> sig.Accrual:
