@@ -4,6 +4,8 @@ built from the `idempotent` flag each RPC declares in the protos)."""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import json
 from collections.abc import Callable, Iterable
 from typing import Any
@@ -103,3 +105,14 @@ def open_channel(
         )
         return grpc.aio.secure_channel(target, credentials, options=options, interceptors=interceptors)
     return grpc.aio.insecure_channel(target, options=options, interceptors=interceptors)
+
+
+async def close_on_cancel(channels: list[Any]) -> None:
+    """Close a service's outgoing channels when the process stops (its background tasks are
+    cancelled then): run it as one of those tasks."""
+    try:
+        await asyncio.Event().wait()
+    finally:
+        for channel in channels:
+            with contextlib.suppress(Exception):
+                await channel.close(None)

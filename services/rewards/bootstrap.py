@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
@@ -12,7 +11,7 @@ from typing import Any
 
 import asyncpg
 
-from libs.clients import open_channel
+from libs.clients import close_on_cancel, open_channel
 from libs.contracts import package_modules, service_descriptors
 from libs.server import Runtime, ServiceSpec
 from loyalty.profile.v1 import profile_service_pb2, profile_service_pb2_grpc
@@ -86,7 +85,7 @@ def build_spec() -> ServiceSpec:
 
         runtime.background.append(asyncio.create_task(run_job("expiry", expire_once, settings.expiry_interval_s),
                                                       name="rewards-expiry"))
-        runtime.background.append(asyncio.create_task(_close_on_cancel(channels), name="rewards-channels"))
+        runtime.background.append(asyncio.create_task(close_on_cancel(channels), name="rewards-channels"))
 
     return ServiceSpec(
         name="rewards",
@@ -97,12 +96,3 @@ def build_spec() -> ServiceSpec:
         on_ready=on_ready,
     )
 
-
-async def _close_on_cancel(channels: list[Any]) -> None:
-    """Close the outgoing channels when the process stops (its background tasks are cancelled)."""
-    try:
-        await asyncio.Event().wait()
-    finally:
-        for channel in channels:
-            with contextlib.suppress(Exception):
-                await channel.close(None)

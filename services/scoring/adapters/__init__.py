@@ -1,0 +1,1 @@
+"""Scoring adapters: storage and the clients of profile and rewards."""

@@ -1,0 +1,1 @@
+"""Scoring domain: pure functions over numpy arrays, no I/O."""

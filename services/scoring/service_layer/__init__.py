@@ -1,0 +1,1 @@
+"""Scoring use cases: policies, evaluation runs, online scoring."""

@@ -1,0 +1,414 @@
+"""Evaluation runs: accepting a run, and the worker that carries it out.
+
+A run goes PENDING → RUNNING (STREAMING → SCORING → WRITING → APPLYING) → SUCCEEDED. The worker
+holds a lease on it, renewed while it works; a worker that dies lets the lease lapse and the next
+one resumes the run (`resumed_count`):
+- before its scores are stored, a resumed run starts over (the features as of `as_of` are the same,
+  so the result is too);
+- once they are, it only sends the tier changes not yet acknowledged. Changes go out in member-id
+  order and `applied_through` records the acknowledged prefix; rewards applies each change once
+  per (run, member), so the chunk that was in flight at the crash is harmless to resend.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import socket
+import time
+import uuid
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from itertools import repeat
+from typing import Any
+
+import asyncpg
+import grpc
+import numpy as np
+
+from libs import errors
+from libs.db import DbConnection
+from libs.errors import FieldViolation, LoyaltyError
+from loyalty.rewards.v1 import tiers_pb2
+from loyalty.scoring.v1 import evaluation_pb2 as E
+from loyalty.scoring.v1 import policy_pb2
+from loyalty.scoring.v1 import scoring_service_pb2 as S
+from services.scoring.adapters import policies_repo, runs_repo
+from services.scoring.adapters.peers import Change, Matrix, Profile, Rewards
+from services.scoring.adapters.runs_repo import (
+    APPLYING,
+    CANCELLED,
+    DONE,
+    FAILED,
+    SCORING,
+    STREAMING,
+    SUCCEEDED,
+    WRITING,
+)
+from services.scoring.domain import kernel
+from services.scoring.domain import policy as rules
+from services.scoring.settings import ScoringSettings
+
+log = logging.getLogger(__name__)
+AS_OF_SKEW = timedelta(seconds=5)
+TENURE = "tenure_days"
+DAYS_PER_YEAR = 365
+W = policy_pb2
+DIRECTIONS = {E.TIER_CHANGE_NEW: tiers_pb2.TIER_CHANGE_DIRECTION_INITIAL,
+              E.TIER_CHANGE_UPGRADE: tiers_pb2.TIER_CHANGE_DIRECTION_UPGRADE,
+              E.TIER_CHANGE_DOWNGRADE: tiers_pb2.TIER_CHANGE_DIRECTION_DOWNGRADE}
+
+
+class Cancelled(Exception):
+    """The run was cancelled (or taken over) while this worker held it."""
+
+
+def as_of_of(request: Any, field: str, now: datetime) -> datetime:
+    """The request's time, or now; INVALID_ARGUMENT (FUTURE_AS_OF) beyond the clock skew."""
+    if not request.HasField(field):
+        return now
+    as_of: datetime = getattr(request, field).ToDatetime(tzinfo=UTC)
+    if as_of > now + AS_OF_SKEW:
+        raise errors.invalid_argument([FieldViolation(field, "is in the future")], reason="FUTURE_AS_OF")
+    return as_of
+
+
+async def resolve_policy(conn: DbConnection | asyncpg.Pool, policy_id: str, version: int) -> policy_pb2.Policy:
+    """The named version (0 = latest), or the active policy when no id is given."""
+    if policy_id:
+        return await policies_repo.get(conn, policy_id, version)
+    active = await policies_repo.active(conn)
+    if active is None:
+        raise errors.failed_precondition("no policy is active: activate one first", reason="NO_ACTIVE_POLICY")
+    return active
+
+
+def require_scoreable(policy: policy_pb2.Policy) -> None:
+    if policy.WhichOneof("threshold_rule") == "qualifying_points":
+        raise errors.failed_precondition(
+            "policies with the QUALIFYING POINTS rule cannot be evaluated yet: rewards exports no qualifying points "
+            "for a whole population", reason="QUALIFYING_POINTS_NOT_SUPPORTED")
+
+
+async def start(conn: DbConnection, request: S.RunEvaluationRequest, actor: str, now: datetime
+                ) -> S.RunEvaluationResponse:
+    """Accept a run (inside the request-id transaction); the worker picks it up."""
+    as_of = as_of_of(request, "as_of", now)
+    policy = await resolve_policy(conn, request.policy_id, request.version)
+    require_scoreable(policy)
+    if not request.dry_run:
+        if policy.state != policies_repo.ACTIVE:
+            raise errors.failed_precondition(
+                f"policy {policy.policy_id} v{policy.version} is not the active one: only a dry run is possible",
+                reason="POLICY_NOT_ACTIVE")
+        last = await runs_repo.last_applied(conn)
+        if last is not None and as_of < last["as_of"]:
+            raise errors.failed_precondition(
+                f"run {last['run_id']} already applied tiers as of {last['as_of'].isoformat()}",
+                reason="AS_OF_BEFORE_LAST_RUN", run_id=last["run_id"])
+    row = await runs_repo.insert_run(conn, f"run-{uuid.uuid4().hex}", policy.policy_id, policy.version, as_of,
+                                     request.dry_run, E.EVALUATION_TRIGGER_REQUEST, request.request_id, actor)
+    return S.RunEvaluationResponse(run=runs_repo.run_message(row))
+
+
+async def wait_finished(pool: asyncpg.Pool, run_id: str, time_remaining: Callable[[], float | None]) -> E.EvaluationRun:
+    """Poll until the run finished, or fail with DEADLINE_EXCEEDED just before the caller's deadline."""
+    while True:
+        run = runs_repo.run_message(await runs_repo.get_run(pool, run_id))
+        if run.state in (SUCCEEDED, FAILED, CANCELLED):
+            return run
+        remaining = time_remaining()
+        if remaining is not None and remaining < 0.5:
+            raise LoyaltyError(grpc.StatusCode.DEADLINE_EXCEEDED, "EVALUATION_NOT_FINISHED",
+                               f"run {run_id} is still going on: poll GetEvaluation", metadata={"run_id": run_id})
+        await asyncio.sleep(0.2)
+
+
+# ---- the kernel's inputs beside the matrix -------------------------------------------------------
+
+
+def align_previous(member_ids: Sequence[str], previous: runs_repo.PreviousTiers, ladder: Sequence[str]
+                   ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Previous tier index in the ladder (-1 none or not in it), grace counters and raw previous tier
+    ids, aligned with `member_ids`. A dict, not searchsorted: both sides are in PostgreSQL's collation
+    order, which Python's string order need not match."""
+    n = len(member_ids)
+    index = dict(zip(previous.member_ids.tolist(), range(len(previous.member_ids)), strict=True))
+    pos = np.fromiter((index.get(m, -1) for m in member_ids), dtype=np.int64, count=n)
+    found = pos >= 0
+    tiers = np.full(n, -1, dtype=np.int8)
+    grace = np.zeros(n, dtype=np.int16)
+    raw = np.full(n, "", dtype=object)
+    if previous.tier_ids:
+        unique, inverse = np.unique(np.array(previous.tier_ids, dtype=object), return_inverse=True)
+        lut = np.array([ladder.index(t) if t in ladder else -1 for t in unique.tolist()], dtype=np.int8)
+        tiers[found] = lut[inverse[pos[found]]]
+        grace[found] = previous.grace[pos[found]]
+        raw[found] = unique[inverse[pos[found]]]
+    return tiers, grace, raw
+
+
+def downgrade_mask(policy: policy_pb2.Policy, matrix: Matrix, baseline_as_of: datetime | None, as_of: datetime,
+                   zone: Any) -> np.ndarray | None:
+    """Who may be downgraded now: everyone for a rolling window; for a calendar-year window only at
+    the first evaluation of a new year; for an anniversary window the members whose membership year
+    turned since the previous run (365-day years)."""
+    kind = policy.qualification_window.kind
+    if baseline_as_of is None or kind in (W.QUALIFICATION_WINDOW_KIND_UNSPECIFIED,
+                                          W.QUALIFICATION_WINDOW_KIND_ROLLING_MONTHS):
+        return None
+    if kind == W.QUALIFICATION_WINDOW_KIND_CALENDAR_YEAR:
+        turned = as_of.astimezone(zone).year > baseline_as_of.astimezone(zone).year
+        return np.full(matrix.size, turned, dtype=bool)
+    tenure = matrix.extra[TENURE].astype(np.int64)
+    elapsed = (as_of - baseline_as_of).days
+    return np.asarray(tenure // DAYS_PER_YEAR > np.maximum(tenure - elapsed, 0) // DAYS_PER_YEAR)
+
+
+def change_kinds(previous: np.ndarray, tier: np.ndarray) -> np.ndarray:
+    return np.where(previous < 0, E.TIER_CHANGE_NEW,
+                    np.where(tier > previous, E.TIER_CHANGE_UPGRADE,
+                             np.where(tier < previous, E.TIER_CHANGE_DOWNGRADE, E.TIER_CHANGE_UNCHANGED))
+                    ).astype(np.int16)
+
+
+# ---- the report ---------------------------------------------------------------------------------
+
+
+def tier_thresholds(policy: policy_pb2.Policy, thresholds: np.ndarray) -> list[E.TierThreshold]:
+    margin = policy.hysteresis.downgrade_margin
+    points = policy.WhichOneof("threshold_rule") == "qualifying_points"
+    result = [E.TierThreshold(tier_id=policy.tiers[0].tier_id)]
+    for i, tier in enumerate(policy.tiers[1:]):
+        value = float(thresholds[i])
+        if points:
+            result.append(E.TierThreshold(tier_id=tier.tier_id, min_points=int(value),
+                                          keep_points=int(max(value - margin, 0))))
+        else:
+            result.append(E.TierThreshold(tier_id=tier.tier_id, min_score=value, keep_score=value - margin))
+    return result
+
+
+def feature_statistics(stats: kernel.Statistics) -> list[E.FeatureStatistics]:
+    return [E.FeatureStatistics(feature_name=f.name, mean=f.mean, std_dev=f.std_dev, min=f.min, max=f.max, p50=f.p50,
+                                p90=f.p90, p99=f.p99, winsorize_cap=f.winsorize_cap, members_capped=f.members_capped)
+            for f in stats.features]
+
+
+def tier_counts(ladder: Sequence[str], tier: np.ndarray) -> list[E.TierCount]:
+    counts = np.bincount(tier.astype(np.int64), minlength=len(ladder)) if tier.size else np.zeros(len(ladder), int)
+    total = max(int(tier.size), 1)
+    return [E.TierCount(tier_id=t, count=int(c), share=int(c) / total) for t, c in zip(ladder, counts, strict=True)]
+
+
+def migration_cells(previous: np.ndarray, tier: np.ndarray, ladder: Sequence[str]) -> list[E.MigrationCell]:
+    matrix = kernel.migration(previous, tier, len(ladder))
+    labels = ["", *ladder]
+    return [E.MigrationCell(from_tier_id=labels[i], to_tier_id=ladder[j], count=int(matrix[i, j]))
+            for i, j in zip(*np.nonzero(matrix), strict=True)]
+
+
+def build_report(policy: policy_pb2.Policy, result: kernel.Evaluation, previous: np.ndarray, changes: np.ndarray
+                 ) -> E.EvaluationRun:
+    ladder = rules.tier_ids(policy)
+    tier = result.placement.tier
+    report = E.EvaluationRun(
+        tier_counts=tier_counts(ladder, tier), migration=migration_cells(previous, tier, ladder),
+        upgrades=int(np.count_nonzero(changes == E.TIER_CHANGE_UPGRADE)),
+        downgrades=int(np.count_nonzero(changes == E.TIER_CHANGE_DOWNGRADE)),
+        unchanged=int(np.count_nonzero(changes == E.TIER_CHANGE_UNCHANGED)),
+        new_members=int(np.count_nonzero(changes == E.TIER_CHANGE_NEW)),
+        held_by_hysteresis=int(np.count_nonzero(result.placement.held)),
+        thresholds=tier_thresholds(policy, result.thresholds), feature_statistics=feature_statistics(result.stats))
+    for name, value in kernel.score_distribution(result.raw_scores).items():
+        setattr(report.score_distribution, name, value)
+    return report
+
+
+def change_reason(row: asyncpg.Record, thresholds: Sequence[E.TierThreshold], points: bool) -> str:
+    by_id = {t.tier_id: t for t in thresholds}
+    value = f"{row['qualifying_points']} points" if points else f"score {row['score']:.4g}"
+    if row["change"] == E.TIER_CHANGE_NEW:
+        return f"first placement: {value} qualifies for {row['qualifying_tier_id']}"
+    if row["change"] == E.TIER_CHANGE_UPGRADE:
+        level = by_id[row["tier_id"]]
+        return f"{value} >= {row['tier_id']} threshold {level.min_points if points else f'{level.min_score:.4g}'}"
+    level = by_id.get(row["previous_tier_id"], E.TierThreshold())
+    keep = level.keep_points if points else f"{level.keep_score:.4g}"
+    return f"{value} below the {row['previous_tier_id']} keep level {keep}"
+
+
+# ---- the worker ---------------------------------------------------------------------------------
+
+
+@dataclass
+class _Held:
+    run_id: str
+    lost: bool = False
+
+
+class RunWorker:
+    """Claims open runs one at a time and carries them out."""
+
+    def __init__(self, pool: Callable[[], asyncpg.Pool], profile: Profile, rewards: Rewards,
+                 settings: ScoringSettings) -> None:
+        self._pool = pool
+        self._profile = profile
+        self._rewards = rewards
+        self._settings = settings
+        self.owner = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+        self._wake = asyncio.Event()
+
+    def wake(self) -> None:
+        self._wake.set()
+
+    async def run_forever(self) -> None:
+        while True:
+            try:
+                done = await self.run_once()
+            except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as error:
+                log.warning("evaluation worker round failed", extra={"error": type(error).__name__})
+                done = 0
+            if not done:
+                self._wake.clear()
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._wake.wait(), self._settings.worker_interval_s)
+
+    async def run_once(self) -> int:
+        row = await runs_repo.claim(self._pool(), self.owner, self._settings.lease_s)
+        if row is None:
+            return 0
+        await self.execute(row)
+        return 1
+
+    async def _keep_lease(self, held: _Held) -> None:
+        while not held.lost:
+            await asyncio.sleep(self._settings.lease_s / 3)
+            held.lost = not await runs_repo.renew(self._pool(), held.run_id, self.owner, self._settings.lease_s)
+
+    async def _stage(self, held: _Held, stage: int) -> None:
+        if held.lost or not await runs_repo.set_stage(self._pool(), held.run_id, self.owner, stage):
+            raise Cancelled
+
+    async def execute(self, row: asyncpg.Record) -> None:
+        held = _Held(row["run_id"])
+        lease = asyncio.create_task(self._keep_lease(held))
+        pool = self._pool()
+        try:
+            policy = await policies_repo.get(pool, row["policy_id"], row["policy_version"])
+            if row["stage"] < APPLYING:
+                await self._score(held, row, policy)
+                if row["dry_run"]:
+                    await runs_repo.finish(pool, held.run_id, SUCCEEDED, DONE, owner=self.owner)
+                    return
+                await self._stage(held, APPLYING)
+            applying = time.perf_counter()
+            await self._apply(held, policy, row["as_of"])
+            await self._add_apply_time(held.run_id, time.perf_counter() - applying)
+            await runs_repo.finish(pool, held.run_id, SUCCEEDED, DONE, owner=self.owner)
+        except Cancelled:
+            log.info("evaluation run stopped: cancelled or taken over", extra={"run_id": held.run_id})
+        except LoyaltyError as error:
+            if error.reason == "EVALUATION_CANCELLED":
+                return
+            log.warning("evaluation run failed", extra={"run_id": held.run_id, "reason": error.reason})
+            await runs_repo.finish(pool, held.run_id, FAILED, (await runs_repo.get_run(pool, held.run_id))["stage"],
+                                   error.reason, error.message, owner=self.owner)
+        except Exception:
+            log.exception("evaluation run failed", extra={"run_id": held.run_id})
+            await runs_repo.finish(pool, held.run_id, FAILED, (await runs_repo.get_run(pool, held.run_id))["stage"],
+                                   "INTERNAL", "the run failed on an internal error; see the scoring logs",
+                                   owner=self.owner)
+        finally:
+            lease.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await lease
+
+    async def _score(self, held: _Held, row: asyncpg.Record, policy: policy_pb2.Policy) -> None:
+        pool = self._pool()
+        spec = rules.spec_of(policy)
+        ladder = rules.tier_ids(policy)
+        started = time.perf_counter()
+        await self._stage(held, STREAMING)
+        extra = [TENURE] if policy.qualification_window.kind == W.QUALIFICATION_WINDOW_KIND_ANNIVERSARY else []
+        matrix = await self._profile.stream([f.name for f in spec.features], row["as_of"],
+                                            self._settings.stream_chunk_size, extra, cancelled=lambda: held.lost)
+        streamed = time.perf_counter()
+        await self._stage(held, SCORING)
+        baseline = await runs_repo.last_applied(pool)
+        previous_rows = (await runs_repo.previous_tiers(pool, baseline["run_id"]) if baseline is not None
+                         else runs_repo.PreviousTiers(np.empty(0, dtype=object), [], np.empty(0, dtype=np.int16)))
+        previous, grace, raw_previous = align_previous(matrix.member_ids, previous_rows, ladder)
+        allowed = downgrade_mask(policy, matrix, baseline["as_of"] if baseline is not None else None, row["as_of"],
+                                 self._settings.zone)
+        result = kernel.evaluate(matrix.values, spec, previous, grace, None, allowed)
+        percentiles = kernel.percentiles(result.raw_scores)
+        changes = change_kinds(previous, result.placement.tier)
+        scored = time.perf_counter()
+        await self._stage(held, WRITING)
+        report = build_report(policy, result, previous, changes)
+        report.timings.stream.FromTimedelta(timedelta(seconds=streamed - started))
+        report.timings.score.FromTimedelta(timedelta(seconds=scored - streamed))
+        changed = int(np.count_nonzero(changes != E.TIER_CHANGE_UNCHANGED))
+        labels = np.array(ladder, dtype=object)
+        placement = result.placement
+        remaining = np.where(placement.held & (placement.grace_counter > 0),
+                             spec.grace_cycles - placement.grace_counter, 0)
+        records = zip(repeat(held.run_id), matrix.member_ids, result.raw_scores.tolist(), percentiles.tolist(),
+                      labels[result.qualifying].tolist(), labels[placement.tier].tolist(), raw_previous.tolist(),
+                      changes.tolist(), placement.held.tolist(), placement.grace_counter.tolist(), remaining.tolist(),
+                      repeat(0), strict=False)
+        async with pool.acquire() as conn, conn.transaction():
+            await runs_repo.clear_scores(conn, held.run_id)
+            await runs_repo.copy_scores(conn, records)
+            written = time.perf_counter()
+            report.timings.write.FromTimedelta(timedelta(seconds=written - scored))
+            report.timings.total.FromTimedelta(timedelta(seconds=written - started))
+            await runs_repo.store_report(conn, held.run_id, report, result.stats.to_json(),
+                                         baseline["run_id"] if baseline is not None else "", matrix.size, changed)
+
+    async def _add_apply_time(self, run_id: str, seconds: float) -> None:
+        """Record the apply stage in the stored timings (a resumed run counts this worker's part)."""
+        pool = self._pool()
+        row = await runs_repo.get_run(pool, run_id)
+        report = E.EvaluationRun.FromString(bytes(row["report"]))
+        report.timings.apply.FromTimedelta(timedelta(seconds=seconds))
+        report.timings.total.FromTimedelta(report.timings.total.ToTimedelta() + timedelta(seconds=seconds))
+        await runs_repo.update_report(pool, run_id, report)
+
+    async def _apply(self, held: _Held, policy: policy_pb2.Policy, as_of: datetime) -> None:
+        pool = self._pool()
+        row = await runs_repo.get_run(pool, held.run_id)
+        thresholds = list(runs_repo.run_message(row).thresholds)
+        points = policy.WhichOneof("threshold_rule") == "qualifying_points"
+        after = row["applied_through"]
+        size = self._settings.apply_chunk_size
+        while True:
+            if held.lost:
+                raise Cancelled  # another worker holds the run now; it goes on from the acknowledged prefix
+            rows = await runs_repo.pending_changes(pool, held.run_id, after, size * self._settings.apply_concurrency)
+            if not rows:
+                return
+            chunks = [rows[i:i + size] for i in range(0, len(rows), size)]
+            await asyncio.gather(*(self._send(held.run_id, as_of, [
+                Change(r["member_id"], r["previous_tier_id"], r["tier_id"], DIRECTIONS[r["change"]],
+                       change_reason(r, thresholds, points)) for r in chunk]) for chunk in chunks))
+            after = rows[-1]["member_id"]
+            await runs_repo.mark_applied(pool, held.run_id, after, len(rows))
+
+    async def _send(self, run_id: str, as_of: datetime, changes: list[Change]) -> None:
+        """One chunk, retried with back-off while rewards is unavailable (up to apply_retry_s_max)."""
+        deadline = time.monotonic() + self._settings.apply_retry_s_max
+        delay = 0.2
+        while True:
+            try:
+                await self._rewards.apply(run_id, as_of, changes)
+                return
+            except LoyaltyError as error:
+                if error.code != grpc.StatusCode.UNAVAILABLE or time.monotonic() + delay > deadline:
+                    raise
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 5.0)
