@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
+from typing import Any, TypeAlias
 
 import asyncpg
 import grpc
@@ -11,9 +13,17 @@ import pytest
 from libs.errors import LoyaltyError
 from loyalty.profile.v1 import feature_pb2, profile_service_pb2
 from services.profile.domain import features as catalogue
-from services.profile.service_layer.features import list_features, member_features, stream_features
-from tests.profile.conftest import Events
+from services.profile.service_layer import features as features_module
+from services.profile.service_layer.features import (
+    category_bytes_per_member,
+    list_features,
+    member_features,
+    stream_features,
+)
+from services.profile.service_layer.portraits import category_affinities
+from tests.profile.conftest import Events, uid
 from tests.profile.test_record_events import record
+from tests.support.rpc import rpc_error
 
 NOW = datetime.now(UTC).replace(hour=12, minute=0, second=0, microsecond=0)
 
@@ -154,3 +164,202 @@ async def test_batch_get_lists_missing_members(profile_pool: asyncpg.Pool) -> No
     assert list(response.missing_member_ids) == ["unknown-member"]
     assert response.header.features[0] == catalogue.resolve("purchase_count_30d")[0].definition
     assert isinstance(response.header.features[0], feature_pb2.FeatureDefinition)
+
+
+# ---------------------------------------------------------------------------------------------
+# The member × category matrix
+# ---------------------------------------------------------------------------------------------
+
+Measure: TypeAlias = feature_pb2.CategoryMeasure.ValueType
+UNDEFINED_MEASURE = Measure(99)
+SPEND = feature_pb2.CATEGORY_MEASURE_SPEND
+ITEMS = feature_pb2.CATEGORY_MEASURE_ITEMS_PURCHASED
+VIEWS = feature_pb2.CATEGORY_MEASURE_VIEWS
+AFFINITY = feature_pb2.CATEGORY_MEASURE_AFFINITY
+
+
+@dataclass(frozen=True)
+class _Shoppers:
+    """A buyer (spend, items and views across three categories), a viewer (views of one category
+    only) and a quiet member (no category at all); categories a < b < c are this test's own."""
+
+    a: str
+    b: str
+    c: str
+    buyer: str
+    viewer: str
+    quiet: str
+
+    @property
+    def ids(self) -> list[str]:
+        return sorted([self.buyer, self.viewer, self.quiet])
+
+
+async def _shoppers(pool: asyncpg.Pool) -> _Shoppers:
+    tag = uid("cat")
+    a, b, c = f"{tag}-a", f"{tag}-b", f"{tag}-c"
+    buyer, viewer, quiet = Events(now=NOW), Events(now=NOW), Events(now=NOW)
+    await record(pool, buyer.purchase(5_000, items=[(a, 1, 1_000), (b, 2, 2_000)]),
+                 buyer.view(c), buyer.view(c), buyer.view(a), viewer.view(b), viewer.view(b), quiet.browse(60))
+    return _Shoppers(a, b, c, buyer.member_id, viewer.member_id, quiet.member_id)
+
+
+def _expected_rows(s: _Shoppers, measure: Measure) -> dict[str, dict[str, float]]:
+    """Each member's non-zero cells by category name, worked out by hand (affinity: weight times share,
+    in that order, so the floats are the same bits)."""
+    w = 0.7  # CategoryAffinity: 0.7 · spend share + 0.3 · view share
+    rows: dict[Measure, dict[str, dict[str, float]]] = {
+        SPEND: {s.buyer: {s.a: 1_000, s.b: 4_000}, s.viewer: {}, s.quiet: {}},
+        ITEMS: {s.buyer: {s.a: 1, s.b: 2}, s.viewer: {}, s.quiet: {}},
+        VIEWS: {s.buyer: {s.a: 1, s.c: 2}, s.viewer: {s.b: 2}, s.quiet: {}},
+        AFFINITY: {s.buyer: {s.a: w * (1 / 5) + (1 - w) * (1 / 3), s.b: w * (4 / 5), s.c: (1 - w) * (2 / 3)},
+                   s.viewer: {s.b: (1 - w) * 1.0}, s.quiet: {}},
+    }
+    return rows[measure]
+
+
+def _csr(chunk: feature_pb2.FeatureChunk) -> tuple[list[int], list[int], list[float]]:
+    matrix = chunk.category_matrix
+    return list(matrix.row_offsets), list(matrix.category_indices), list(matrix.values)
+
+
+def _expected_csr(ids: list[str], rows: dict[str, dict[str, float]], vocabulary: list[str]
+                  ) -> tuple[list[int], list[int], list[float]]:
+    offsets, indices, values = [0], [], []
+    for member in ids:
+        cells = sorted((vocabulary.index(name), value) for name, value in rows[member].items())
+        indices += [index for index, _ in cells]
+        values += [value for _, value in cells]
+        offsets.append(len(indices))
+    return offsets, indices, values
+
+
+def _category_request(s: _Shoppers, measure: Measure, **fields: Any) -> profile_service_pb2.StreamFeaturesRequest:
+    return profile_service_pb2.StreamFeaturesRequest(feature_names=["gross_spend"], category_measure=measure,
+                                                     member_ids=[*s.ids, "unknown-member"], **fields)
+
+
+@pytest.mark.parametrize("measure", [SPEND, ITEMS, VIEWS, AFFINITY])
+async def test_category_matrix_is_exact_csr_in_chunk_order(profile_pool: asyncpg.Pool, measure: Measure) -> None:
+    s = await _shoppers(profile_pool)
+    messages = await _collect(profile_pool, _category_request(s, measure))
+    header = messages[0].header
+    vocabulary = list(header.category_vocabulary)
+    assert header.category_measure == measure
+    assert vocabulary == sorted(set(vocabulary))  # other tests' categories may be there too
+    ia, ib, ic = (vocabulary.index(name) for name in (s.a, s.b, s.c))
+    assert ia < ib < ic
+    [chunk] = [m.chunk for m in messages if m.HasField("chunk")]
+    assert list(chunk.member_ids) == s.ids
+    offsets, indices, values = _csr(chunk)
+    assert (offsets, indices, values) == _expected_csr(s.ids, _expected_rows(s, measure), vocabulary)
+    row = {member: slice(offsets[i], offsets[i + 1]) for i, member in enumerate(s.ids)}
+    assert row[s.quiet].start == row[s.quiet].stop  # no categories: an empty row
+    if measure == SPEND:
+        assert (indices[row[s.buyer]], values[row[s.buyer]]) == ([ia, ib], [1_000.0, 4_000.0])
+        assert indices[row[s.viewer]] == []  # views only: no spend, and zeros are left out
+    elif measure == VIEWS:
+        assert (indices[row[s.buyer]], values[row[s.buyer]]) == ([ia, ic], [1.0, 2.0])
+        assert (indices[row[s.viewer]], values[row[s.viewer]]) == ([ib], [2.0])
+    elif measure == AFFINITY:
+        assert values[row[s.buyer]] == pytest.approx([0.14 + 0.1, 0.56, 0.2])
+        assert values[row[s.viewer]] == pytest.approx([0.3])
+
+
+async def test_category_affinity_is_the_portraits_formula_bit_for_bit(profile_pool: asyncpg.Pool) -> None:
+    s = await _shoppers(profile_pool)
+    messages = await _collect(profile_pool, _category_request(s, AFFINITY))
+    vocabulary = list(messages[0].header.category_vocabulary)
+    offsets, indices, values = _csr(messages[1].chunk)
+    for i, member in enumerate(s.ids):
+        rows = await profile_pool.fetch(
+            "SELECT category, spend_minor, items_purchased, view_count FROM member_categories WHERE member_id = $1",
+            member)
+        portrait = {a.category: a.affinity for a in category_affinities(rows, "CNY") if a.affinity}
+        streamed = {vocabulary[indices[j]]: values[j] for j in range(offsets[i], offsets[i + 1])}
+        assert streamed == portrait
+
+
+async def test_category_matrix_resumes_after_a_cut_one_member_per_chunk(profile_pool: asyncpg.Pool) -> None:
+    s = await _shoppers(profile_pool)
+    messages = await _collect(profile_pool, _category_request(s, VIEWS, chunk_size=1,
+                                                              start_after_member_id=s.ids[0]))
+    vocabulary = list(messages[0].header.category_vocabulary)
+    assert messages[0].header.total_members == 2
+    chunks = [m.chunk for m in messages if m.HasField("chunk")]
+    assert [list(c.member_ids) for c in chunks] == [[member] for member in s.ids[1:]]
+    rows = _expected_rows(s, VIEWS)
+    for chunk in chunks:  # each chunk's CSR stands alone: its offsets start at 0
+        assert _csr(chunk) == _expected_csr(list(chunk.member_ids), rows, vocabulary)
+    assert messages[-1].last and messages[-1].members_sent == 2
+
+
+async def test_without_a_measure_there_is_no_category_matrix(profile_pool: asyncpg.Pool) -> None:
+    s = await _shoppers(profile_pool)
+    messages = await _collect(profile_pool, _category_request(s, feature_pb2.CATEGORY_MEASURE_UNSPECIFIED))
+    assert not messages[0].header.category_vocabulary
+    assert not messages[1].chunk.HasField("category_matrix")
+
+
+async def test_category_matrix_shrinks_chunks_to_stay_under_the_message_limit(profile_pool: asyncpg.Pool) -> None:
+    await _shoppers(profile_pool)  # at least three categories
+    plain = profile_service_pb2.StreamFeaturesRequest(chunk_size=50_000, member_ids=["nobody"])
+    with_categories = profile_service_pb2.StreamFeaturesRequest(chunk_size=50_000, member_ids=["nobody"],
+                                                                category_measure=AFFINITY)
+    plain_header = (await _collect(profile_pool, plain))[0].header
+    header = (await _collect(profile_pool, with_categories))[0].header
+    assert len(header.category_vocabulary) >= 3
+    least_per_member = 8 * len(header.feature_names) + 40 + category_bytes_per_member(3, 0.0)
+    assert header.chunk_size < plain_header.chunk_size
+    assert header.chunk_size * least_per_member <= 3_500_000
+
+
+def test_category_bytes_per_member_estimate() -> None:
+    assert category_bytes_per_member(0, None) == 4  # no categories: the row offset only
+    assert category_bytes_per_member(3, None) == 4 + 3 * 9  # never more entries than categories
+    assert category_bytes_per_member(1_000, 2.0) == 4 + 16 * 10  # a floor, 2-byte indices
+    assert category_bytes_per_member(1_000, 10.0) == 4 + 40 * 10  # four times the average
+    assert category_bytes_per_member(200, None) == 4 + 64 * 10  # statistics not gathered yet
+
+
+async def test_a_vocabulary_over_one_message_is_a_failed_precondition(profile_pool: asyncpg.Pool,
+                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    s = await _shoppers(profile_pool)
+    monkeypatch.setattr(features_module, "GRPC_MESSAGE_BYTES_MAX", 16)
+    with pytest.raises(LoyaltyError) as caught:
+        await _collect(profile_pool, _category_request(s, SPEND))
+    assert caught.value.code == grpc.StatusCode.FAILED_PRECONDITION
+    assert caught.value.reason == "CATEGORY_VOCABULARY_TOO_LARGE"
+
+
+async def test_an_undefined_measure_is_an_invalid_argument_in_process(profile_pool: asyncpg.Pool) -> None:
+    request = profile_service_pb2.StreamFeaturesRequest(feature_names=["gross_spend"],
+                                                        category_measure=UNDEFINED_MEASURE)
+    with pytest.raises(LoyaltyError) as caught:
+        await _collect(profile_pool, request)
+    assert caught.value.code == grpc.StatusCode.INVALID_ARGUMENT
+    assert [v.field for v in caught.value.violations] == ["category_measure"]
+
+
+async def test_category_matrix_over_the_real_service(profile_pool: asyncpg.Pool, stub: Any,
+                                                     storefront: Any) -> None:
+    """The process's stream agrees with its own portraits; an undefined measure is refused up front."""
+    s = await _shoppers(profile_pool)
+    messages = [m async for m in stub.StreamFeatures(_category_request(s, AFFINITY), metadata=storefront,
+                                                     timeout=30)]
+    vocabulary = list(messages[0].header.category_vocabulary)
+    offsets, indices, values = _csr(messages[1].chunk)
+    for i, member in enumerate(messages[1].chunk.member_ids):
+        reply = await stub.GetMemberPortrait(profile_service_pb2.GetMemberPortraitRequest(member_id=member),
+                                             metadata=storefront, timeout=30)
+        portrait = {a.category: a.affinity for a in reply.portrait.category_affinity if a.affinity}
+        assert {vocabulary[indices[j]]: values[j] for j in range(offsets[i], offsets[i + 1])} == portrait
+
+    async def undefined() -> None:
+        request = profile_service_pb2.StreamFeaturesRequest(category_measure=UNDEFINED_MEASURE)
+        async for _ in stub.StreamFeatures(request, metadata=storefront, timeout=30):
+            pass
+
+    code, _, fields = await rpc_error(undefined())
+    assert code == grpc.StatusCode.INVALID_ARGUMENT
+    assert fields == ["category_measure"]

@@ -1,6 +1,6 @@
-"""Scoring fixtures: a stack of its own (profile, rewards and scoring on a fresh database), so the
-population a run scores is exactly the members these tests create, and the active policy and run
-history are theirs alone. Pure-domain tests (kernel, learning...) never start it."""
+"""Scoring fixtures: a stack per test module (profile, rewards and scoring on a fresh database), so
+the population a run scores is exactly the members that module creates, and the active policy and
+run history are its alone. Pure-domain tests (kernel, learning...) never start one."""
 
 from __future__ import annotations
 
@@ -60,7 +60,7 @@ class Stack:
         return f"127.0.0.1:{self.ports[name]}"
 
 
-@pytest.fixture(scope="package")
+@pytest.fixture(scope="module")
 def stack(pg_dsn: str, service_env: dict[str, str], state_dir: Path) -> Iterator[Stack]:
     name = f"loyalty_scoring_{secrets.token_hex(4)}"
     asyncio.run(admin_sql(pg_dsn, f'CREATE DATABASE "{name}"'))

@@ -4,10 +4,14 @@ A chunk is one SQL statement: the members of the chunk in id order, their daily 
 per member, and every column returned as one array (PostgreSQL builds the arrays; Python copies
 them into packed protobuf fields without a loop per member). The stream reads one consistent
 snapshot (REPEATABLE READ), so a matrix never mixes two moments.
+
+The optional member × category matrix (CSR per chunk) is one more grouped statement per chunk over
+the chunk's ids; PostgreSQL maps categories to vocabulary indices and returns the three CSR arrays.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -20,11 +24,21 @@ from libs import errors
 from loyalty.profile.v1 import feature_pb2, member_pb2, profile_service_pb2
 from services.profile.domain import features as catalogue_rules
 from services.profile.domain.features import Column, UnknownFeature
-from services.profile.service_layer.portraits import timestamp
+from services.profile.service_layer.portraits import AFFINITY_SPEND_WEIGHT, timestamp
 
 CHUNK_MEMBERS_DEFAULT = 10_000
 MESSAGE_BYTES_MAX = 3_500_000  # under gRPC's 4 MiB default with room for ids and framing
+GRPC_MESSAGE_BYTES_MAX = 4 * 1024 * 1024  # the receivers' default limit: a chunk above it cannot be delivered
 MEMBER_ID_BYTES_EST = 40
+# The category part of a chunk: per member, the varint end offset of its CSR row; per non-zero entry,
+# a float64 and a varint category index. Non-zeros per member come from the table statistics
+# (rows of member_categories per member) times a safety factor, since a filtered chunk may hold
+# heavier members than the average; never more than the vocabulary has.
+CATEGORY_ROW_OFFSET_BYTES_EST = 4
+CATEGORY_VALUE_BYTES = 8
+CATEGORY_NONZEROS_SAFETY = 4
+CATEGORY_NONZEROS_PER_MEMBER_MIN = 16
+CATEGORY_NONZEROS_PER_MEMBER_UNKNOWN = 64  # statistics not gathered yet
 ACTIVE = member_pb2.MEMBER_STATUS_ACTIVE
 FEATURES_PAGE_DEFAULT = 200
 
@@ -124,23 +138,116 @@ def _chunk(row: Any, columns: list[Column], offset: int, groups: bool, as_of: da
     return chunk
 
 
-def _header(columns: list[Column], as_of: datetime, total: int, chunk_size: int) -> feature_pb2.FeatureMatrixHeader:
+def _header(columns: list[Column], as_of: datetime, total: int, chunk_size: int,
+            category_vocabulary: Sequence[str] = (),
+            category_measure: feature_pb2.CategoryMeasure.ValueType = feature_pb2.CATEGORY_MEASURE_UNSPECIFIED,
+            ) -> feature_pb2.FeatureMatrixHeader:
     header = feature_pb2.FeatureMatrixHeader(feature_names=[c.name for c in columns],
                                              features=[c.definition for c in columns], total_members=total,
-                                             chunk_size=chunk_size)
+                                             chunk_size=chunk_size, category_vocabulary=category_vocabulary,
+                                             category_measure=category_measure)
     header.as_of.FromDatetime(as_of)
     return header
+
+
+# The value of one (member, category) cell per measure, over member_categories `c`. Affinity is the
+# portrait's CategoryAffinity formula (portraits.category_affinities) term for term in float8: the
+# member's positive spend and its views summed over all its categories (window `member`), a share
+# of 0 when the total is 0, and the weights written as Python's own doubles (repr round-trips), so
+# both paths give the same bits.
+_CATEGORY_VALUE_SQL: dict[int, str] = {
+    feature_pb2.CATEGORY_MEASURE_SPEND: "c.spend_minor::float8",
+    feature_pb2.CATEGORY_MEASURE_ITEMS_PURCHASED: "c.items_purchased::float8",
+    feature_pb2.CATEGORY_MEASURE_VIEWS: "c.view_count::float8",
+    feature_pb2.CATEGORY_MEASURE_AFFINITY: (
+        f"{AFFINITY_SPEND_WEIGHT!r}::float8 * coalesce(greatest(0, c.spend_minor)::float8"
+        " / nullif(sum(greatest(0, c.spend_minor)) OVER member, 0)::float8, 0)"
+        f" + {1 - AFFINITY_SPEND_WEIGHT!r}::float8 * coalesce(c.view_count::float8"
+        " / nullif(sum(c.view_count) OVER member, 0)::float8, 0)"),
+}
+
+# Every category, sorted by code point (COLLATE "C", the order of Python's sorted()), as a loose
+# index scan: one probe of member_categories_category per distinct category instead of reading
+# every member's rows.
+_CATEGORY_VOCABULARY_SQL = """
+    WITH RECURSIVE v(category) AS (
+        (SELECT category COLLATE "C" FROM member_categories ORDER BY category COLLATE "C" LIMIT 1)
+        UNION ALL
+        SELECT (SELECT c.category COLLATE "C" FROM member_categories c
+                 WHERE c.category COLLATE "C" > v.category ORDER BY c.category COLLATE "C" LIMIT 1)
+          FROM v WHERE v.category IS NOT NULL)
+    SELECT coalesce(array_agg(category ORDER BY category), '{}') FROM v WHERE category IS NOT NULL"""
+
+# Rows of member_categories per member, from the planner's statistics (no scan); NULL before the
+# first ANALYZE of either table.
+_CATEGORY_NONZEROS_PER_MEMBER_SQL = """
+    SELECT c.reltuples::float8 / m.reltuples::float8 FROM pg_class c, pg_class m
+     WHERE c.oid = 'member_categories'::regclass AND m.oid = 'members'::regclass
+       AND c.reltuples >= 0 AND m.reltuples > 0"""
+
+
+def _category_matrix_sql(measure: feature_pb2.CategoryMeasure.ValueType) -> str:
+    """$1 the chunk's member ids in chunk order, $2 the vocabulary. Returns the CSR arrays: the
+    rows' end offsets (one per member, the leading 0 is implied) and the non-zero cells ordered by
+    row, then category index."""
+    return f"""
+        WITH chunk AS (SELECT member_id, slot FROM unnest($1::text[]) WITH ORDINALITY AS i(member_id, slot)),
+             vocabulary AS (SELECT category, (n - 1)::int AS category_index
+                              FROM unnest($2::text[]) WITH ORDINALITY AS v(category, n)),
+             cells AS (
+                SELECT slot, category_index, cell FROM (
+                    SELECT chunk.slot, vocabulary.category_index, {_CATEGORY_VALUE_SQL[measure]} AS cell
+                      FROM member_categories c
+                      JOIN chunk USING (member_id)
+                      JOIN vocabulary USING (category)
+                     WHERE c.member_id = ANY($1::text[])
+                    WINDOW member AS (PARTITION BY c.member_id)) every_cell
+                 WHERE cell <> 0),
+             ends AS (SELECT chunk.slot, sum(count(cells.slot)) OVER (ORDER BY chunk.slot) AS row_end
+                        FROM chunk LEFT JOIN cells USING (slot) GROUP BY chunk.slot)
+        SELECT (SELECT array_agg(row_end::int ORDER BY slot) FROM ends) AS row_ends,
+               (SELECT coalesce(array_agg(category_index ORDER BY slot, category_index), '{{}}') FROM cells) AS indices,
+               (SELECT coalesce(array_agg(cell ORDER BY slot, category_index), '{{}}') FROM cells) AS cells"""
+
+
+def category_bytes_per_member(vocabulary_size: int, nonzeros_per_member: float | None) -> int:
+    """Wire bytes one member's CSR row is expected to take (see CATEGORY_NONZEROS_SAFETY)."""
+    if nonzeros_per_member is None:
+        nonzeros = CATEGORY_NONZEROS_PER_MEMBER_UNKNOWN
+    else:
+        nonzeros = max(CATEGORY_NONZEROS_PER_MEMBER_MIN, math.ceil(CATEGORY_NONZEROS_SAFETY * nonzeros_per_member))
+    nonzeros = min(nonzeros, vocabulary_size)
+    index_bytes = max(1, (max(0, vocabulary_size - 1).bit_length() + 6) // 7)  # varint length
+    return CATEGORY_ROW_OFFSET_BYTES_EST + nonzeros * (CATEGORY_VALUE_BYTES + index_bytes)
+
+
+def _category_chunk(row: Any, members: int, vocabulary_size: int) -> feature_pb2.CategoryMatrixChunk:
+    row_ends, indices, values = row["row_ends"], row["indices"], row["cells"]
+    # Both sides of the boundary: one row per member, and the last row ends where the cells end.
+    assert len(row_ends) == members
+    assert row_ends[-1] == len(indices) == len(values)
+    assert not indices or (min(indices) >= 0 and max(indices) < vocabulary_size)
+    matrix = feature_pb2.CategoryMatrixChunk(category_indices=indices, values=values)
+    matrix.row_offsets.append(0)
+    matrix.row_offsets.extend(row_ends)
+    return matrix
+
+
+def _category_measure(request: profile_service_pb2.StreamFeaturesRequest) -> feature_pb2.CategoryMeasure.ValueType:
+    """The requested measure; the declarative `defined_only` rejects unknown values before us, this
+    is for in-process callers."""
+    measure = request.category_measure
+    if measure and measure not in _CATEGORY_VALUE_SQL:
+        raise errors.invalid_argument([errors.FieldViolation("category_measure", "is not a defined measure")])
+    return measure
 
 
 async def stream_features(pool: asyncpg.Pool, request: profile_service_pb2.StreamFeaturesRequest
                           ) -> AsyncIterator[profile_service_pb2.StreamFeaturesResponse]:
     as_of = _as_of(request.HasField("as_of"), request.as_of)
     columns, windows = _resolve_columns(request.feature_names, "feature_names")
-    if request.category_measure:
-        raise errors.LoyaltyError(grpc.StatusCode.UNIMPLEMENTED, "NOT_IMPLEMENTED_YET",
-                                  "the member x category matrix is not exported yet")
+    measure = _category_measure(request)
     bytes_per_member = 8 * len(columns) + MEMBER_ID_BYTES_EST + (40 if request.include_group_attributes else 0)
-    chunk_size = max(1, min(request.chunk_size or CHUNK_MEMBERS_DEFAULT, MESSAGE_BYTES_MAX // bytes_per_member))
     filters: list[str] = []
     args: list[Any] = []
     for values, sql in ((list(request.regions), "m.region = ANY(${}::text[])"),
@@ -153,22 +260,41 @@ async def stream_features(pool: asyncpg.Pool, request: profile_service_pb2.Strea
         args.append(timestamp(request.joined_before, "joined_before"))
         filters.append(f"m.joined_at < ${4 + len(args)}")
     query = _chunk_query(columns, windows, filters, args, request.include_group_attributes)
+    category_sql = _category_matrix_sql(measure) if measure else ""
     after = request.start_after_member_id
     async with pool.acquire() as connection, connection.transaction(isolation="repeatable_read", readonly=True):
+        vocabulary: list[str] = []
+        if measure:
+            vocabulary = list(await connection.fetchval(_CATEGORY_VOCABULARY_SQL))
+            nonzeros = await connection.fetchval(_CATEGORY_NONZEROS_PER_MEMBER_SQL)
+            bytes_per_member += category_bytes_per_member(len(vocabulary), nonzeros)
+        chunk_size = max(1, min(request.chunk_size or CHUNK_MEMBERS_DEFAULT, MESSAGE_BYTES_MAX // bytes_per_member))
         count_where = " AND ".join(["m.status = 1", "m.joined_at <= $3", "m.member_id > $1", *filters])
         # The same parameter list as the chunk query, so the filters' $n keep their numbers ($2 and $4
         # are typed but unused here).
         total = await connection.fetchval(
             f"SELECT count(*) FROM members m WHERE {count_where} AND $2::date IS NOT NULL AND $4::int > 0",
             after, as_of.date(), as_of, 1, *args)
-        yield profile_service_pb2.StreamFeaturesResponse(header=_header(columns, as_of, total, chunk_size))
+        header = _header(columns, as_of, total, chunk_size, vocabulary, measure)
+        if header.ByteSize() > GRPC_MESSAGE_BYTES_MAX:
+            raise errors.failed_precondition("the category vocabulary does not fit one message",
+                                             "CATEGORY_VOCABULARY_TOO_LARGE", categories=str(len(vocabulary)))
+        yield profile_service_pb2.StreamFeaturesResponse(header=header)
         sent = 0
         while True:
             row = await connection.fetchrow(query.sql, after, as_of.date(), as_of, chunk_size, *query.filter_args)
             if row is None or not row["ids"]:
                 break
-            yield profile_service_pb2.StreamFeaturesResponse(
-                chunk=_chunk(row, columns, sent, request.include_group_attributes, as_of))
+            chunk = _chunk(row, columns, sent, request.include_group_attributes, as_of)
+            if measure:
+                cells = await connection.fetchrow(category_sql, row["ids"], vocabulary)
+                chunk.category_matrix.CopyFrom(_category_chunk(cells, len(row["ids"]), len(vocabulary)))
+                if chunk.ByteSize() > GRPC_MESSAGE_BYTES_MAX:  # far heavier members than the statistics said
+                    raise errors.LoyaltyError(
+                        grpc.StatusCode.RESOURCE_EXHAUSTED, "CHUNK_TOO_LARGE",
+                        "these members' category rows exceed one message: resume after the last member "
+                        "received with a smaller chunk_size", {"chunk_size": str(chunk_size)})
+            yield profile_service_pb2.StreamFeaturesResponse(chunk=chunk)
             sent += len(row["ids"])
             after = row["ids"][-1]
             if len(row["ids"]) < chunk_size:
