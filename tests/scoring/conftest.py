@@ -1,4 +1,4 @@
-"""Scoring fixtures: a stack per test module (profile, rewards and scoring on a fresh database), so
+"""Scoring fixtures: a stack per test module (risk, profile, rewards, scoring on a fresh database), so
 the population a run scores is exactly the members that module creates, and the active policy and
 run history are its alone. Pure-domain tests (kernel, learning...) never start one."""
 
@@ -27,7 +27,7 @@ from tests.conftest import bearer
 from tests.support.database import admin_sql
 from tests.support.processes import RunningProcess, free_port, start_module
 
-STACK = ("profile", "rewards", "scoring")
+STACK = ("risk", "profile", "rewards", "scoring")
 
 
 def uid(prefix: str) -> str:
@@ -64,7 +64,7 @@ class Stack:
 def stack(pg_dsn: str, service_env: dict[str, str], state_dir: Path) -> Iterator[Stack]:
     name = f"loyalty_scoring_{secrets.token_hex(4)}"
     asyncio.run(admin_sql(pg_dsn, f'CREATE DATABASE "{name}"'))
-    ports = {service: free_port() for service in (*STACK, "risk")}
+    ports = {service: free_port() for service in STACK}
     env = dict(service_env, DATABASE_URL=urlunparse(urlparse(pg_dsn)._replace(path=f"/{name}")),
                LOYALTY_SCORING_WORKER_INTERVAL_S="0.2", LOYALTY_SCORING_LEASE_S="2",
                LOYALTY_SCORING_SCHEDULER_INTERVAL_S="0.5", LOYALTY_SCORING_APPLY_RETRY_S_MAX="60",

@@ -337,6 +337,41 @@ async def test_compare_policies(stubs: Stubs, operator: Any, analyst: Any, popul
     assert all(c.from_tier_id == c.to_tier_id for c in reply.migration)
 
 
+async def test_qualifying_points_rule_places_members_by_the_points_rewards_posted(
+        stubs: Stubs, operator: Any, analyst: Any, population: list[str]) -> None:
+    """Purchases flow profile → rewards (risk allows them) → qualifying points; a QUALIFYING POINTS
+    policy places members by those points, as rewards counts them."""
+    members = [uid("qp") for _ in range(3)]
+    await record(stubs, operator, [purchase(m, amount, long_ago(1)) for m, amount in
+                                   zip(members, (10_000, 30_000, 60_000), strict=True)])
+    deadline = time.monotonic() + WAIT_S
+    points: dict[str, int] = {}
+    while len(points) < len(members):
+        assert time.monotonic() < deadline, points
+        for member in members:
+            got = await stubs.rewards.GetBalance(rewards_pb2.GetBalanceRequest(member_id=member), metadata=analyst)
+            if got.balance.qualifying_points:
+                points[member] = got.balance.qualifying_points
+        await asyncio.sleep(0.2)
+    assert [points[m] for m in members] == [105, 305, 605]  # 1 point a yuan + 5 a purchase
+    message = policy(uid("qp"))
+    message.qualifying_points.min_points.extend([200, 500])
+    created = await create(stubs, operator, message)
+    dry = await run(stubs, operator, policy_id=created.policy_id, version=created.version, dry_run=True)
+    assert dry.state == E.EVALUATION_STATE_SUCCEEDED, dry.error_message
+    assert [(t.tier_id, t.min_points) for t in dry.thresholds] == [("regular", 0), ("silver", 200), ("gold", 500)]
+    placed = await scores(stubs, analyst, dry.run_id)
+    assert [(placed[m].qualifying_points, placed[m].tier_id) for m in members] == [
+        (105, "regular"), (305, "silver"), (605, "gold")]
+    anniversary = policy(uid("qp"))
+    anniversary.qualifying_points.min_points.extend([500, 2000])
+    anniversary.qualification_window.kind = policy_pb2.QUALIFICATION_WINDOW_KIND_ANNIVERSARY
+    code, reason, fields = await rpc_error(stubs.scoring.ValidatePolicy(S.ValidatePolicyRequest(policy=anniversary),
+                                                                        metadata=operator))
+    assert (code, reason, fields) == (grpc.StatusCode.INVALID_ARGUMENT, "INVALID_POLICY",
+                                      ["policy.qualification_window.kind"])
+
+
 async def _wait_state(stubs: Stubs, metadata: Any, run_id: str, states: set[int]) -> E.EvaluationRun:
     deadline = time.monotonic() + WAIT_S
     while time.monotonic() < deadline:
@@ -374,7 +409,7 @@ async def test_run_resumes_after_a_crash_without_applying_twice(stack: Stack, st
     done = await _wait_state(stubs, analyst, run_id, {E.EVALUATION_STATE_SUCCEEDED, E.EVALUATION_STATE_FAILED})
     assert done.state == E.EVALUATION_STATE_SUCCEEDED, done.error_message
     assert done.resumed_count >= 1 and done.tier_changes_pending == 0
-    assert done.tier_changes_applied == done.upgrades + done.downgrades > 0
+    assert done.tier_changes_applied == done.upgrades + done.downgrades + done.new_members > 0
     moved = [m for m, s in (await scores(stubs, analyst, run_id)).items() if s.change != E.TIER_CHANGE_UNCHANGED]
     for member in moved[:5]:
         history = await stubs.rewards.ListTierHistory(rewards_pb2.ListTierHistoryRequest(member_id=member),

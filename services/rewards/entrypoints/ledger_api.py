@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from datetime import UTC, datetime
 from typing import Any, TypeVar
 
@@ -151,6 +151,11 @@ class LedgerApi:
             rules = await self.rules.active(conn)
             return rewards_pb2.GetBalanceResponse(balance=await queries.balance(
                 conn, request.member_id, rules, self.settings.zone, datetime.now(UTC)))
+
+    async def StreamQualifyingPoints(self, request: rewards_pb2.StreamQualifyingPointsRequest, context: Any
+                                     ) -> AsyncIterator[rewards_pb2.StreamQualifyingPointsResponse]:
+        async for chunk in queries.stream_qualifying_points(self.runtime.pool, request, datetime.now(UTC)):
+            yield chunk
 
     async def ListLedgerEntries(self, request: rewards_pb2.ListLedgerEntriesRequest, context: Any
                                 ) -> rewards_pb2.ListLedgerEntriesResponse:

@@ -2,17 +2,22 @@
 
 from __future__ import annotations
 
-from datetime import UTC, datetime
+from collections.abc import AsyncIterator
+from datetime import UTC, datetime, timedelta
 from zoneinfo import ZoneInfo
 
 import asyncpg
 
-from libs import paging
+from libs import errors, paging
 from libs.db import DbConnection
+from libs.errors import FieldViolation
 from loyalty.rewards.v1 import earning_pb2, ledger_pb2, rewards_pb2
+from services.rewards.domain.benefits_calendar import timestamp_violations
 from services.rewards.domain.expiry import add_months, expiring_soon_notice
 
 LOT = ledger_pb2.LotState
+AS_OF_SKEW = timedelta(seconds=5)
+QUALIFYING_CHUNK_DEFAULT = 10_000
 
 _BALANCE_SQL = """
 WITH RECURSIVE merged(member_id, depth) AS (
@@ -164,3 +169,45 @@ async def list_expiring(conn: DbConnection, request: rewards_pb2.ListExpiringPoi
     if more:
         response.next_page_token = paging.encode([page[-1]["expires_at"].isoformat()], request)
     return response
+
+
+# Every account mapped to its final survivor (itself unless merged), then the window's qualifying
+# entries summed per survivor in one pass, read through a cursor chunk by chunk.
+_QUALIFYING_SQL = """
+WITH RECURSIVE chain(member_id, root, depth) AS (
+    SELECT member_id, member_id, 0 FROM accounts WHERE merged_into IS NULL
+  UNION ALL
+    SELECT a.member_id, c.root, c.depth + 1 FROM accounts a JOIN chain c ON a.merged_into = c.member_id
+     WHERE c.depth < 16
+)
+SELECT c.root AS member_id, sum(e.qualifying_delta)::bigint AS points
+  FROM ledger_entries e JOIN chain c ON c.member_id = e.member_id
+ WHERE e.qualifying_delta <> 0 AND e.qualifying_at >= $1 AND e.qualifying_at < $2 AND c.root > $3
+   AND (cardinality($4::text[]) = 0 OR c.root = ANY($4::text[]))
+ GROUP BY c.root ORDER BY c.root
+"""
+
+
+async def stream_qualifying_points(pool: asyncpg.Pool, request: rewards_pb2.StreamQualifyingPointsRequest,
+                                   now: datetime) -> AsyncIterator[rewards_pb2.StreamQualifyingPointsResponse]:
+    violations = timestamp_violations(request, ["window_start", "as_of"])
+    as_of = request.as_of.ToDatetime(tzinfo=UTC) if request.HasField("as_of") else now
+    start = request.window_start.ToDatetime(tzinfo=UTC)
+    if not violations and as_of > now + AS_OF_SKEW:
+        violations.append(FieldViolation("as_of", "is in the future"))
+    if not violations and start >= as_of:
+        violations.append(FieldViolation("window_start", "must be before as_of"))
+    if violations:
+        raise errors.invalid_argument(violations)
+    size = request.chunk_size or QUALIFYING_CHUNK_DEFAULT
+    async with pool.acquire() as conn, conn.transaction(isolation="repeatable_read", readonly=True):
+        chunk = rewards_pb2.StreamQualifyingPointsResponse()
+        async for row in conn.cursor(_QUALIFYING_SQL, start, as_of, request.start_after_member_id,
+                                     list(request.member_ids), prefetch=min(size, 10_000)):
+            chunk.member_ids.append(row[0])
+            chunk.points.append(row[1])
+            if len(chunk.member_ids) >= size:
+                yield chunk
+                chunk = rewards_pb2.StreamQualifyingPointsResponse()
+        chunk.last = True
+        yield chunk

@@ -173,3 +173,27 @@ class Rewards:
                                          reason=REWARDS_UNAVAILABLE) from None
             raise errors.failed_precondition(f"rewards refused the tier changes: {error.details()}",
                                              reason="REWARDS_REFUSED") from None
+
+    async def qualifying_points(self, window_start: datetime, as_of: datetime, member_ids: Sequence[str] = ()
+                                ) -> tuple[list[str], np.ndarray]:
+        """Members with qualifying points in [window_start, as_of) and their points (int64); the
+        others have none. A cut stream is resumed after the last member received."""
+        ids: list[str] = []
+        blocks: list[np.ndarray] = []
+        resumes = 0
+        while True:
+            request = rewards_pb2.StreamQualifyingPointsRequest(chunk_size=50_000, member_ids=member_ids,
+                                                                 start_after_member_id=ids[-1] if ids else "")
+            request.window_start.FromDatetime(window_start)
+            request.as_of.FromDatetime(as_of)
+            try:
+                async for message in self._stub.StreamQualifyingPoints(request, timeout=self._deadline_s * 10):
+                    ids.extend(message.member_ids)
+                    blocks.append(np.fromiter(message.points, dtype=np.int64, count=len(message.points)))
+                    if message.last:
+                        return ids, np.concatenate(blocks) if blocks else np.empty(0, dtype=np.int64)
+            except grpc.aio.AioRpcError as error:
+                if error.code() not in _TRANSIENT or resumes >= _STREAM_RESUMES_MAX:
+                    raise errors.unavailable("rewards could not export qualifying points; retry later",
+                                             reason=REWARDS_UNAVAILABLE) from None
+            resumes += 1

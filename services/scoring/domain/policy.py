@@ -7,9 +7,11 @@ checks stay pure: the service layer fetches the catalogue, this module judges.
 
 from __future__ import annotations
 
+import calendar
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
+from datetime import datetime
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from libs.errors import FieldViolation
@@ -150,6 +152,12 @@ def _schedule_violations(policy: policy_pb2.Policy, path: str) -> list[FieldViol
             violations.append(FieldViolation(f"{path}.schedule.time_zone",
                                              f"{schedule.time_zone!r} is not an IANA time zone"))
     window = policy.qualification_window
+    if (window.kind == P.QUALIFICATION_WINDOW_KIND_ANNIVERSARY
+            and policy.WhichOneof("threshold_rule") == "qualifying_points"):
+        violations.append(FieldViolation(f"{path}.qualification_window.kind",
+                                         "ANNIVERSARY windows are not supported with the QUALIFYING POINTS rule yet "
+                                         "(each member would need its own window): use ROLLING_MONTHS or "
+                                         "CALENDAR_YEAR"))
     if window.rolling_months and window.kind not in (P.QUALIFICATION_WINDOW_KIND_ROLLING_MONTHS,
                                                      P.QUALIFICATION_WINDOW_KIND_UNSPECIFIED):
         violations.append(FieldViolation(f"{path}.qualification_window.rolling_months",
@@ -242,3 +250,15 @@ def tier_name(policy: policy_pb2.Policy, tier_id: str, locale: str) -> str:
 
 def rolling_months(policy: policy_pb2.Policy) -> int:
     return policy.qualification_window.rolling_months or DEFAULT_ROLLING_MONTHS
+
+
+def window_start(policy: policy_pb2.Policy, as_of: datetime, zone: ZoneInfo) -> datetime:
+    """Start of the qualification window that ends at `as_of`: the same wall-clock time N calendar
+    months earlier (clamped to the month's last day), or 1 January of the year, in the zone."""
+    local = as_of.astimezone(zone)
+    if policy.qualification_window.kind == P.QUALIFICATION_WINDOW_KIND_CALENDAR_YEAR:
+        return datetime(local.year, 1, 1, tzinfo=zone)
+    months = local.year * 12 + local.month - 1 - rolling_months(policy)
+    year, month = divmod(months, 12)
+    day = min(local.day, calendar.monthrange(year, month + 1)[1])
+    return local.replace(year=year, month=month + 1, day=day)

@@ -81,8 +81,8 @@ class ScoringServicer(scoring_service_pb2_grpc.ScoringServiceServicer):
         return await run_once_in_transaction(self.pool, "RetirePolicy", request, S.RetirePolicyResponse, retire)
 
     async def ComparePolicies(self, request: S.ComparePoliciesRequest, context: Any) -> S.ComparePoliciesResponse:
-        return await compare.compare(self.pool, self.profile, request, self.settings.stream_chunk_size,
-                                     datetime.now(UTC))
+        return await compare.compare(self.pool, self.profile, self.rewards, request, self.settings.stream_chunk_size,
+                                     self.settings.zone, datetime.now(UTC))
 
     # ---- evaluations -------------------------------------------------------------------------
 
@@ -163,7 +163,8 @@ class ScoringServicer(scoring_service_pb2_grpc.ScoringServiceServicer):
         now = datetime.now(UTC)
 
         async def score(conn: DbConnection) -> S.ScoreMemberResponse:
-            return await online.score_member(conn, self.profile, self.rewards, self.contexts, request, now)
+            return await online.score_member(conn, self.profile, self.rewards, self.contexts, request,
+                                             self.settings.zone, now)
 
         if request.mode in (S.SCORE_MODE_UNSPECIFIED, S.SCORE_MODE_PREVIEW):
             async with self.pool.acquire() as conn:
@@ -171,6 +172,6 @@ class ScoringServicer(scoring_service_pb2_grpc.ScoringServiceServicer):
         return await run_once_in_transaction(self.pool, "ScoreMember", request, S.ScoreMemberResponse, score)
 
     async def ExplainScore(self, request: S.ExplainScoreRequest, context: Any) -> S.ExplainScoreResponse:
-        return await online.explain_score(self.pool, self.profile, self.contexts, request,
-                                          self.settings.default_locale, datetime.now(UTC))
+        return await online.explain_score(self.pool, self.profile, self.rewards, self.contexts, request,
+                                          self.settings.default_locale, self.settings.zone, datetime.now(UTC))
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from datetime import datetime
+from typing import Any
 
 import asyncpg
 import numpy as np
@@ -12,7 +13,7 @@ from loyalty.scoring.v1 import evaluation_pb2 as E
 from loyalty.scoring.v1 import policy_pb2
 from loyalty.scoring.v1 import scoring_service_pb2 as S
 from services.scoring.adapters import policies_repo, runs_repo
-from services.scoring.adapters.peers import Profile
+from services.scoring.adapters.peers import Profile, Rewards
 from services.scoring.domain import kernel
 from services.scoring.domain import policy as rules
 from services.scoring.service_layer import evaluation
@@ -33,7 +34,8 @@ def rank_correlation(a: np.ndarray, b: np.ndarray) -> float:
 
 
 def _evaluate(policy: policy_pb2.Policy, matrix_values: np.ndarray, columns: Sequence[int],
-              previous: runs_repo.PreviousTiers | None, member_ids: list[str]) -> kernel.Evaluation:
+              previous: runs_repo.PreviousTiers | None, member_ids: list[str], points: np.ndarray | None
+              ) -> kernel.Evaluation:
     spec = rules.spec_of(policy)
     ladder = rules.tier_ids(policy)
     n = len(member_ids)
@@ -41,16 +43,14 @@ def _evaluate(policy: policy_pb2.Policy, matrix_values: np.ndarray, columns: Seq
         tiers, grace = np.full(n, -1, dtype=np.int8), np.zeros(n, dtype=np.int16)
     else:
         tiers, grace, _ = evaluation.align_previous(member_ids, previous, ladder)
-    return kernel.evaluate(np.ascontiguousarray(matrix_values[:, list(columns)]), spec, tiers, grace)
+    return kernel.evaluate(np.ascontiguousarray(matrix_values[:, list(columns)]), spec, tiers, grace, points)
 
 
-async def compare(pool: asyncpg.Pool, profile: Profile, request: S.ComparePoliciesRequest, chunk_size: int,
-                  now: datetime) -> S.ComparePoliciesResponse:
+async def compare(pool: asyncpg.Pool, profile: Profile, rewards: Rewards, request: S.ComparePoliciesRequest,
+                  chunk_size: int, zone: Any, now: datetime) -> S.ComparePoliciesResponse:
     as_of = evaluation.as_of_of(request, "as_of", now)
     base = await policies_repo.get(pool, request.base.policy_id, request.base.version)
     candidate = await policies_repo.get(pool, request.candidate.policy_id, request.candidate.version)
-    for policy in (base, candidate):
-        evaluation.require_scoreable(policy)
     names: list[str] = []
     for policy in (base, candidate):
         names.extend(f.feature_name for f in policy.features if f.feature_name not in names)
@@ -60,8 +60,11 @@ async def compare(pool: asyncpg.Pool, profile: Profile, request: S.ComparePolici
         last = await runs_repo.last_applied(pool)
         if last is not None:
             previous = await runs_repo.previous_tiers(pool, last["run_id"])
-    results = [_evaluate(p, matrix.values, [names.index(f.feature_name) for f in p.features], previous,
-                         matrix.member_ids) for p in (base, candidate)]
+    results = []
+    for p in (base, candidate):
+        points = await evaluation.qualifying_points(rewards, p, matrix.member_ids, as_of, zone)
+        columns = [names.index(f.feature_name) for f in p.features]
+        results.append(_evaluate(p, matrix.values, columns, previous, matrix.member_ids, points))
     base_ladder, candidate_ladder = rules.tier_ids(base), rules.tier_ids(candidate)
     b, c = (r.placement.tier.astype(np.int64) for r in results)
     pairs = np.bincount(b * len(candidate_ladder) + c, minlength=len(base_ladder) * len(candidate_ladder))

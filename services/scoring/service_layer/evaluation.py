@@ -55,6 +55,7 @@ from services.scoring.settings import ScoringSettings
 log = logging.getLogger(__name__)
 AS_OF_SKEW = timedelta(seconds=5)
 TENURE = "tenure_days"
+ONLINE_IDS_MAX = 1000  # a smaller population is asked for by id
 DAYS_PER_YEAR = 365
 W = policy_pb2
 DIRECTIONS = {E.TIER_CHANGE_NEW: tiers_pb2.TIER_CHANGE_DIRECTION_INITIAL,
@@ -86,11 +87,16 @@ async def resolve_policy(conn: DbConnection | asyncpg.Pool, policy_id: str, vers
     return active
 
 
-def require_scoreable(policy: policy_pb2.Policy) -> None:
-    if policy.WhichOneof("threshold_rule") == "qualifying_points":
-        raise errors.failed_precondition(
-            "policies with the QUALIFYING POINTS rule cannot be evaluated yet: rewards exports no qualifying points "
-            "for a whole population", reason="QUALIFYING_POINTS_NOT_SUPPORTED")
+async def qualifying_points(rewards: Rewards, policy: policy_pb2.Policy, member_ids: Sequence[str], as_of: datetime,
+                            zone: Any) -> np.ndarray | None:
+    """For the QUALIFYING POINTS rule: each member's points in the policy's window (int64, aligned
+    with `member_ids`, 0 for members with none); None for the score rules."""
+    if policy.WhichOneof("threshold_rule") != "qualifying_points":
+        return None
+    ids, points = await rewards.qualifying_points(rules.window_start(policy, as_of, zone), as_of,
+                                                  member_ids if len(member_ids) <= ONLINE_IDS_MAX else ())
+    index = dict(zip(ids, points.tolist(), strict=True))
+    return np.fromiter((index.get(m, 0) for m in member_ids), dtype=np.int64, count=len(member_ids))
 
 
 async def start(conn: DbConnection, request: S.RunEvaluationRequest, actor: str, now: datetime
@@ -98,7 +104,6 @@ async def start(conn: DbConnection, request: S.RunEvaluationRequest, actor: str,
     """Accept a run (inside the request-id transaction); the worker picks it up."""
     as_of = as_of_of(request, "as_of", now)
     policy = await resolve_policy(conn, request.policy_id, request.version)
-    require_scoreable(policy)
     if not request.dry_run:
         if policy.state != policies_repo.ACTIVE:
             raise errors.failed_precondition(
@@ -344,7 +349,8 @@ class RunWorker:
         previous, grace, raw_previous = align_previous(matrix.member_ids, previous_rows, ladder)
         allowed = downgrade_mask(policy, matrix, baseline["as_of"] if baseline is not None else None, row["as_of"],
                                  self._settings.zone)
-        result = kernel.evaluate(matrix.values, spec, previous, grace, None, allowed)
+        points = await qualifying_points(self._rewards, policy, matrix.member_ids, row["as_of"], self._settings.zone)
+        result = kernel.evaluate(matrix.values, spec, previous, grace, points, allowed)
         percentiles = kernel.percentiles(result.raw_scores)
         changes = change_kinds(previous, result.placement.tier)
         scored = time.perf_counter()
@@ -360,7 +366,7 @@ class RunWorker:
         records = zip(repeat(held.run_id), matrix.member_ids, result.raw_scores.tolist(), percentiles.tolist(),
                       labels[result.qualifying].tolist(), labels[placement.tier].tolist(), raw_previous.tolist(),
                       changes.tolist(), placement.held.tolist(), placement.grace_counter.tolist(), remaining.tolist(),
-                      repeat(0), strict=False)
+                      points.tolist() if points is not None else repeat(0), strict=False)
         async with pool.acquire() as conn, conn.transaction():
             await runs_repo.clear_scores(conn, held.run_id)
             await runs_repo.copy_scores(conn, records)

@@ -15,6 +15,7 @@ import hashlib
 from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import datetime
+from typing import Any
 
 import asyncpg
 import numpy as np
@@ -29,6 +30,7 @@ from services.scoring.adapters import policies_repo, runs_repo
 from services.scoring.adapters.peers import Change, Profile, Rewards
 from services.scoring.domain import explain, kernel
 from services.scoring.domain import policy as rules
+from services.scoring.service_layer import evaluation
 
 _CACHED_RUNS_MAX = 16
 
@@ -172,8 +174,17 @@ def change_id(request_id: str) -> str:
     return "online-" + hashlib.sha256(request_id.encode()).hexdigest()[:32]
 
 
+async def _qualifying(rewards: Rewards, context: Context, member_id: str, score: float, now: datetime, zone: Any
+                      ) -> tuple[int, int]:
+    """The tier index the member qualifies for now, and its qualifying points (0 for score rules)."""
+    points = await evaluation.qualifying_points(rewards, context.policy, [member_id], now, zone)
+    if points is None:
+        return context.qualifying(score), 0
+    return context.qualifying(float(points[0])), int(points[0])
+
+
 async def score_member(conn: DbConnection, profile: Profile, rewards: Rewards, contexts: Contexts,
-                       request: S.ScoreMemberRequest, now: datetime) -> S.ScoreMemberResponse:
+                       request: S.ScoreMemberRequest, zone: Any, now: datetime) -> S.ScoreMemberResponse:
     """Score now; in UPGRADE_ONLY / REFUND_RECHECK mode also change the tier (inside the caller's
     request-id transaction, the member's online row locked)."""
     context = await contexts.active(conn)
@@ -181,7 +192,7 @@ async def score_member(conn: DbConnection, profile: Profile, rewards: Rewards, c
     score = kernel.score_one(x, context.spec, context.stats)
     percentile = kernel.percentile_one(score, context.stats.score_quantiles)
     ladder = rules.tier_ids(context.policy)
-    qualifying = context.qualifying(score)
+    qualifying, points = await _qualifying(rewards, context, request.member_id, score, now, zone)
     mode = request.mode or S.SCORE_MODE_PREVIEW
     current = await current_tier(conn, request.member_id, for_update=mode != S.SCORE_MODE_PREVIEW)
     index = ladder.index(current.tier_id) if current.tier_id in ladder else -1
@@ -222,11 +233,13 @@ async def score_member(conn: DbConnection, profile: Profile, rewards: Rewards, c
             context.policy.policy_id, context.policy.version, request.trigger_event_id, key, now)
     message = _score_message(request.member_id, context, score, percentile, ladder[qualifying], tier,
                              current.tier_id, E.SCORE_SOURCE_ONLINE, now)
+    message.qualifying_points = points
     return S.ScoreMemberResponse(score=message, previous_tier_id=current.tier_id, outcome=outcome)
 
 
-async def explain_score(pool: asyncpg.Pool, profile: Profile, contexts: Contexts, request: S.ExplainScoreRequest,
-                        default_locale: str, now: datetime) -> S.ExplainScoreResponse:
+async def explain_score(pool: asyncpg.Pool, profile: Profile, rewards: Rewards, contexts: Contexts,
+                        request: S.ExplainScoreRequest, default_locale: str, zone: Any, now: datetime
+                        ) -> S.ExplainScoreResponse:
     locale = request.locale or default_locale
     if request.run_id:
         run = await runs_repo.get_run(pool, request.run_id)
@@ -243,10 +256,11 @@ async def explain_score(pool: asyncpg.Pool, profile: Profile, contexts: Contexts
         value = kernel.score_one(x, context.spec, context.stats)
         current = await current_tier(pool, request.member_id)
         ladder = rules.tier_ids(context.policy)
-        qualifying = ladder[context.qualifying(value)]
+        index, points = await _qualifying(rewards, context, request.member_id, value, now, zone)
         score = _score_message(request.member_id, context, value, kernel.percentile_one(
-            value, context.stats.score_quantiles), qualifying, current.tier_id or qualifying, current.tier_id,
+            value, context.stats.score_quantiles), ladder[index], current.tier_id or ladder[index], current.tier_id,
             E.SCORE_SOURCE_ONLINE, now)
+        score.qualifying_points = points
     return _explanation(context, x, types, score, locale)
 
 
