@@ -5,12 +5,14 @@ per member, and every column returned as one array (PostgreSQL builds the arrays
 them into packed protobuf fields without a loop per member). The stream reads one consistent
 snapshot (REPEATABLE READ), so a matrix never mixes two moments.
 
-The optional member × category matrix (CSR per chunk) is one more grouped statement per chunk over
-the chunk's ids; PostgreSQL maps categories to vocabulary indices and returns the three CSR arrays.
+The optional member × category matrix (CSR per chunk) is one more statement per chunk over the
+chunk's ids, returning its non-zero cells as three arrays; Python turns them into CSR with C-level
+list operations (a dict look-up per cell, a binary search per member).
 """
 
 from __future__ import annotations
 
+import bisect
 import math
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
@@ -152,9 +154,9 @@ def _header(columns: list[Column], as_of: datetime, total: int, chunk_size: int,
 
 # The value of one (member, category) cell per measure, over member_categories `c`. Affinity is the
 # portrait's CategoryAffinity formula (portraits.category_affinities) term for term in float8: the
-# member's positive spend and its views summed over all its categories (window `member`), a share
-# of 0 when the total is 0, and the weights written as Python's own doubles (repr round-trips), so
-# both paths give the same bits.
+# member's positive spend and its views summed over all its categories (window `member`: the
+# member's own rows), a share of 0 when the total is 0, and the weights written as Python's own
+# doubles (repr round-trips), so both paths give the same bits.
 _CATEGORY_VALUE_SQL: dict[int, str] = {
     feature_pb2.CATEGORY_MEASURE_SPEND: "c.spend_minor::float8",
     feature_pb2.CATEGORY_MEASURE_ITEMS_PURCHASED: "c.items_purchased::float8",
@@ -187,27 +189,23 @@ _CATEGORY_NONZEROS_PER_MEMBER_SQL = """
 
 
 def _category_matrix_sql(measure: feature_pb2.CategoryMeasure.ValueType) -> str:
-    """$1 the chunk's member ids in chunk order, $2 the vocabulary. Returns the CSR arrays: the
-    rows' end offsets (one per member, the leading 0 is implied) and the non-zero cells ordered by
-    row, then category index."""
+    """$1 the chunk's member ids in chunk order. The non-zero cells as three parallel arrays, ordered
+    by row (slot, 1-based) then category in vocabulary order.
+
+    Each member's rows are one probe of the primary key (member_id, category): a LATERAL join fixes
+    that plan, where `member_id = ANY($1)` joined back to the chunk's order left the planner free to
+    pick a nested loop over misestimated arrays once the prepared statement went generic (minutes for
+    a 10,000-member chunk)."""
     return f"""
-        WITH chunk AS (SELECT member_id, slot FROM unnest($1::text[]) WITH ORDINALITY AS i(member_id, slot)),
-             vocabulary AS (SELECT category, (n - 1)::int AS category_index
-                              FROM unnest($2::text[]) WITH ORDINALITY AS v(category, n)),
-             cells AS (
-                SELECT slot, category_index, cell FROM (
-                    SELECT chunk.slot, vocabulary.category_index, {_CATEGORY_VALUE_SQL[measure]} AS cell
-                      FROM member_categories c
-                      JOIN chunk USING (member_id)
-                      JOIN vocabulary USING (category)
-                     WHERE c.member_id = ANY($1::text[])
-                    WINDOW member AS (PARTITION BY c.member_id)) every_cell
-                 WHERE cell <> 0),
-             ends AS (SELECT chunk.slot, sum(count(cells.slot)) OVER (ORDER BY chunk.slot) AS row_end
-                        FROM chunk LEFT JOIN cells USING (slot) GROUP BY chunk.slot)
-        SELECT (SELECT array_agg(row_end::int ORDER BY slot) FROM ends) AS row_ends,
-               (SELECT coalesce(array_agg(category_index ORDER BY slot, category_index), '{{}}') FROM cells) AS indices,
-               (SELECT coalesce(array_agg(cell ORDER BY slot, category_index), '{{}}') FROM cells) AS cells"""
+        SELECT array_agg(slot ORDER BY slot, category) AS slots,
+               array_agg(category ORDER BY slot, category) AS categories,
+               array_agg(cell ORDER BY slot, category) AS cells
+          FROM unnest($1::text[]) WITH ORDINALITY AS chunk(member_id, slot)
+         CROSS JOIN LATERAL (
+                SELECT c.category COLLATE "C" AS category, {_CATEGORY_VALUE_SQL[measure]} AS cell
+                  FROM member_categories c WHERE c.member_id = chunk.member_id
+                WINDOW member AS ()) member_cells
+         WHERE cell <> 0"""
 
 
 def category_bytes_per_member(vocabulary_size: int, nonzeros_per_member: float | None) -> int:
@@ -221,16 +219,20 @@ def category_bytes_per_member(vocabulary_size: int, nonzeros_per_member: float |
     return CATEGORY_ROW_OFFSET_BYTES_EST + nonzeros * (CATEGORY_VALUE_BYTES + index_bytes)
 
 
-def _category_chunk(row: Any, members: int, vocabulary_size: int) -> feature_pb2.CategoryMatrixChunk:
-    row_ends, indices, values = row["row_ends"], row["indices"], row["cells"]
-    # Both sides of the boundary: one row per member, and the last row ends where the cells end.
-    assert len(row_ends) == members
-    assert row_ends[-1] == len(indices) == len(values)
-    assert not indices or (min(indices) >= 0 and max(indices) < vocabulary_size)
-    matrix = feature_pb2.CategoryMatrixChunk(category_indices=indices, values=values)
-    matrix.row_offsets.append(0)
-    matrix.row_offsets.extend(row_ends)
-    return matrix
+def _fill_category_matrix(matrix: feature_pb2.CategoryMatrixChunk, row: Any, members: int,
+                          vocabulary: dict[str, int]) -> None:
+    """CSR from the cells of _category_matrix_sql: row i ends after the cells whose slot is ≤ i + 1
+    (a binary search per member over the sorted slots, in C), and categories become vocabulary
+    indices through one dict look-up each."""
+    slots: list[int] = row["slots"] or []
+    values: list[float] = row["cells"] or []
+    # Every category of the snapshot is in its vocabulary (KeyError otherwise: a broken invariant).
+    indices = [vocabulary[category] for category in row["categories"] or []]
+    assert len(slots) == len(indices) == len(values)
+    assert not slots or (slots[0] >= 1 and slots[-1] <= members)
+    matrix.row_offsets.extend([bisect.bisect_left(slots, slot) for slot in range(1, members + 2)])
+    matrix.category_indices.extend(indices)
+    matrix.values.extend(values)
 
 
 def _category_measure(request: profile_service_pb2.StreamFeaturesRequest) -> feature_pb2.CategoryMeasure.ValueType:
@@ -264,8 +266,10 @@ async def stream_features(pool: asyncpg.Pool, request: profile_service_pb2.Strea
     after = request.start_after_member_id
     async with pool.acquire() as connection, connection.transaction(isolation="repeatable_read", readonly=True):
         vocabulary: list[str] = []
+        vocabulary_index: dict[str, int] = {}
         if measure:
             vocabulary = list(await connection.fetchval(_CATEGORY_VOCABULARY_SQL))
+            vocabulary_index = {category: index for index, category in enumerate(vocabulary)}
             nonzeros = await connection.fetchval(_CATEGORY_NONZEROS_PER_MEMBER_SQL)
             bytes_per_member += category_bytes_per_member(len(vocabulary), nonzeros)
         chunk_size = max(1, min(request.chunk_size or CHUNK_MEMBERS_DEFAULT, MESSAGE_BYTES_MAX // bytes_per_member))
@@ -287,8 +291,8 @@ async def stream_features(pool: asyncpg.Pool, request: profile_service_pb2.Strea
                 break
             chunk = _chunk(row, columns, sent, request.include_group_attributes, as_of)
             if measure:
-                cells = await connection.fetchrow(category_sql, row["ids"], vocabulary)
-                chunk.category_matrix.CopyFrom(_category_chunk(cells, len(row["ids"]), len(vocabulary)))
+                cells = await connection.fetchrow(category_sql, row["ids"])
+                _fill_category_matrix(chunk.category_matrix, cells, len(row["ids"]), vocabulary_index)
                 if chunk.ByteSize() > GRPC_MESSAGE_BYTES_MAX:  # far heavier members than the statistics said
                     raise errors.LoyaltyError(
                         grpc.StatusCode.RESOURCE_EXHAUSTED, "CHUNK_TOO_LARGE",
