@@ -11,7 +11,9 @@ it history without a delete).
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
+import time
 from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import datetime
@@ -33,6 +35,7 @@ from services.scoring.domain import policy as rules
 from services.scoring.service_layer import evaluation
 
 _CACHED_RUNS_MAX = 16
+ACTIVE_TTL_S = 1.0
 
 
 @dataclass(frozen=True)
@@ -63,10 +66,12 @@ def _context(policy: policy_pb2.Policy, run: asyncpg.Record) -> Context:
 
 
 class Contexts:
-    """Parsed run contexts, by run id (a run's statistics never change once stored)."""
+    """Parsed run contexts, by run id (a run's statistics never change once stored), and the active
+    one for a second: a policy activated or a run finished reaches online scoring within that."""
 
     def __init__(self) -> None:
         self._by_run: dict[str, Context] = {}
+        self._active: tuple[float, Context] | None = None
 
     def of(self, policy: policy_pb2.Policy, run: asyncpg.Record) -> Context:
         found = self._by_run.get(run["run_id"])
@@ -78,6 +83,9 @@ class Contexts:
         return found
 
     async def active(self, conn: DbConnection | asyncpg.Pool) -> Context:
+        now = time.monotonic()
+        if self._active is not None and now - self._active[0] < ACTIVE_TTL_S:
+            return self._active[1]
         policy = await policies_repo.active(conn)
         if policy is None:
             raise errors.failed_precondition("no policy is active", reason="NO_ACTIVE_POLICY")
@@ -86,7 +94,9 @@ class Contexts:
             raise errors.failed_precondition(
                 f"policy {policy.policy_id} v{policy.version} has no successful evaluation yet: run one (a dry run "
                 "is enough) so members can be scored alone", reason="NO_EVALUATION_STATISTICS")
-        return self.of(policy, run)
+        context = self.of(policy, run)
+        self._active = (now, context)
+        return context
 
 
 @dataclass(frozen=True)
@@ -188,13 +198,21 @@ async def score_member(conn: DbConnection, profile: Profile, rewards: Rewards, c
     """Score now; in UPGRADE_ONLY / REFUND_RECHECK mode also change the tier (inside the caller's
     request-id transaction, the member's online row locked)."""
     context = await contexts.active(conn)
-    x, _ = await _features(profile, context, request.member_id, None)
+    mode = request.mode or S.SCORE_MODE_PREVIEW
+    # Profile's answer and the member's current tier are independent: ask for both at once, and let
+    # both finish before anything is raised (the connection must be idle when it goes back).
+    features, current = await asyncio.gather(
+        _features(profile, context, request.member_id, None),
+        current_tier(conn, request.member_id, for_update=mode != S.SCORE_MODE_PREVIEW), return_exceptions=True)
+    if isinstance(features, BaseException):
+        raise features
+    if isinstance(current, BaseException):
+        raise current
+    x, _ = features
     score = kernel.score_one(x, context.spec, context.stats)
     percentile = kernel.percentile_one(score, context.stats.score_quantiles)
     ladder = rules.tier_ids(context.policy)
     qualifying, points = await _qualifying(rewards, context, request.member_id, score, now, zone)
-    mode = request.mode or S.SCORE_MODE_PREVIEW
-    current = await current_tier(conn, request.member_id, for_update=mode != S.SCORE_MODE_PREVIEW)
     index = ladder.index(current.tier_id) if current.tier_id in ladder else -1
     outcome, target = S.SCORE_OUTCOME_UNCHANGED, index
     if mode == S.SCORE_MODE_PREVIEW:
