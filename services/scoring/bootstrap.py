@@ -49,9 +49,7 @@ def build_spec() -> ServiceSpec:
         channels.extend([profile_channel, rewards_channel])
         profile = Profile(profile_service_pb2_grpc.ProfileServiceStub(profile_channel), settings.call_deadline_s)
         rewards = Rewards(rewards_pb2_grpc.RewardsServiceStub(rewards_channel), settings.call_deadline_s)
-        # Learning, segments, models and fairness reports are not built yet: the generated base
-        # answers them UNIMPLEMENTED, which is why the class still has abstract methods for mypy.
-        servicer = ScoringServicer(runtime, profile, rewards)  # type: ignore[abstract]
+        servicer = ScoringServicer(runtime, profile, rewards)
         servicers.append(servicer)
         scoring_service_pb2_grpc.add_ScoringServiceServicer_to_server(servicer, server)
 

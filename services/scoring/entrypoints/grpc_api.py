@@ -1,7 +1,6 @@
-"""The ScoringService servicer: policies, evaluation runs, member scores and explanations.
-
-Learning (FitWeights, segments, models, propensity, recommendations) and fairness reports are not
-served yet: the generated base answers them UNIMPLEMENTED.
+"""The ScoringService servicer: policies, evaluation runs, member scores and explanations here; learned
+weights, segments, models, predictions and fairness reports from the LearningApi mixin
+(learning_api.py).
 """
 
 from __future__ import annotations
@@ -20,6 +19,7 @@ from loyalty.scoring.v1 import scoring_service_pb2 as S
 from loyalty.scoring.v1 import scoring_service_pb2_grpc
 from services.scoring.adapters import policies_repo, runs_repo
 from services.scoring.adapters.peers import Profile, Rewards
+from services.scoring.entrypoints.learning_api import LearningApi
 from services.scoring.service_layer import compare, evaluation, online, policies
 from services.scoring.service_layer.evaluation import RunWorker
 from services.scoring.settings import get_scoring_settings
@@ -27,7 +27,7 @@ from services.scoring.settings import get_scoring_settings
 PACKAGE = "loyalty.scoring.v1"
 
 
-class ScoringServicer(scoring_service_pb2_grpc.ScoringServiceServicer):
+class ScoringServicer(LearningApi, scoring_service_pb2_grpc.ScoringServiceServicer):
     def __init__(self, runtime: Runtime, profile: Profile, rewards: Rewards) -> None:
         self.runtime = runtime
         self.profile = profile
