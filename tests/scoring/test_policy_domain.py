@@ -159,3 +159,12 @@ def test_cron_schedule_last_due() -> None:
     assert last_due(quarter_hours, SHANGHAI, datetime(2026, 3, 10, 2, 44, tzinfo=UTC)) == datetime(
         2026, 3, 10, 10, 30, tzinfo=SHANGHAI)
 
+
+
+def test_scheduled_run_ids_are_valid_ids_naming_the_due_time_in_utc() -> None:
+    from libs.validation import _ID
+    from services.scoring.service_layer.scheduler import schedule_key
+
+    key = schedule_key("tiers-2025", 3, datetime(2026, 3, 1, tzinfo=SHANGHAI))
+    assert key == "schedule:tiers-2025:3:20260228T1600Z"
+    assert _ID.fullmatch(key) and _ID.fullmatch(f"run-{key.replace(':', '-')}")

@@ -21,7 +21,8 @@ SCHEDULER = "scheduler"
 
 
 def schedule_key(policy_id: str, version: int, due: datetime) -> str:
-    return f"schedule:{policy_id}:{version}:{due.strftime('%Y%m%dT%H%M%z')}"
+    """Names the due time in UTC with characters an id may hold (no "+" of an offset)."""
+    return f"schedule:{policy_id}:{version}:{due.astimezone(UTC).strftime('%Y%m%dT%H%MZ')}"
 
 
 async def schedule_once(pool: asyncpg.Pool, settings: ScoringSettings, now: datetime) -> str | None:
