@@ -16,6 +16,7 @@ from libs.server import Runtime, ServiceSpec
 from loyalty.profile.v1 import profile_service_pb2, profile_service_pb2_grpc
 from loyalty.rewards.v1 import rewards_pb2, rewards_pb2_grpc
 from loyalty.scoring.v1 import scoring_service_pb2_grpc
+from services.scoring.adapters.learning_peers import LearningProfile, LearningRewards
 from services.scoring.adapters.peers import Profile, Rewards
 from services.scoring.entrypoints.grpc_api import PACKAGE, ScoringServicer
 from services.scoring.service_layer.scheduler import schedule_once
@@ -47,9 +48,11 @@ def build_spec() -> ServiceSpec:
         rewards_channel = open_channel(runtime.settings.addr_for("rewards"), runtime.settings,
                                        service_descriptors([rewards_pb2]), token=runtime.client_token)
         channels.extend([profile_channel, rewards_channel])
-        profile = Profile(profile_service_pb2_grpc.ProfileServiceStub(profile_channel), settings.call_deadline_s)
-        rewards = Rewards(rewards_pb2_grpc.RewardsServiceStub(rewards_channel), settings.call_deadline_s)
-        servicer = ScoringServicer(runtime, profile, rewards)
+        profile_stub = profile_service_pb2_grpc.ProfileServiceStub(profile_channel)
+        rewards_stub = rewards_pb2_grpc.RewardsServiceStub(rewards_channel)
+        deadline = settings.call_deadline_s
+        servicer = ScoringServicer(runtime, Profile(profile_stub, deadline), Rewards(rewards_stub, deadline),
+                                   LearningProfile(profile_stub, deadline), LearningRewards(rewards_stub, deadline))
         servicers.append(servicer)
         scoring_service_pb2_grpc.add_ScoringServiceServicer_to_server(servicer, server)
 

@@ -23,7 +23,7 @@ from libs import errors
 from libs.errors import details_from_rpc_error
 from loyalty.profile.v1 import feature_pb2, profile_service_pb2
 from loyalty.rewards.v1 import rewards_pb2, tiers_pb2
-from services.scoring.adapters.peers import _TRANSIENT, REWARDS_UNAVAILABLE, Profile, Rewards, _columns, _profile_error
+from services.scoring.adapters.peers import _TRANSIENT, REWARDS_UNAVAILABLE, _columns, _profile_error
 
 log = logging.getLogger(__name__)
 _STREAM_RESUMES_MAX = 6
@@ -151,10 +151,6 @@ class LearningProfile:
         self._stub = stub
         self._deadline_s = deadline_s
 
-    @classmethod
-    def of(cls, profile: Profile) -> LearningProfile:
-        return cls(profile._stub, profile._deadline_s)
-
     async def stream(self, names: Sequence[str], as_of: datetime, chunk_size: int, *, groups: bool = False,
                      category_measure: int = feature_pb2.CATEGORY_MEASURE_UNSPECIFIED,
                      member_ids: Sequence[str] = ()) -> Population:
@@ -214,10 +210,6 @@ class LearningRewards:
     def __init__(self, stub: Any, deadline_s: float) -> None:
         self._stub = stub
         self._deadline_s = deadline_s
-
-    @classmethod
-    def of(cls, rewards: Rewards) -> LearningRewards:
-        return cls(rewards._stub, rewards._deadline_s)
 
     async def assign_segments(self, segmentation_id: str, effective_at: datetime,
                               assignments: Sequence[tuple[str, str]]) -> None:

@@ -40,7 +40,7 @@ class Warning:
     message: str
 
 
-def _is_protected(name: str) -> bool:
+def is_protected(name: str) -> bool:
     tokens = name.split("_")
     return any(name == p or name.startswith(p + "_") or p in tokens for p in PROTECTED_ATTRIBUTES)
 
@@ -71,7 +71,7 @@ def _feature_violations(policy: policy_pb2.Policy, catalogue: Mapping[str, featu
     for i, feature in enumerate(policy.features):
         where = f"{path}.features[{i}]"
         name = feature.feature_name
-        if _is_protected(name):
+        if is_protected(name):
             violations.append(FieldViolation(f"{where}.feature_name",
                                              f"{name!r} is a protected attribute and can never decide a tier"))
         elif resolve_feature(name, catalogue) is None:

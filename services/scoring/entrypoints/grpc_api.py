@@ -18,6 +18,7 @@ from libs.server import Runtime
 from loyalty.scoring.v1 import scoring_service_pb2 as S
 from loyalty.scoring.v1 import scoring_service_pb2_grpc
 from services.scoring.adapters import policies_repo, runs_repo
+from services.scoring.adapters.learning_peers import LearningProfile, LearningRewards
 from services.scoring.adapters.peers import Profile, Rewards
 from services.scoring.entrypoints.learning_api import LearningApi
 from services.scoring.service_layer import compare, evaluation, online, policies
@@ -28,10 +29,13 @@ PACKAGE = "loyalty.scoring.v1"
 
 
 class ScoringServicer(LearningApi, scoring_service_pb2_grpc.ScoringServiceServicer):
-    def __init__(self, runtime: Runtime, profile: Profile, rewards: Rewards) -> None:
+    def __init__(self, runtime: Runtime, profile: Profile, rewards: Rewards, learning_profile: LearningProfile,
+                 learning_rewards: LearningRewards) -> None:
         self.runtime = runtime
         self.profile = profile
         self.rewards = rewards
+        self.learning_profile = learning_profile
+        self.learning_rewards = learning_rewards
         self.settings = get_scoring_settings()
         self.contexts = online.Contexts()
         self.worker = RunWorker(lambda: runtime.pool, profile, rewards, self.settings)

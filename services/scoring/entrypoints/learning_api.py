@@ -9,7 +9,6 @@ They are synchronous and bounded by their sample sizes; the CPU-heavy parts run 
 from __future__ import annotations
 
 from datetime import UTC, datetime
-from functools import cached_property
 from typing import Any
 
 from libs.auth import actor
@@ -29,14 +28,8 @@ class LearningApi:
     rewards: Rewards
     settings: ScoringSettings
     contexts: online.Contexts
-
-    @cached_property
-    def learning_profile(self) -> LearningProfile:
-        return LearningProfile.of(self.profile)
-
-    @cached_property
-    def learning_rewards(self) -> LearningRewards:
-        return LearningRewards.of(self.rewards)
+    learning_profile: LearningProfile
+    learning_rewards: LearningRewards
 
     # ---- weights ------------------------------------------------------------------------------
 

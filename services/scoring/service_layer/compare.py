@@ -14,23 +14,9 @@ from loyalty.scoring.v1 import policy_pb2
 from loyalty.scoring.v1 import scoring_service_pb2 as S
 from services.scoring.adapters import policies_repo, runs_repo
 from services.scoring.adapters.peers import Profile, Rewards
-from services.scoring.domain import kernel
+from services.scoring.domain import kernel, learning
 from services.scoring.domain import policy as rules
 from services.scoring.service_layer import evaluation
-
-
-def _ranks(values: np.ndarray) -> np.ndarray:
-    order = np.argsort(values, kind="stable")
-    ranks = np.empty(values.size, dtype=np.float64)
-    ranks[order] = np.arange(values.size, dtype=np.float64)
-    return ranks
-
-
-def rank_correlation(a: np.ndarray, b: np.ndarray) -> float:
-    """Spearman's rho of two score vectors (0 when either is constant or too short)."""
-    if a.size < 2 or np.ptp(a) == 0 or np.ptp(b) == 0:
-        return 0.0
-    return float(np.corrcoef(_ranks(a), _ranks(b))[0, 1])
 
 
 def _evaluate(policy: policy_pb2.Policy, matrix_values: np.ndarray, columns: Sequence[int],
@@ -77,7 +63,7 @@ async def compare(pool: asyncpg.Pool, profile: Profile, rewards: Rewards, reques
                    for i, count in enumerate(pairs.tolist()) if count],
         base_thresholds=evaluation.tier_thresholds(base, results[0].thresholds),
         candidate_thresholds=evaluation.tier_thresholds(candidate, results[1].thresholds),
-        score_rank_correlation=rank_correlation(results[0].raw_scores, results[1].raw_scores))
+        score_rank_correlation=learning.spearman(results[0].raw_scores, results[1].raw_scores))
     # Ladders may differ: a member "moves" when the tier ids differ, up or down by ladder position.
     same = np.array([[bt == ct for ct in candidate_ladder] for bt in base_ladder], dtype=bool)[b, c] if b.size else b
     response.changed = int(np.count_nonzero(~same)) if b.size else 0

@@ -46,7 +46,7 @@ async def check_feature_names(profile: Profile, names: Sequence[str], field: str
     protected: list[FieldViolation] = []
     unknown: list[FieldViolation] = []
     for i, name in enumerate(names):
-        if rules._is_protected(name):
+        if rules.is_protected(name):
             protected.append(FieldViolation(f"{field}[{i}]", f"{name!r} is a protected attribute: never a feature"))
         elif rules.resolve_feature(name, catalogue) is None:
             unknown.append(FieldViolation(f"{field}[{i}]", f"{name!r} is not in profile's feature catalogue"))
