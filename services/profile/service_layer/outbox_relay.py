@@ -15,18 +15,17 @@ At least once, in order per member, with back-off, safe with several replicas:
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import logging
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
-from datetime import timedelta
 from typing import Any, Protocol
 
 import asyncpg
 import grpc
-from opentelemetry import propagate, trace
+from opentelemetry import trace
 
+from libs import outbox
 from loyalty.profile.v1 import profile_service_pb2
 from loyalty.rewards.v1 import earning_pb2, rewards_pb2
 
@@ -78,8 +77,7 @@ class RewardsPort(Protocol):
                             ) -> Any: ...
 
 
-def backoff_s(attempts: int) -> float:
-    return float(min(RETRY_BACKOFF_S_INITIAL * (2 ** max(0, attempts - 1)), RETRY_BACKOFF_S_MAX))
+BACKOFF = outbox.Backoff(RETRY_BACKOFF_S_INITIAL, RETRY_BACKOFF_S_MAX)
 
 
 class OutboxRelay:
@@ -99,6 +97,7 @@ class OutboxRelay:
                     for r in await connection.fetch(_CLAIM_SQL, rows_max)]
             if not rows:
                 return 0
+            by_id = {r.id: r for r in rows}
             delivered: list[int] = []
             failed: dict[int, str] = {}
             groups: dict[str, list[OutboxRow]] = {}
@@ -128,28 +127,17 @@ class OutboxRelay:
                         failed[row.id] = error
             if self._after_send is not None:
                 await self._after_send(rows)
-            if delivered:
-                await connection.execute(
-                    "UPDATE outbox SET delivered_at = now(), attempts = attempts + 1, last_error = NULL"
-                    " WHERE id = ANY($1::bigint[])", delivered)
-            if failed:
-                # One statement for the whole failed batch (a rewards outage fails every row at once).
-                retry = [r for r in rows if r.id in failed]
-                await connection.execute(
-                    """UPDATE outbox o SET attempts = o.attempts + 1, last_error = f.error,
-                              next_attempt_at = now() + f.backoff
-                         FROM unnest($1::text[], $2::bigint[], $3::text[], $4::interval[]) AS f(m, id, error, backoff)
-                        WHERE o.member_id = f.m AND o.id = f.id""",
-                    [r.member_id for r in retry], [r.id for r in retry], [failed[r.id] for r in retry],
-                    [timedelta(seconds=backoff_s(r.attempts + 1)) for r in retry])
+            await outbox.mark(
+                connection, delivered,
+                [outbox.Failed(r.id, r.attempts, outbox.Failure(failed[r.id], False), r.member_id)
+                 for r in rows if r.id in failed],
+                BACKOFF, delivered_members=[by_id[i].member_id for i in delivered], note=None)
             return len(delivered)
 
     async def _send_group(self, rows: Sequence[OutboxRow], trace_context: str, merge: bool) -> str | None:
-        parent = propagate.extract(json.loads(trace_context or "{}"))
-        with _tracer.start_as_current_span("outbox.deliver", context=parent) as span:
+        with outbox.continued(_tracer, "outbox.deliver", json.loads(trace_context or "{}")) as span:
             span.set_attribute("loyalty.outbox.rows", len(rows))
-            carrier: dict[str, str] = {}
-            propagate.inject(carrier)
+            carrier = outbox.outgoing_carrier()
             try:
                 if merge:
                     await self._rewards.merge_ledgers(
@@ -158,24 +146,17 @@ class OutboxRelay:
                     await self._rewards.accrue(rewards_pb2.AccrueRequest(
                         accruals=[earning_pb2.Accrual.FromString(r.payload) for r in rows]), carrier)
             except grpc.RpcError as error:
-                code = error.code() if hasattr(error, "code") else None
-                self.last_error = f"{getattr(code, 'name', 'ERROR')}: rewards did not accept the batch"
+                code = outbox.rpc_code(error)
+                self.last_error = f"{code.name if code else 'ERROR'}: rewards did not accept the batch"
                 span.set_attribute("loyalty.outbox.error", self.last_error)
                 return self.last_error
         self.last_error = ""
         return None
 
     async def run(self, stop: asyncio.Event) -> None:
-        """Deliver until stopped; sleep briefly when there is nothing to send."""
-        while not stop.is_set():
-            try:
-                sent = await self.deliver_once()
-            except (OSError, asyncpg.PostgresError) as error:
-                log.warning("outbox relay round failed", extra={"error": type(error).__name__})
-                sent = 0
-            if sent == 0:
-                with contextlib.suppress(asyncio.TimeoutError):
-                    await asyncio.wait_for(stop.wait(), IDLE_POLL_S)
+        """Deliver until stopped: straight on while rows come, else poll every IDLE_POLL_S."""
+        await outbox.run_rounds("profile-outbox", self.deliver_once, full=1, interval_s=IDLE_POLL_S,
+                                backoff=BACKOFF, stop=stop)
 
 
 class GrpcRewards:

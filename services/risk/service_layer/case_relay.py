@@ -22,16 +22,14 @@ import contextlib
 import logging
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
-from datetime import timedelta
 from typing import Any, Protocol
 
 import asyncpg
-import grpc
-from opentelemetry import propagate, trace
+from opentelemetry import trace
 
+from libs import outbox
 from libs.clients import open_channel
 from libs.contracts import service_descriptors
-from libs.errors import details_from_rpc_error
 from libs.server import Runtime
 from loyalty.rewards.v1 import rewards_pb2, rewards_pb2_grpc
 from services.risk.settings import RiskSettings, get_risk_settings
@@ -42,14 +40,6 @@ _tracer = trace.get_tracer("loyalty.risk.case_relay")
 BATCH_ROWS_MAX = 64
 SEND_CONCURRENCY = 16
 SEND_DEADLINE_S = 10.0
-LAST_ERROR_MAX_CHARS = 500
-
-# Codes a prompt retry will not change: back off to the cap at once.
-PERMANENT = frozenset({
-    grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.NOT_FOUND, grpc.StatusCode.FAILED_PRECONDITION,
-    grpc.StatusCode.ALREADY_EXISTS, grpc.StatusCode.UNIMPLEMENTED, grpc.StatusCode.PERMISSION_DENIED,
-    grpc.StatusCode.UNAUTHENTICATED,
-})
 
 _CLAIM_SQL = """
 SELECT id, case_id, request, traceparent, attempts
@@ -70,12 +60,6 @@ class OutboxRow:
     attempts: int
 
 
-@dataclass(frozen=True, slots=True)
-class Failure:
-    error: str
-    permanent: bool
-
-
 class RewardsPort(Protocol):
     """What the relay needs from rewards; raises grpc.RpcError when rewards did not take the outcome."""
 
@@ -92,26 +76,14 @@ class GrpcRewards:
         return await self._stub.ResolveHold(request, metadata=tuple(metadata.items()), timeout=SEND_DEADLINE_S)
 
 
+def backoff(settings: RiskSettings) -> outbox.Backoff:
+    """The polling interval, doubled per failure, at most relay_backoff_max_s."""
+    return outbox.Backoff(settings.relay_interval_s, settings.relay_backoff_max_s)
+
+
 def backoff_s(attempts: int, settings: RiskSettings) -> float:
-    """Delay before the next try after `attempts` failed ones: the polling interval, doubled per
-    failure, at most relay_backoff_max_s."""
-    exponent = min(max(0, attempts - 1), 32)
-    return float(min(settings.relay_interval_s * 2 ** exponent, settings.relay_backoff_max_s))
-
-
-def describe(error: BaseException) -> Failure:
-    """A safe, short description of why a send failed, and whether a prompt retry is pointless."""
-    if isinstance(error, grpc.RpcError):
-        code = error.code() if hasattr(error, "code") else None
-        name = getattr(code, "name", "UNKNOWN")
-        reason = ""
-        if isinstance(error, grpc.aio.AioRpcError):
-            reason = details_from_rpc_error(error).reason or ""
-        message = error.details() if hasattr(error, "details") else ""
-        text = " ".join(p for p in (name, reason) if p) + (f": {message}" if message else "")
-        return Failure(text[:LAST_ERROR_MAX_CHARS], code in PERMANENT)
-    # Not an answer from rewards (e.g. a payload that does not parse): nothing a retry soon fixes.
-    return Failure(f"{type(error).__name__}: {error}"[:LAST_ERROR_MAX_CHARS], True)
+    """Delay before the next try after `attempts` failed ones."""
+    return backoff(settings).after(attempts)
 
 
 class CaseRelay:
@@ -120,6 +92,7 @@ class CaseRelay:
         self._pool = pool
         self._rewards = rewards
         self._settings = settings or get_risk_settings()
+        self._backoff = backoff(self._settings)
         # Test seam: runs between the sends and the mark (a crash there must not lose an outcome).
         self._after_send = after_send
         self.last_error = ""
@@ -137,7 +110,7 @@ class CaseRelay:
                 return 0, 0
             gate = asyncio.Semaphore(SEND_CONCURRENCY)
 
-            async def send(row: OutboxRow) -> Failure | None:
+            async def send(row: OutboxRow) -> outbox.Failure | None:
                 async with gate:
                     return await self._send(row)
 
@@ -145,63 +118,39 @@ class CaseRelay:
             if self._after_send is not None:
                 await self._after_send(rows)
             delivered = [r.id for r, f in zip(rows, outcomes, strict=True) if f is None]
-            failed = [(r, f) for r, f in zip(rows, outcomes, strict=True) if f is not None]
-            if delivered:
-                await connection.execute(
-                    "UPDATE outbox SET delivered_at = now(), attempts = attempts + 1, last_error = ''"
-                    " WHERE id = ANY($1::bigint[])", delivered)
+            failed = [outbox.Failed(r.id, r.attempts, f) for r, f in zip(rows, outcomes, strict=True) if f is not None]
+            await outbox.mark(connection, delivered, failed, self._backoff)
             if failed:
-                cap = self._settings.relay_backoff_max_s
-                await connection.execute(
-                    """UPDATE outbox o SET attempts = o.attempts + 1, last_error = f.error,
-                              next_attempt_at = now() + f.backoff
-                         FROM unnest($1::bigint[], $2::text[], $3::interval[]) AS f(id, error, backoff)
-                        WHERE o.id = f.id""",
-                    [r.id for r, _ in failed], [f.error for _, f in failed],
-                    [timedelta(seconds=cap if f.permanent else backoff_s(r.attempts + 1, self._settings))
-                     for r, f in failed])
-                self.last_error = failed[-1][1].error
+                self.last_error = failed[-1].failure.error
                 log.warning("case outcomes not delivered to rewards; retrying with back-off",
                             extra={"rows": len(failed), "error": self.last_error})
             else:
                 self.last_error = ""
             return len(rows), len(delivered)
 
-    async def _send(self, row: OutboxRow) -> Failure | None:
-        parent = propagate.extract({"traceparent": row.traceparent} if row.traceparent else {})
-        with _tracer.start_as_current_span("case_outbox.deliver", context=parent) as span:
+    async def _send(self, row: OutboxRow) -> outbox.Failure | None:
+        carrier = {"traceparent": row.traceparent} if row.traceparent else {}
+        with outbox.continued(_tracer, "case_outbox.deliver", carrier) as span:
             span.set_attribute("loyalty.case_id", row.case_id)
             span.set_attribute("loyalty.outbox.attempt", row.attempts + 1)
-            carrier: dict[str, str] = {}
-            propagate.inject(carrier)
             try:
-                await self._rewards.resolve_hold(rewards_pb2.ResolveHoldRequest.FromString(row.request), carrier)
+                await self._rewards.resolve_hold(rewards_pb2.ResolveHoldRequest.FromString(row.request),
+                                                 outbox.outgoing_carrier())
             except Exception as error:  # every failure is recorded on its row
-                failure = describe(error)
+                failure = outbox.describe(error)
                 span.set_attribute("loyalty.outbox.error", failure.error)
                 return failure
         return None
 
     async def run(self) -> None:
         """Deliver until cancelled: straight on while full batches come, else poll every
-        relay_interval_s. A failed round (database away, a bug) is logged and retried, backing off
-        while the failures last."""
-        failures = 0
-        while True:
-            try:
-                claimed, _ = await self._round(BATCH_ROWS_MAX)
-                failures = 0
-            except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as error:
-                failures += 1
-                log.warning("case relay round failed", extra={"error": type(error).__name__, "failures": failures})
-                claimed = 0
-            except Exception:
-                failures += 1
-                log.exception("case relay round failed", extra={"failures": failures})
-                claimed = 0
-            if claimed < BATCH_ROWS_MAX:
-                pause = backoff_s(failures, self._settings) if failures else self._settings.relay_interval_s
-                await asyncio.sleep(pause)
+        relay_interval_s; failed rounds back off while the failures last."""
+        await outbox.run_rounds("risk-cases", self._claimed,
+                                full=BATCH_ROWS_MAX, interval_s=self._settings.relay_interval_s,
+                                backoff=self._backoff)
+
+    async def _claimed(self) -> int:
+        return (await self._round(BATCH_ROWS_MAX))[0]
 
 
 def start_case_relay(runtime: Runtime) -> asyncio.Task[None]:
