@@ -17,11 +17,13 @@ from libs.server import Runtime, ServiceSpec
 from loyalty.profile.v1 import profile_service_pb2, profile_service_pb2_grpc
 from loyalty.rewards.v1 import rewards_pb2_grpc
 from loyalty.risk.v1 import risk_pb2, risk_pb2_grpc
+from loyalty.scoring.v1 import scoring_service_pb2, scoring_service_pb2_grpc
 from services.rewards.adapters import rules_repo
 from services.rewards.adapters.benefits_birthdays import ProfileBirthMonths
 from services.rewards.adapters.risk_gate import GrpcRiskGate
 from services.rewards.entrypoints.grpc_api import PACKAGE, RewardsServicer
 from services.rewards.service_layer import operations, redemptions
+from services.rewards.service_layer.outbox_relay import GrpcRisk, GrpcScoring, RewardsRelay
 from services.rewards.settings import get_rewards_settings
 
 SERVICE_DIR = Path(__file__).resolve().parent
@@ -46,6 +48,7 @@ async def run_job(name: str, once: Callable[[], Awaitable[int]], interval_s: flo
 
 def build_spec() -> ServiceSpec:
     servicers: list[RewardsServicer] = []
+    receivers: list[tuple[GrpcScoring, GrpcRisk]] = []
     channels: list[Any] = []
     settings = get_rewards_settings()
 
@@ -62,11 +65,17 @@ def build_spec() -> ServiceSpec:
         # them UNIMPLEMENTED, which is why the class still has abstract methods for mypy.
         servicer = RewardsServicer(runtime, gate, birth_months)  # type: ignore[abstract]
         servicers.append(servicer)
+        scoring = open_channel(runtime.settings.addr_for("scoring"), runtime.settings,
+                               service_descriptors([scoring_service_pb2]), token=runtime.client_token)
+        channels.append(scoring)
+        receivers.append((GrpcScoring(scoring_service_pb2_grpc.ScoringServiceStub(scoring)),
+                          GrpcRisk(risk_pb2_grpc.RiskServiceStub(channel))))
         rewards_pb2_grpc.add_RewardsServiceServicer_to_server(servicer, server)
 
     async def on_ready(runtime: Runtime) -> None:
         """Seed the default earning rules on a fresh installation, then start the jobs: gate
-        re-assessment of held credits, posting of pending credits, lapsed reservations, expiry of lots."""
+        re-assessment of held credits, posting of pending credits, lapsed reservations, expiry of
+        lots, and the outbox relay to scoring and risk."""
         async with runtime.pool.acquire() as conn:
             await rules_repo.seed_default(conn)
         for servicer in servicers:
@@ -85,6 +94,9 @@ def build_spec() -> ServiceSpec:
 
         runtime.background.append(asyncio.create_task(run_job("expiry", expire_once, settings.expiry_interval_s),
                                                       name="rewards-expiry"))
+        for scoring, risk in receivers:
+            relay = RewardsRelay(runtime.pool, scoring, risk, settings)
+            runtime.background.append(asyncio.create_task(relay.run(), name="rewards-outbox-relay"))
         runtime.background.append(asyncio.create_task(close_on_cancel(channels), name="rewards-channels"))
 
     return ServiceSpec(

@@ -23,6 +23,13 @@ class RewardsSettings(BaseSettings):
     gate_retry_backoff_max_s: float = Field(default=60.0, gt=0, le=3600)
     # How often the expiry job looks for lots past their expiry date (RunExpiry runs it on demand).
     expiry_interval_s: float = Field(default=60.0, gt=0, le=86400)
+    # A posted credit of at least this many points asks scoring for an online upgrade check
+    # (ScoreMember UPGRADE_ONLY, through the outbox); 0 turns the checks off.
+    upgrade_check_min_points: int = Field(default=500, ge=0)
+    # The outbox relay (upgrade checks and refund re-checks to scoring, refunds and redemptions
+    # to risk): polling interval, and the longest back-off of a message that keeps failing.
+    relay_interval_s: float = Field(default=0.2, gt=0, le=3600)
+    relay_backoff_max_s: float = Field(default=60.0, gt=0, le=3600)
 
     @property
     def zone(self) -> ZoneInfo:

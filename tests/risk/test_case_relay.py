@@ -18,9 +18,6 @@ from typing import Any
 import asyncpg
 import grpc
 import pytest
-from google.protobuf import any_pb2
-from google.rpc import code_pb2, error_details_pb2, status_pb2
-from grpc_status import rpc_status
 
 from libs.server import Runtime
 from libs.settings import Settings
@@ -38,6 +35,7 @@ from services.risk.service_layer.case_relay import (
 from services.risk.settings import RiskSettings
 from tests.risk.conftest import uid
 from tests.support.database import schema_pool
+from tests.support.rpc import abort_with_reason
 
 SCHEMA = "risk_relay_test"
 SETTINGS = RiskSettings(relay_interval_s=0.5, relay_backoff_max_s=4.0)
@@ -62,10 +60,7 @@ class FakeRewards(rewards_pb2_grpc.RewardsServiceServicer):
             self.fail_next -= 1
             code, reason = self.fail_with
             if reason:
-                info = any_pb2.Any()
-                info.Pack(error_details_pb2.ErrorInfo(reason=reason, domain="rewards.loyalty"))
-                await context.abort_with_status(rpc_status.to_status(status_pb2.Status(
-                    code=getattr(code_pb2, code.name), message="the hold was already voided", details=[info])))
+                await abort_with_reason(context, code, reason, "the hold was already voided")
             await context.abort(code, "rewards is restarting")
         response = rewards_pb2.ResolveHoldResponse()
         response.resolution.case_id = request.case_id

@@ -17,3 +17,16 @@ async def rpc_error(call: Any) -> tuple[grpc.StatusCode, str | None, list[str]]:
         await call
     details = details_from_rpc_error(caught.value)
     return caught.value.code(), details.reason, [v.field for v in details.violations]
+
+
+async def abort_with_reason(context: Any, code: grpc.StatusCode, reason: str, message: str) -> None:
+    """What a fake server answers to refuse a call the way our services do: the status code with a
+    google.rpc.ErrorInfo carrying `reason`."""
+    from google.protobuf import any_pb2
+    from google.rpc import code_pb2, error_details_pb2, status_pb2
+    from grpc_status import rpc_status
+
+    info = any_pb2.Any()
+    info.Pack(error_details_pb2.ErrorInfo(reason=reason, domain="loyalty"))
+    await context.abort_with_status(rpc_status.to_status(status_pb2.Status(
+        code=getattr(code_pb2, code.name), message=message, details=[info])))

@@ -8,8 +8,8 @@ Every mutation of a member's points goes through a LedgerTx:
 2. the use case stages entries (`entry`, `credit_lot`, `debit_lots`...), which update the in-memory
    balances at once, so a later entry of the same transaction sees the earlier ones (the running
    posted balance of each entry is exact);
-3. `flush()` writes the entries, the new lots, the consumed lots and the balances: one statement
-   each, whatever the number of members.
+3. `flush()` writes the entries, the new lots, the consumed lots, the balances and the outbox
+   notices staged with `notify`: one statement each, whatever the number of members.
 
 Invariants kept here (Reconcile checks them): each balance equals the sum of its entries' deltas;
 the open lots' remaining points equal max(posted, 0) (a debt has no lots; a credit pays the debt
@@ -18,11 +18,14 @@ first); nothing is ever updated in ledger_entries.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
+from typing import Any
 
 from libs.db import DbConnection
+from libs.outbox import current_traceparent
 from loyalty.rewards.v1 import ledger_pb2
 
 T = ledger_pb2.LedgerEntryType
@@ -175,6 +178,23 @@ SELECT lot_id, remaining_points, expires_at, earned_at
 """
 
 
+_INSERT_NOTICES_SQL = """
+INSERT INTO outbox (member_id, kind, payload, dedupe_key, traceparent)
+SELECT m, k, p::jsonb, d, $5 FROM unnest($1::text[], $2::text[], $3::text[], $4::text[]) AS n(m, k, p, d)
+ON CONFLICT DO NOTHING
+"""
+
+
+@dataclass(slots=True)
+class Notice:
+    """A message for another service, delivered by the outbox relay (see outbox_relay)."""
+
+    member_id: str
+    kind: str
+    payload: dict[str, Any]
+    dedupe_key: str  # once per (member, kind, key), whatever the retries
+
+
 def _csv(values: Sequence[int]) -> str:
     return ",".join(map(str, values))
 
@@ -193,6 +213,7 @@ class LedgerTx:
         self._expired: set[int] = set()
         self._entry_ids: list[int] = []
         self._lot_ids: list[int] = []
+        self.notices: list[Notice] = []
 
     # ---- accounts ---------------------------------------------------------------------------
 
@@ -324,6 +345,11 @@ class LedgerTx:
         self._lots_read[lot_id] = (member_id, OpenLot(lot_id, remaining, expires_at, expires_at, taken=remaining))
         self._expired.add(lot_id)
 
+    def notify(self, notice: Notice) -> None:
+        """Stage an outbox message, written with the entries (and under the current trace), so it
+        exists exactly when the change that caused it commits."""
+        self.notices.append(notice)
+
     # ---- writing ---------------------------------------------------------------------------------
 
     async def flush(self) -> None:
@@ -371,6 +397,12 @@ class LedgerTx:
                                [a.reserved for a in changed], [a.lifetime for a in changed], self.now)
         for account in changed:
             account.changed = False
+        if self.notices:
+            n2 = self.notices
+            await conn.execute(_INSERT_NOTICES_SQL, [x.member_id for x in n2], [x.kind for x in n2],
+                               [json.dumps(x.payload) for x in n2], [x.dedupe_key for x in n2],
+                               current_traceparent())
+            self.notices = []
         # Lots read stay known (with what was taken folded in) for later staging in this transaction.
         for lot_id, (member_id, lot) in list(self._lots_read.items()):
             remaining = lot.remaining - lot.taken

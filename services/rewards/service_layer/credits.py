@@ -14,6 +14,7 @@ from zoneinfo import ZoneInfo
 from loyalty.rewards.v1 import earning_pb2, ledger_pb2
 from services.rewards.adapters.ledger import Entry, LedgerTx
 from services.rewards.domain.expiry import expires_at
+from services.rewards.service_layer import notices
 
 T = ledger_pb2.LedgerEntryType
 S = ledger_pb2.LedgerSource
@@ -81,6 +82,7 @@ def allow(tx: LedgerTx, credit: Credit, rules: earning_pb2.EarningRuleSet, zone:
         issued=credit.points if origin == FRESH else 0,
         qualifying_at=credit.occurred_at if credit.qualifying else None, **common))  # type: ignore[arg-type]
     lot_id = tx.new_lot(entry, credit.points, credit.occurred_at, expires_at(credit.occurred_at, rules.expiry, zone))
+    notices.upgrade_check(tx, credit.member_id, credit.source_event_id, credit.points)
     return Placed(OUTCOME.ACCRUAL_OUTCOME_POSTED, entry.entry_id, lot_id)
 
 

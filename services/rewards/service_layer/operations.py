@@ -18,7 +18,7 @@ from loyalty.rewards.v1 import earning_pb2, ledger_pb2, rewards_pb2
 from services.rewards.adapters import accruals_repo
 from services.rewards.adapters.ledger import Account, Entry, LedgerTx
 from services.rewards.domain.expiry import expires_at, expiring_soon_notice
-from services.rewards.service_layer import queries
+from services.rewards.service_layer import notices, queries
 
 T = ledger_pb2.LedgerEntryType
 S = ledger_pb2.LedgerSource
@@ -117,6 +117,7 @@ async def transfer(conn: DbConnection, tx: LedgerTx, request: rewards_pb2.Transf
     into = tx.entry(Entry(member_id=receiver.member_id, type=T.LEDGER_ENTRY_TYPE_TRANSFER_IN, points=request.points,
                           posted_delta=request.points, related_entry_id=out.entry_id, **common))  # type: ignore[arg-type]
     await _move_lots(conn, tx, out, into, taken, receiver.member_id)
+    notices.transfer_activity(tx, sender.member_id, out.entry_id, request.points, tx.now)
     await tx.flush()
     [stored_out] = await queries.entries_by_id(conn, sender.member_id, [out.entry_id])
     [stored_in] = await queries.entries_by_id(conn, receiver.member_id, [into.entry_id])

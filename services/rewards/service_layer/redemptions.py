@@ -31,6 +31,7 @@ from services.rewards.adapters import redemptions_repo as repo
 from services.rewards.adapters.ledger import Account, Entry, LedgerTx, entry_id_text
 from services.rewards.adapters.redemptions_repo import RedemptionRow
 from services.rewards.domain.rules import reservation_ttls
+from services.rewards.service_layer import notices
 
 T = ledger_pb2.LedgerEntryType
 S = ledger_pb2.LedgerSource
@@ -231,6 +232,7 @@ async def _debit(tx: LedgerTx, row: RedemptionRow, points: int, request_id: str)
         request_id=request_id))
     row.entry_id = entry.entry_id
     row.lot_ids, row.lot_points = list(entry.lot_ids), list(entry.lot_points)
+    notices.redemption_activity(tx, row.member_id, entry.entry_id, points, row.order_id or "", tx.now)
 
 
 def _unreserve(tx: LedgerTx, row: RedemptionRow, reason_code: str, request_id: str = "", reason: str = "") -> None:

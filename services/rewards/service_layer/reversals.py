@@ -10,7 +10,6 @@ proportion, and scoring is told through the outbox."""
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from datetime import datetime
 from zoneinfo import ZoneInfo
@@ -23,6 +22,7 @@ from loyalty.common.v1 import types_pb2
 from loyalty.rewards.v1 import earning_pb2, ledger_pb2
 from services.rewards.adapters import accruals_repo
 from services.rewards.adapters.ledger import Entry, LedgerTx
+from services.rewards.service_layer import notices
 
 T = ledger_pb2.LedgerEntryType
 S = ledger_pb2.LedgerSource
@@ -104,12 +104,10 @@ async def reverse(tx: LedgerTx, conn: DbConnection, request: RefundRequest, zone
         await _reverse_accrual(tx, row, max(0, points_due), max(0, qualifying_due), request, survivor, reversal,
                                conn)
     if reversal.qualifying_points_reversed:
-        await conn.execute(
-            "INSERT INTO outbox (member_id, kind, payload, dedupe_key)"
-            " VALUES ($1, 'QUALIFYING_POINTS_REVERSED', $2, $3) ON CONFLICT DO NOTHING", survivor,
-            json.dumps({"member_id": survivor, "order_id": request.order_id,
-                        "qualifying_points": -reversal.qualifying_points_reversed,
-                        "source_event_id": request.source_event_id}), request.source_event_id)
+        notices.refund_recheck(tx, survivor, request.source_event_id, request.order_id,
+                               reversal.qualifying_points_reversed)
+    notices.refund_activity(tx, survivor, request.source_event_id, request.order_id, request.refunded,
+                            reversal.posted_points_reversed + reversal.unposted_points_reversed, request.occurred_at)
     await tx.flush()
     await conn.execute(
         "INSERT INTO reversals (member_id, source_event_id, payload_sha256, order_id, currency, refunded_minor,"
