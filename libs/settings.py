@@ -17,8 +17,9 @@ ServiceName = Literal["profile", "scoring", "rewards", "risk"]
 SERVICE_NAMES: tuple[ServiceName, ...] = ("profile", "scoring", "rewards", "risk")
 
 # Fixed loopback ports, so a developer and the supervisor agree without configuration.
-DEFAULT_PORTS: dict[str, int] = {"profile": 50051, "scoring": 50052, "rewards": 50053, "risk": 50054}
-DEFAULT_GATEWAY_PORT = 8080
+DEFAULT_PORTS: dict[str, int] = {"profile": 50051, "scoring": 50052, "rewards": 50053, "risk": 50054,
+                                 "gateway": 8080}
+DEFAULT_GATEWAY_PORT = DEFAULT_PORTS["gateway"]
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
@@ -68,6 +69,12 @@ class Settings(BaseSettings):
     scoring_addr: str | None = None
     rewards_addr: str | None = None
     risk_addr: str | None = None
+    # The HTTP/JSON gateway (host:port): where it is reached; it listens on `host` and `port` (default
+    # 8080) like a service.
+    gateway_addr: str | None = None
+    # Deadline of a server-streaming call made through the gateway (a feature export of a million
+    # members takes minutes); unary calls keep client_deadline_ms.
+    gateway_stream_deadline_ms: int = Field(default=600_000, ge=1, le=3_600_000)
     # Deadline applied to every outgoing call that does not set its own.
     client_deadline_ms: int = Field(default=5_000, ge=1, le=600_000)
 
