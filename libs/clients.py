@@ -1,21 +1,29 @@
-"""One client factory: a channel to another service with auth metadata, trace-context propagation,
-a deadline on every call, and retries on UNAVAILABLE for idempotent RPCs only (gRPC service config,
-built from the `idempotent` flag each RPC declares in the protos)."""
+"""One client factory: a channel to another service with auth metadata, a client span per call
+whose context travels in the metadata, RED metrics of outgoing calls, a deadline on every call, and
+retries on UNAVAILABLE for idempotent RPCs only (gRPC service config, built from the `idempotent`
+flag each RPC declares in the protos)."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
 import json
+import time
 from collections.abc import Callable, Iterable
 from typing import Any
 
 import grpc
 from google.protobuf import descriptor
-from opentelemetry import propagate
+from opentelemetry import context, propagate, trace
+from opentelemetry.trace import SpanKind, Status, StatusCode
 
 from libs.contracts import contracts_for
+from libs.metrics import RpcRecorder, client_recorder
 from libs.settings import Settings
+
+_tracer = trace.get_tracer("loyalty.client")
+# Tasks that wait for a server stream's status to end its span: kept here so none is collected early.
+_stream_watchers: set[asyncio.Task[None]] = set()
 
 RETRY_ATTEMPTS_MAX = 4
 RETRY_BACKOFF_S_INITIAL = 0.05
@@ -50,34 +58,96 @@ def service_config(services: Iterable[descriptor.ServiceDescriptor]) -> str:
 
 
 class _Metadata:
-    """Adds the bearer token and the current trace context; sets the default deadline."""
+    """Adds the bearer token and the current trace context; sets the default deadline; opens the
+    client span and records the call's RED."""
 
     def __init__(self, token: str | None, deadline_s: float) -> None:
         self._token = token
         self._deadline_s = deadline_s
+        self._recorders: dict[bytes | str, tuple[str, RpcRecorder]] = {}
+
+    def method(self, call_details: grpc.aio.ClientCallDetails) -> tuple[str, RpcRecorder]:
+        """The span name ("loyalty.risk.v1.RiskService/BatchAssessAccruals") and the recorder."""
+        known = self._recorders.get(call_details.method)
+        if known is None:
+            raw = call_details.method
+            name = (raw.decode() if isinstance(raw, bytes) else raw).lstrip("/")
+            known = self._recorders[call_details.method] = (name, client_recorder(name))
+        return known
 
     def details(self, call_details: grpc.aio.ClientCallDetails) -> grpc.aio.ClientCallDetails:
-        metadata = list(call_details.metadata or ())
-        if self._token and not any(key == "authorization" for key, _ in metadata):
-            metadata.append(("authorization", f"Bearer {self._token}"))
         carrier: dict[str, str] = {}
         propagate.inject(carrier)
+        # The context injected here (the client span) replaces any the caller put in the metadata
+        # itself, so the server sees one traceparent: its parent is this call.
+        metadata = [(key, value) for key, value in (call_details.metadata or ()) if key not in carrier]
+        if self._token and not any(key == "authorization" for key, _ in metadata):
+            metadata.append(("authorization", f"Bearer {self._token}"))
         metadata.extend(carrier.items())
         timeout = call_details.timeout if call_details.timeout is not None else self._deadline_s
         return grpc.aio.ClientCallDetails(call_details.method, timeout, grpc.aio.Metadata(*metadata),
                                           call_details.credentials, call_details.wait_for_ready)
 
 
+def _client_span(name: str) -> trace.Span:
+    service, _, method = name.rpartition("/")
+    return _tracer.start_span(name, kind=SpanKind.CLIENT, record_exception=False, set_status_on_exception=False,
+                              attributes={"rpc.system": "grpc", "rpc.service": service, "rpc.method": method})
+
+
+def _end(span: trace.Span, recorder: RpcRecorder, code: grpc.StatusCode, started: float) -> None:
+    span.set_attribute("rpc.grpc.status_code", code.value[0])
+    if code != grpc.StatusCode.OK:
+        span.set_status(Status(StatusCode.ERROR, code.name))
+    span.end()
+    recorder.finished(code, time.perf_counter() - started)
+
+
 class _UnaryUnary(_Metadata, grpc.aio.UnaryUnaryClientInterceptor):  # type: ignore[type-arg]
     async def intercept_unary_unary(self, continuation: Callable[..., Any], client_call_details: Any,
                                     request: Any) -> Any:
-        return await continuation(self.details(client_call_details), request)
+        name, recorder = self.method(client_call_details)
+        started = time.perf_counter()
+        span = _client_span(name)
+        code = grpc.StatusCode.CANCELLED
+        try:
+            with trace.use_span(span, end_on_exit=False):
+                call = await continuation(self.details(client_call_details), request)
+            # The span covers the whole call: wait for its status (the caller's await then returns
+            # the finished call's response or raises its error, as without this interceptor).
+            code = await call.code()
+            return call
+        finally:
+            _end(span, recorder, code, started)
 
 
 class _UnaryStream(_Metadata, grpc.aio.UnaryStreamClientInterceptor):  # type: ignore[type-arg]
     async def intercept_unary_stream(self, continuation: Callable[..., Any], client_call_details: Any,
                                      request: Any) -> Any:
-        return await continuation(self.details(client_call_details), request)
+        name, recorder = self.method(client_call_details)
+        started = time.perf_counter()
+        span = _client_span(name)
+        token = context.attach(trace.set_span_in_context(span))
+        try:
+            call = await continuation(self.details(client_call_details), request)
+        except BaseException:
+            _end(span, recorder, grpc.StatusCode.CANCELLED, started)
+            raise
+        finally:
+            context.detach(token)
+        # The caller reads the stream; the span ends when the call's status is known.
+        watcher = asyncio.ensure_future(_watch_stream(call, span, recorder, started))
+        _stream_watchers.add(watcher)
+        watcher.add_done_callback(_stream_watchers.discard)
+        return call
+
+
+async def _watch_stream(call: Any, span: trace.Span, recorder: RpcRecorder, started: float) -> None:
+    code = grpc.StatusCode.CANCELLED
+    try:
+        code = await call.code()
+    finally:
+        _end(span, recorder, code, started)
 
 
 def open_channel(

@@ -13,7 +13,9 @@ from typing import Any, TypeAlias
 import asyncpg
 from asyncpg.pool import PoolConnectionProxy
 
+from libs.db_tracing import trace_connection
 from libs.settings import Settings
+from libs.telemetry import tracing_enabled
 
 log = logging.getLogger(__name__)
 
@@ -113,10 +115,12 @@ async def _reset_if_dirty(connection: asyncpg.Connection) -> None:
 
 
 async def create_pool(dsn: str, schema: str, settings: Settings) -> asyncpg.Pool:
-    """A pool whose connections resolve unqualified names in the service's own schema first."""
+    """A pool whose connections resolve unqualified names in the service's own schema first, and
+    report their statements as spans when tracing is on."""
     pool = await asyncpg.create_pool(
         dsn,
         reset=_reset_if_dirty,
+        init=trace_connection if tracing_enabled() else None,
         min_size=min(settings.db_pool_min, settings.db_pool_max),
         max_size=settings.db_pool_max,
         timeout=settings.db_connect_timeout_s,

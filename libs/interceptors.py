@@ -1,5 +1,5 @@
-"""The server-side contract interceptor: tracing, logging, auth, validation and error mapping for
-every RPC the protos declare, in that order.
+"""The server-side contract interceptor: tracing, metrics, logging, auth, validation and error
+mapping for every RPC the protos declare, in that order.
 
 They are stages of one grpc.aio interceptor rather than five, because each interceptor layer
 costs a Python call chain per RPC; the stages stay separate functions. Health and reflection are
@@ -8,6 +8,7 @@ not in the contracts and pass through untouched (open by design, for probes).
 
 from __future__ import annotations
 
+import asyncio
 import inspect
 import logging
 import time
@@ -21,6 +22,7 @@ from opentelemetry.trace import SpanKind, Status, StatusCode
 from libs import errors
 from libs.auth import Principal, TokenRegistry, current_principal
 from libs.contracts import MethodContract
+from libs.metrics import RpcRecorder
 from libs.validation import validate
 
 log = logging.getLogger("loyalty.rpc")
@@ -45,11 +47,13 @@ async def _abort(context: ServicerContext, error: errors.LoyaltyError, domain: s
 class _Call:
     """Per-call stages shared by unary and streaming wrappers."""
 
-    def __init__(self, contract: MethodContract, registry: TokenRegistry) -> None:
+    def __init__(self, contract: MethodContract, registry: TokenRegistry, service: str | None = None) -> None:
         self.contract = contract
         self.registry = registry
         # "loyalty.rewards.v1.RewardsService" -> "rewards.loyalty", the ErrorInfo domain.
         self.domain = f"{contract.service.split('.')[1]}.loyalty" if contract.service.count(".") >= 2 else "loyalty"
+        # RED labels: the serving process's name and the RPC's short name, both bounded by the protos.
+        self.metrics = RpcRecorder(service or service_label(contract.service), contract.name)
 
     def authenticate(self, metadata: Mapping[str, str]) -> Principal | None:
         """Token and scopes; raises LoyaltyError. Runs before validation so an anonymous caller
@@ -66,9 +70,9 @@ class _Call:
         if violations:
             raise errors.invalid_argument(violations)
 
-    def log_outcome(self, code: grpc.StatusCode, started: float, principal: Principal | None,
+    def log_outcome(self, code: grpc.StatusCode, elapsed_s: float, principal: Principal | None,
                     reason: str | None) -> None:
-        elapsed_ms = round((time.perf_counter() - started) * 1000, 3)
+        elapsed_ms = round(elapsed_s * 1000, 3)
         level = logging.INFO
         if code == grpc.StatusCode.INTERNAL or code == grpc.StatusCode.UNKNOWN:
             level = logging.ERROR
@@ -76,6 +80,12 @@ class _Call:
             "rpc_method": self.contract.full_method, "code": code.name, "duration_ms": elapsed_ms,
             "principal": principal.name if principal else None, "reason": reason,
         })
+
+
+def service_label(full_service: str) -> str:
+    """"loyalty.rewards.v1.RewardsService" -> "rewards"; any other package keeps its full name."""
+    parts = full_service.split(".")
+    return parts[1] if len(parts) >= 3 and parts[0] == "loyalty" else full_service
 
 
 def _classify(error: BaseException, method: str) -> errors.LoyaltyError:
@@ -92,7 +102,8 @@ class _Outcome:
 
     __slots__ = ("code", "principal", "reason", "started")
 
-    def __init__(self) -> None:
+    def __init__(self, call: _Call) -> None:
+        call.metrics.started()
         self.started = time.perf_counter()
         self.code = grpc.StatusCode.OK
         self.reason: str | None = None
@@ -123,12 +134,14 @@ def _finish(call: _Call, span: Any, outcome: _Outcome, token: Any) -> None:
     if token is not None:
         current_principal.reset(token)
     span.set_attribute("rpc.grpc.status_code", outcome.code.value[0])
-    call.log_outcome(outcome.code, outcome.started, outcome.principal, outcome.reason)
+    elapsed_s = time.perf_counter() - outcome.started
+    call.metrics.finished(outcome.code, elapsed_s)
+    call.log_outcome(outcome.code, elapsed_s, outcome.principal, outcome.reason)
 
 
 def _wrap_unary(inner: Behavior, call: _Call) -> Behavior:
     async def behavior(request: Any, context: ServicerContext) -> Any:
-        outcome = _Outcome()
+        outcome = _Outcome(call)
         metadata = _metadata(context)
         with _server_span(call, metadata) as span:
             token = None
@@ -140,6 +153,9 @@ def _wrap_unary(inner: Behavior, call: _Call) -> Behavior:
                 if inspect.isawaitable(result):
                     result = await result
                 return result
+            except asyncio.CancelledError:  # the caller went away or its deadline passed
+                outcome.code = grpc.StatusCode.CANCELLED
+                raise
             except Exception as raw:
                 await _fail(raw, call, context, span, outcome)
             finally:
@@ -150,7 +166,7 @@ def _wrap_unary(inner: Behavior, call: _Call) -> Behavior:
 def _wrap_server_stream(inner: Callable[[Any, ServicerContext], AsyncIterator[Any]],
                         call: _Call) -> Behavior:
     async def behavior(request: Any, context: ServicerContext) -> AsyncIterator[Any]:
-        outcome = _Outcome()
+        outcome = _Outcome(call)
         metadata = _metadata(context)
         with _server_span(call, metadata) as span:
             token = None
@@ -163,6 +179,9 @@ def _wrap_server_stream(inner: Callable[[Any, ServicerContext], AsyncIterator[An
                     stream = await stream
                 async for item in stream:
                     yield item
+            except asyncio.CancelledError:  # the caller went away or its deadline passed
+                outcome.code = grpc.StatusCode.CANCELLED
+                raise
             except Exception as raw:
                 await _fail(raw, call, context, span, outcome)
             finally:
@@ -183,9 +202,11 @@ def _wrap_auth_only(inner: Behavior, call: _Call) -> Behavior:
 
 
 class ContractInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
-    def __init__(self, contracts: Mapping[str, MethodContract], registry: TokenRegistry) -> None:
+    def __init__(self, contracts: Mapping[str, MethodContract], registry: TokenRegistry,
+                 service: str | None = None) -> None:
         self._contracts = dict(contracts)
         self._registry = registry
+        self._service = service
         self._wrapped: dict[str, Handler] = {}
 
     async def intercept_service(
@@ -200,7 +221,7 @@ class ContractInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
             return handler
         wrapped = self._wrapped.get(method)
         if wrapped is None:
-            wrapped = self._wrap(handler, _Call(contract, self._registry))
+            wrapped = self._wrap(handler, _Call(contract, self._registry, self._service))
             self._wrapped[method] = wrapped
         return wrapped
 

@@ -4,6 +4,9 @@ Start-up order: bind the port with health NOT_SERVING (so probes get an answer a
 database, migrate under the advisory lock, open the pool, start the service's background work,
 then report SERVING. SIGTERM or SIGINT: health goes NOT_SERVING, new calls are refused, in-flight
 calls get up to `grace_period_s` to finish, background work stops, the pool closes, exit 0.
+
+The Prometheus endpoint (libs.metrics) opens with the gRPC port, so a scrape answers during start-up
+too; the pool and outbox gauges join it once the pool exists, and it closes last.
 """
 
 from __future__ import annotations
@@ -29,6 +32,7 @@ from libs.contracts import MethodContract, contracts_for, service_descriptors
 from libs.db import create_pool, resolve_database_url, wait_for_database
 from libs.interceptors import ContractInterceptor
 from libs.logs import configure_logging
+from libs.metrics import MetricsEndpoint, MetricsSettings, OutboxSampler, PoolSampler, start_endpoint
 from libs.migrations import migrate
 from libs.settings import Settings, get_settings
 from libs.telemetry import configure_tracing
@@ -93,9 +97,15 @@ def _token_registry(settings: Settings) -> TokenRegistry:
 
 
 class ServiceProcess:
-    def __init__(self, spec: ServiceSpec, settings: Settings) -> None:
+    def __init__(self, spec: ServiceSpec, settings: Settings, metrics_address: tuple[str, int] | None = None,
+                 metrics_settings: MetricsSettings | None = None) -> None:
+        """`metrics_address`: where to serve /metrics (None: no endpoint; RPC metrics are still
+        recorded in the process's registry)."""
         self.spec = spec
         self.settings = settings
+        self.metrics_address = metrics_address
+        self.metrics_settings = metrics_settings or MetricsSettings()
+        self.metrics: MetricsEndpoint | None = None
         self.runtime = Runtime(service=spec.name, settings=settings)
         self.health = health.aio.HealthServicer()  # type: ignore[attr-defined]
         self.services = service_descriptors(spec.pb2_modules)
@@ -118,7 +128,7 @@ class ServiceProcess:
             ("grpc.so_reuseport", 1 if self.settings.reuse_port else 0),
         ]
         server = grpc.aio.server(
-            interceptors=[ContractInterceptor(self.contracts, _token_registry(self.settings))],
+            interceptors=[ContractInterceptor(self.contracts, _token_registry(self.settings), self.spec.name)],
             options=options,
             maximum_concurrent_rpcs=self.settings.max_concurrent_rpcs,
         )
@@ -138,6 +148,7 @@ class ServiceProcess:
         self.server = server
         log.info("listening", extra={"address": f"{self.settings.host}:{self.bound_port}",
                                      "tls": credentials is not None})
+        self.metrics = await start_endpoint(self.spec.name, self.metrics_address)
 
     async def become_ready(self) -> None:
         """Database reachable and migrated → pool → background work → SERVING."""
@@ -150,6 +161,10 @@ class ServiceProcess:
             await connection.close()
         log.info("migrated", extra={"schema": self.spec.schema, "applied": applied})
         self.runtime._pool = await create_pool(dsn, self.spec.schema, self.settings)
+        if self.metrics is not None:
+            self.metrics.samplers.append(PoolSampler(self.spec.name, self.runtime._pool))
+            self.metrics.samplers.append(OutboxSampler(self.spec.name, self.runtime._pool,
+                                                       self.metrics_settings.outbox_sample_s_min))
         if self.spec.on_ready is not None:
             await self.spec.on_ready(self.runtime)
         await self._set_health(health_pb2.HealthCheckResponse.SERVING)
@@ -187,8 +202,13 @@ class ServiceProcess:
         for task in self.runtime.background:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await task
+        if self.metrics is not None:
+            # The samplers read the pool: they go before it closes.
+            self.metrics.samplers.clear()
         if self.runtime._pool is not None:
             await self.runtime._pool.close()
+        if self.metrics is not None:
+            await self.metrics.close()
         log.info("stopped")
 
 
@@ -198,8 +218,11 @@ def run(spec: ServiceSpec, settings: Settings | None = None) -> int:
     configure_logging(spec.name, settings.log_level, settings.log_json)
     configure_tracing(spec.name, settings)
 
+    metrics_settings = MetricsSettings()
+    metrics_address = metrics_settings.address_for(spec.name, settings.host)
+
     async def main() -> int:
-        process = ServiceProcess(spec, settings)
+        process = ServiceProcess(spec, settings, metrics_address, metrics_settings)
         loop = asyncio.get_running_loop()
         for signum in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(signum, process.request_stop)

@@ -13,13 +13,23 @@ from opentelemetry.sdk.trace.export import BatchSpanProcessor
 
 from libs.settings import Settings
 
+_installed = False
+
 
 def install_tracer_provider(service: str, processors: list[SpanProcessor]) -> TracerProvider:
+    global _installed
     provider = TracerProvider(resource=Resource.create({"service.name": f"loyalty-{service}"}))
     for processor in processors:
         provider.add_span_processor(processor)
     trace.set_tracer_provider(provider)
+    _installed = True
     return provider
+
+
+def tracing_enabled() -> bool:
+    """Whether spans go anywhere: instrumentation that costs something per operation even with the
+    no-op tracer (database spans) is only switched on then."""
+    return _installed
 
 
 def configure_tracing(service: str, settings: Settings) -> TracerProvider | None:

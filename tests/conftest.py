@@ -45,6 +45,9 @@ def service_env(pg_dsn: str, state_dir: Path, dev_tokens: dict[str, str]) -> dic
         "LOYALTY_STATE_DIR": str(state_dir),
         "LOYALTY_GRACE_PERIOD_S": "5",
         "LOYALTY_LOG_JSON": "true",
+        # No /metrics on the fixed default ports: stacks that scrape give each service a free one
+        # (LOYALTY_<SERVICE>_METRICS_ADDR wins over this).
+        "LOYALTY_METRICS_ADDR": "off",
     }
 
 

@@ -1,5 +1,6 @@
 """Tracing and logs of the shared runtime, in process with an in-memory span exporter: the server
-span continues the caller's trace (W3C context in metadata), and JSON log lines carry its ids."""
+span continues the caller's trace (W3C context in metadata, sent by the channel's client span), and
+JSON log lines carry its ids."""
 
 from __future__ import annotations
 
@@ -61,13 +62,16 @@ async def test_server_span_continues_the_client_trace_and_logs_carry_it(
     finally:
         logging.getLogger("loyalty.rpc").removeHandler(handler)
 
-    server_spans = [s for s in exporter.get_finished_spans() if s.name == "loyalty_testing.v1.SlowService/Peek"]
-    assert len(server_spans) == 1
-    span = server_spans[0]
-    assert span.kind == SpanKind.SERVER
+    spans = [s for s in exporter.get_finished_spans() if s.name == "loyalty_testing.v1.SlowService/Peek"]
+    assert sorted(s.kind.name for s in spans) == ["CLIENT", "SERVER"]
+    client = next(s for s in spans if s.kind == SpanKind.CLIENT)
+    span = next(s for s in spans if s.kind == SpanKind.SERVER)
+    # caller -> the channel's client span -> the server span, one trace.
+    assert client.parent is not None and client.parent.span_id == caller.get_span_context().span_id
     assert span.context.trace_id == caller.get_span_context().trace_id
-    assert span.parent is not None and span.parent.span_id == caller.get_span_context().span_id
+    assert span.parent is not None and span.parent.span_id == client.context.span_id
     assert span.attributes is not None and span.attributes["rpc.method"] == "Peek"
+    assert client.attributes is not None and client.attributes["rpc.grpc.status_code"] == 0
 
     lines = [json.loads(line) for line in stream.getvalue().splitlines()]
     rpc_lines = [line for line in lines if line.get("rpc_method") == "/loyalty_testing.v1.SlowService/Peek"]

@@ -11,6 +11,7 @@ from loyalty.profile.v1 import profile_service_pb2 as pb
 from services.profile.entrypoints.members_api import current_reader
 from services.profile.service_layer import features, portraits, record_events
 from services.profile.service_layer.outbox_relay import OutboxRelay, outbox_status
+from services.profile.telemetry import count_event_results
 
 
 class EventsApi:
@@ -19,7 +20,9 @@ class EventsApi:
 
     async def BatchRecordEvents(self, request: pb.BatchRecordEventsRequest, context: Any
                                 ) -> pb.BatchRecordEventsResponse:
-        return await record_events.record_events(self.runtime.pool, request, self.runtime.settings.currency)
+        response = await record_events.record_events(self.runtime.pool, request, self.runtime.settings.currency)
+        count_event_results(response)
+        return response
 
     async def ListMemberEvents(self, request: pb.ListMemberEventsRequest, context: Any
                                ) -> pb.ListMemberEventsResponse:

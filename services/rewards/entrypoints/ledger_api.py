@@ -27,6 +27,7 @@ from services.rewards.service_layer.accrue import Accruer, Usage
 from services.rewards.service_layer.holds import Holds
 from services.rewards.service_layer.reconcile import reconcile
 from services.rewards.settings import RewardsSettings
+from services.rewards.telemetry import record_accruals, record_reversed
 
 audit = logging.getLogger("loyalty.audit")
 ResponseT = TypeVar("ResponseT", bound=Message)
@@ -126,7 +127,9 @@ class LedgerApi:
     # ---- accrual and holds ------------------------------------------------------------------------
 
     async def Accrue(self, request: rewards_pb2.AccrueRequest, context: Any) -> rewards_pb2.AccrueResponse:
-        return await self.accruer.accrue(request)
+        response = await self.accruer.accrue(request)
+        record_accruals(response.results)
+        return response
 
     async def ResolveHold(self, request: rewards_pb2.ResolveHoldRequest, context: Any
                           ) -> rewards_pb2.ResolveHoldResponse:
@@ -195,6 +198,7 @@ class LedgerApi:
                 occurred_at=request.occurred_at.ToDatetime(UTC) if request.HasField("occurred_at") else now,
                 reason=request.reason, digest=digest), self.settings.zone)
         points = reversal.posted_points_reversed + reversal.unposted_points_reversed
+        record_reversed(points)
         audit.info("order reversed", extra={"actor": actor(), "member_id": reversal.member_id,
                                             "order_id": request.order_id, "points": points})
         return rewards_pb2.ReverseOrderResponse(reversal=reversal)

@@ -18,10 +18,13 @@ from libs.server import Runtime
 from loyalty.rewards.v1 import earning_pb2, ledger_pb2, rewards_pb2
 from services.rewards.adapters.rules_repo import RulesCache
 from services.rewards.service_layer import redemptions
+from services.rewards.telemetry import record_redeemed
 
 ResponseT = TypeVar("ResponseT", bound=Message)
 # A use case: (transaction's connection, active redemption policy, caller) -> the redemption.
 UseCase = Callable[[DbConnection, earning_pb2.RedemptionPolicy, str], Awaitable[ledger_pb2.Redemption]]
+# States in which a redemption has just debited points, and the metric's kind for each.
+_DEBITED = {ledger_pb2.REDEMPTION_STATE_REDEEMED: "redeem", ledger_pb2.REDEMPTION_STATE_CONFIRMED: "confirm"}
 
 
 class RedemptionsApi:
@@ -33,12 +36,19 @@ class RedemptionsApi:
         """Run a mutating use case once per request id, in one transaction; the caller is read here,
         in the RPC's context."""
         who = actor()
+        fresh = False
 
         async def mutate(conn: DbConnection) -> ResponseT:
+            nonlocal fresh
             policy = (await self.rules.active(conn)).redemption
+            fresh = True  # not a replay of a stored response
             return response_type(redemption=await use_case(conn, policy, who))
 
-        return await run_once_in_transaction(self.runtime.pool, method, request, response_type, mutate)
+        response = await run_once_in_transaction(self.runtime.pool, method, request, response_type, mutate)
+        redemption: ledger_pb2.Redemption = getattr(response, "redemption")  # noqa: B009 - every response has one
+        if fresh and redemption.state in _DEBITED:  # counted once it is committed
+            record_redeemed(_DEBITED[redemption.state], redemption.points)
+        return response
 
     async def Redeem(self, request: rewards_pb2.RedeemRequest, context: Any) -> rewards_pb2.RedeemResponse:
         return await self._once("Redeem", request, rewards_pb2.RedeemResponse,

@@ -19,6 +19,7 @@ from services.rewards.adapters import accruals_repo
 from services.rewards.adapters.ledger import Account, Entry, LedgerTx
 from services.rewards.domain.expiry import expires_at, expiring_soon_notice
 from services.rewards.service_layer import notices, queries
+from services.rewards.telemetry import record_expired
 
 T = ledger_pb2.LedgerEntryType
 S = ledger_pb2.LedgerSource
@@ -215,7 +216,8 @@ async def expire_batch(pool: asyncpg.Pool, as_of: datetime, totals: ExpiryTotals
             totals.points += lot["remaining_points"]
             totals.members.add(lot["member_id"])
         await tx.flush()
-        return len(lots)
+    record_expired(sum(lot["remaining_points"] for lot in lots))  # committed: the job's and RunExpiry's
+    return len(lots)
 
 
 async def queue_expiring_soon(pool: asyncpg.Pool, as_of: datetime, rules: earning_pb2.EarningRuleSet) -> int:

@@ -13,6 +13,7 @@ from services.risk.service_layer import queries
 from services.risk.service_layer.assess import Assessor
 from services.risk.service_layer.config import ConfigCache
 from services.risk.settings import get_risk_settings
+from services.risk.telemetry import record_assessment, record_assessments
 
 PII_SCOPE = "pii.read"
 IP_SUBJECT = 3
@@ -54,11 +55,14 @@ class AssessmentsApi:
 
     async def AssessAccrual(self, request: risk_pb2.AssessAccrualRequest, context: Any
                             ) -> risk_pb2.AssessAccrualResponse:
-        return risk_pb2.AssessAccrualResponse(assessment=shown(await self.assessor.assess_one(request)))
+        assessment = await self.assessor.assess_one(request)
+        record_assessment(assessment)
+        return risk_pb2.AssessAccrualResponse(assessment=shown(assessment))
 
     async def BatchAssessAccruals(self, request: risk_pb2.BatchAssessAccrualsRequest, context: Any
                                   ) -> risk_pb2.BatchAssessAccrualsResponse:
         response = await self.assessor.assess(request.requests)
+        record_assessments(response.results)
         if not can_read_pii():
             for result in response.results:
                 if result.HasField("assessment"):

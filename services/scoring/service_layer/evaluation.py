@@ -51,6 +51,7 @@ from services.scoring.adapters.runs_repo import (
 from services.scoring.domain import kernel
 from services.scoring.domain import policy as rules
 from services.scoring.settings import ScoringSettings
+from services.scoring.telemetry import record_evaluation
 
 log = logging.getLogger(__name__)
 AS_OF_SKEW = timedelta(seconds=5)
@@ -302,22 +303,28 @@ class RunWorker:
         held = _Held(row["run_id"])
         lease = asyncio.create_task(self._keep_lease(held))
         pool = self._pool()
+        started = time.perf_counter()
+        outcome = "failed"
         try:
             policy = await policies_repo.get(pool, row["policy_id"], row["policy_version"])
             if row["stage"] < APPLYING:
                 await self._score(held, row, policy)
                 if row["dry_run"]:
                     await runs_repo.finish(pool, held.run_id, SUCCEEDED, DONE, owner=self.owner)
+                    outcome = "dry_run"
                     return
                 await self._stage(held, APPLYING)
             applying = time.perf_counter()
             await self._apply(held, policy, row["as_of"])
             await self._add_apply_time(held.run_id, time.perf_counter() - applying)
             await runs_repo.finish(pool, held.run_id, SUCCEEDED, DONE, owner=self.owner)
+            outcome = "succeeded"
         except Cancelled:
+            outcome = "cancelled"
             log.info("evaluation run stopped: cancelled or taken over", extra={"run_id": held.run_id})
         except LoyaltyError as error:
             if error.reason == "EVALUATION_CANCELLED":
+                outcome = "cancelled"
                 return
             log.warning("evaluation run failed", extra={"run_id": held.run_id, "reason": error.reason})
             await runs_repo.finish(pool, held.run_id, FAILED, (await runs_repo.get_run(pool, held.run_id))["stage"],
@@ -328,6 +335,7 @@ class RunWorker:
                                    "INTERNAL", "the run failed on an internal error; see the scoring logs",
                                    owner=self.owner)
         finally:
+            record_evaluation(outcome, time.perf_counter() - started)
             lease.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await lease
