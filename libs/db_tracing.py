@@ -22,25 +22,35 @@ from opentelemetry.trace import SpanKind, Status, StatusCode
 
 _tracer = trace.get_tracer("loyalty.db")
 
-STATEMENT_CHARS_MAX = 2000
-_TABLE_AFTER = {"SELECT": "FROM", "DELETE": "FROM", "WITH": "FROM", "INSERT": "INTO"}
+STATEMENT_CHARS_MAX = 4000
 _WORD = re.compile(r"[A-Za-z_][\w.]*")
 _LEADING_COMMENTS = re.compile(r"^(?:\s|--[^\n]*\n)*")
+# A table read: FROM/JOIN and a name that is not a function call (FROM unnest($1) is not a table).
+_READ = re.compile(r"\b(?:FROM|JOIN)\s+([A-Za-z_][\w.]*)\b(?!\s*\()", re.IGNORECASE)
+# A table written, also inside a CTE; "DO UPDATE SET" and "FOR UPDATE" name no table.
+_WRITE = re.compile(r"\b(INSERT\s+INTO|(?<!FOR )(?<!DO )UPDATE(?:\s+ONLY)?|DELETE\s+FROM)\s+(?!SET\b)([A-Za-z_][\w.]*)",
+                    re.IGNORECASE)
 
 
 @functools.lru_cache(maxsize=1024)
 def describe(query: str) -> tuple[str, str, str]:
-    """(span name, operation, table) of a statement: "SELECT outbox", "SELECT", "outbox". The
-    queries are the program's own constant strings, so the cache stays small and names bounded."""
+    """(span name, operation, table) of a statement: "SELECT outbox", "SELECT", "outbox". A CTE
+    that writes is named after its first write ("WITH INSERT events"). The queries are the
+    program's own constant strings, so the cache stays small and names bounded."""
     text = query[_LEADING_COMMENTS.match(query).end():]  # type: ignore[union-attr]
     first = _WORD.match(text)
     operation = first.group(0).upper() if first else "SQL"
     table = ""
-    keyword = _TABLE_AFTER.get(operation)
-    if keyword is not None:
-        found = re.search(rf"\b{keyword}\s+(?!\()([A-Za-z_][\w.]*)", text, re.IGNORECASE)
-        table = found.group(1) if found else ""
-    elif operation in ("UPDATE", "TRUNCATE", "COPY"):
+    if operation in ("INSERT", "UPDATE", "DELETE", "WITH"):
+        write = _WRITE.search(text)
+        if write is not None:
+            table = write.group(2)
+            if operation == "WITH":
+                operation = f"WITH {write.group(1).split()[0].upper()}"
+    if not table and operation in ("SELECT", "WITH"):
+        read = _READ.search(text)
+        table = read.group(1) if read else ""
+    elif operation in ("TRUNCATE", "COPY"):
         rest = _WORD.findall(text[len(operation):text.find("(") if "(" in text else None])
         table = next((word for word in rest if word.upper() not in ("ONLY", "TABLE")), "")
     name = f"{operation} {table}" if table else operation
