@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import json
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -14,9 +14,8 @@ import grpc
 from google.protobuf import descriptor
 from starlette.applications import Starlette
 from starlette.middleware import Middleware
-from starlette.requests import Request
 from starlette.responses import HTMLResponse, Response
-from starlette.routing import Route
+from starlette.types import Receive, Scope, Send
 
 from libs.clients import open_channel
 from libs.contracts import package_modules, service_descriptors
@@ -94,25 +93,39 @@ class Gateway:
             finally:
                 await self.close()
 
-        routes = [
-            Route("/openapi.json", self._openapi, methods=["GET"]),
-            Route("/docs", self._docs, methods=["GET"]),
-            Route("/healthz", self._healthz, methods=["GET"]),
-            Route("/{path:path}", transcoder),  # an ASGI app: every method reaches it
-        ]
-        return Starlette(routes=routes, middleware=[Middleware(EdgeMiddleware)], lifespan=lifespan)
+        app = Starlette(middleware=[Middleware(EdgeMiddleware)], lifespan=lifespan)
+        # Not Starlette routes: their patterns stop at a %0A in the path, and a method they do not
+        # list gets a plain-text 405. Every request reaches our own small router instead.
+        app.router.default = _Pages({"/openapi.json": self._openapi, "/docs": self._docs, "/healthz": self._healthz},
+                                    transcoder)
+        return app
 
-    async def _openapi(self, _request: Request) -> Response:
+    def _openapi(self) -> Response:
         return Response(self.spec_json, media_type=JSON_MEDIA)
 
-    async def _docs(self, _request: Request) -> Response:
+    def _docs(self) -> Response:
         return HTMLResponse(self.docs_html)
 
-    async def _healthz(self, _request: Request) -> Response:
+    def _healthz(self) -> Response:
         """Liveness of the gateway itself: each service reports its own health over grpc.health.v1."""
         body = {"status": "SERVING", "operations": len(self.bindings),
                 "upstreams": {u.name: u.address for u in self.upstreams}}
         return Response(json.dumps(body), media_type=JSON_MEDIA)
+
+
+class _Pages:
+    """GET of the gateway's own pages; everything else goes to the transcoder."""
+
+    def __init__(self, pages: dict[str, Callable[[], Response]], transcoder: Transcoder) -> None:
+        self.pages = pages
+        self.transcoder = transcoder
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        page = self.pages.get(scope["path"]) if scope["type"] == "http" else None
+        if page is not None and scope["method"] in ("GET", "HEAD"):
+            await page()(scope, receive, send)
+        else:
+            await self.transcoder(scope, receive, send)
 
 
 def _call(channel: grpc.aio.Channel, binding: HttpBinding) -> Any:

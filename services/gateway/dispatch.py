@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import AsyncIterator, Callable, MutableMapping
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import parse_qsl, quote
@@ -14,8 +14,9 @@ import grpc
 from google.protobuf.message import Message
 from starlette.requests import Request
 from starlette.responses import Response, StreamingResponse
+from starlette.types import Receive, Scope, Send
 
-from services.gateway.edge import REQUEST_ID_KEY, ROUTE_KEY, Receive, Scope, Send
+from services.gateway.edge import REQUEST_ID_KEY, ROUTE_KEY
 from services.gateway.inbound import build_request
 from services.gateway.openapi import NDJSON
 from services.gateway.routes import HttpBinding, Router
@@ -151,14 +152,14 @@ def _response_json(binding: HttpBinding, reply: Message) -> Any:
     return value.get(reply.DESCRIPTOR.fields_by_name[binding.response_body].json_name)
 
 
-def _raw_path(scope: MutableMapping[str, Any]) -> str:
+def _raw_path(scope: Scope) -> str:
     raw: bytes | None = scope.get("raw_path")
     if raw is None:
         return quote(scope["path"])
     return raw.decode("latin-1").split("?", 1)[0]
 
 
-def _query(scope: MutableMapping[str, Any]) -> list[tuple[str, str]]:
+def _query(scope: Scope) -> list[tuple[str, str]]:
     text = scope.get("query_string", b"").decode("latin-1")
     if not text:
         return []

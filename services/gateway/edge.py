@@ -13,6 +13,7 @@ from typing import Any
 
 from opentelemetry import propagate, trace
 from opentelemetry.trace import SpanKind, StatusCode
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from services.gateway.status import Problem, bad_field
 
@@ -24,13 +25,10 @@ REQUEST_ID = re.compile(r"[A-Za-z0-9._:/+=@-]{1,128}")
 log = logging.getLogger("services.gateway")
 tracer = trace.get_tracer("loyalty.gateway")
 
-Scope = dict[str, Any]
-Receive = Any
-Send = Any
 
 
 class EdgeMiddleware:
-    def __init__(self, app: Any) -> None:
+    def __init__(self, app: ASGIApp) -> None:
         self.app = app
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -43,7 +41,7 @@ class EdgeMiddleware:
         scope[REQUEST_ID_KEY] = request_id
         outcome = {"status": 500}
 
-        async def send_with_id(message: dict[str, Any]) -> None:
+        async def send_with_id(message: Message) -> None:
             if message["type"] == "http.response.start":
                 outcome["status"] = message["status"]
                 message["headers"] = [*message.get("headers", ()), (b"x-request-id", request_id.encode())]

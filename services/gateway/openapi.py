@@ -29,13 +29,18 @@ _INT64 = {"type": "string", "format": "int64", "pattern": r"^-?[0-9]+$"}
 _UINT64 = {"type": "string", "format": "uint64", "pattern": r"^[0-9]+$"}
 _INT32 = {"type": "integer", "format": "int32", "minimum": -(2**31), "maximum": 2**31 - 1}
 _UINT32 = {"type": "integer", "format": "int64", "minimum": 0, "maximum": 2**32 - 1}
+# Proto3 JSON writes non-finite floats as these strings.
+_DOUBLE = {"anyOf": [{"type": "number", "format": "double"},
+                     {"type": "string", "enum": ["NaN", "Infinity", "-Infinity"]}]}
+_FLOAT = {"anyOf": [{"type": "number", "format": "float"},
+                    {"type": "string", "enum": ["NaN", "Infinity", "-Infinity"]}]}
 _SCALARS: dict[int, dict[str, Any]] = {
     **dict.fromkeys((_FD.TYPE_INT64, _FD.TYPE_SINT64, _FD.TYPE_SFIXED64), _INT64),
     **dict.fromkeys((_FD.TYPE_UINT64, _FD.TYPE_FIXED64), _UINT64),
     **dict.fromkeys((_FD.TYPE_INT32, _FD.TYPE_SINT32, _FD.TYPE_SFIXED32), _INT32),
     **dict.fromkeys((_FD.TYPE_UINT32, _FD.TYPE_FIXED32), _UINT32),
-    _FD.TYPE_DOUBLE: {"type": "number", "format": "double"},
-    _FD.TYPE_FLOAT: {"type": "number", "format": "float"},
+    _FD.TYPE_DOUBLE: _DOUBLE,
+    _FD.TYPE_FLOAT: _FLOAT,
     _FD.TYPE_BOOL: {"type": "boolean"},
     _FD.TYPE_STRING: {"type": "string"},
     _FD.TYPE_BYTES: {"type": "string", "format": "byte", "contentEncoding": "base64"},
@@ -237,22 +242,18 @@ _API_DESCRIPTION = (
 
 
 def _openapi_path(binding: HttpBinding) -> str:
-    """`{name=shelves/*}` becomes `{name}`; the verb stays as a literal `:verb` suffix."""
-    template = binding.path.template
-    out: list[str] = []
-    depth = 0
-    for char in template:
-        if char == "{":
-            depth += 1
-            out.append(char)
-        elif char == "}":
-            depth -= 1
-            out.append(char)
-        elif depth and char == "=":
-            depth += 1  # skip the variable's pattern until its closing brace
-        elif depth < 2:
-            out.append(char)
-    return "".join(out)
+    """`{shelf.name=shelves/*}` becomes `{shelf_name}`: OpenAPI has no variable patterns, and tools
+    read a dot in a parameter name as attribute access. The verb stays as a literal `:verb`."""
+    path = binding.path.template
+    for variable in binding.path.variables:
+        start = path.index("{" + variable)
+        end = path.index("}", start)
+        path = path[:start] + "{" + parameter_name(variable) + path[end:]
+    return path
+
+
+def parameter_name(field_path: str) -> str:
+    return field_path.replace(".", "_")
 
 
 def _operation(binding: HttpBinding, builder: SchemaBuilder) -> dict[str, Any]:
@@ -298,7 +299,7 @@ def _path_parameters(binding: HttpBinding, builder: SchemaBuilder) -> list[dict[
         if schema.get("type") == "string":
             schema["minLength"] = 1
             schema["pattern"] = r"^[^/]+$" if "pattern" not in schema else schema["pattern"].replace("^$|", "")
-        parameters.append({"name": variable, "in": "path", "required": True, "schema": schema,
+        parameters.append({"name": parameter_name(variable), "in": "path", "required": True, "schema": schema,
                            "description": f"request field `{variable}`"})
     return parameters
 

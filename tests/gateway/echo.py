@@ -52,7 +52,7 @@ def build_servicer() -> Any:
 
     class Echo(gateway_pb2_grpc.EchoServiceServicer):  # type: ignore[misc]
         async def Echo(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
-            if request.fail_with:
+            if 0 < request.fail_with <= 16:
                 await context.abort_with_status(failure(request.fail_with))
             seen = dict(context.invocation_metadata() or ())
             return pb.EchoResponse(echoed=request, authorization=str(seen.get("authorization", "")),

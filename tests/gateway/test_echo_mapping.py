@@ -64,7 +64,7 @@ def test_routes_come_from_the_descriptors(echo_stack: EchoStack) -> None:
     operations = {op["operationId"] for item in spec["paths"].values() for op in item.values()}
     assert operations == {"EchoService_Echo", "EchoService_Echo_1", "EchoService_PutNote",
                           "EchoService_DeleteThing", "EchoService_Count"}
-    assert set(spec["paths"]) == {"/v1/echo/{id}:echo", "/v1/echo/{id}", "/v1/{shelf.name}/note",
+    assert set(spec["paths"]) == {"/v1/echo/{id}:echo", "/v1/echo/{id}", "/v1/{shelf_name}/note",
                                   "/v1/things/{thing_id}", "/v1/count/{to}"}
     assert spec["paths"]["/v1/things/{thing_id}"]["delete"]["security"] == []  # public
 
