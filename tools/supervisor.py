@@ -1,9 +1,11 @@
 """`loyalty up`: one process that runs the whole suite on this machine.
 
 It starts the embedded PostgreSQL (unless DATABASE_URL points elsewhere), creates development
-tokens, starts the four services on their loopback ports, waits until every health check says
-SERVING, prints what runs where, restarts a service that dies (with back-off, bounded), and on
-Ctrl-C or SIGTERM stops the services (each drains its in-flight calls) and then PostgreSQL.
+tokens, starts the four services on their loopback ports and the HTTP gateway beside them, waits
+until every health check says SERVING, prints what runs where, restarts a process that dies (with
+back-off, bounded), and on Ctrl-C or SIGTERM stops them (each drains its in-flight calls) and then
+PostgreSQL. The gateway is an edge, not a dependency: if it cannot start (its port is taken), the
+services stay up and the summary says so.
 """
 
 from __future__ import annotations
@@ -14,6 +16,8 @@ import signal
 import subprocess
 import sys
 import time
+import urllib.error
+import urllib.request
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,6 +34,7 @@ READY_TIMEOUT_S = 90.0
 RESTARTS_MAX = 5
 RESTART_BACKOFF_S_MAX = 10.0
 STOP_TIMEOUT_S_EXTRA = 5.0
+GATEWAY = "gateway"
 
 
 @dataclass
@@ -42,6 +47,11 @@ class Child:
     restarts: int = 0
     next_restart_at: float = 0.0
     started_at: float = field(default=0.0)
+    http: bool = False  # probed with GET /healthz instead of grpc.health.v1
+    required: bool = True  # start-up fails without it
+
+    def status(self) -> str:
+        return http_health_status(self.address) if self.http else health_status(self.address)
 
 
 def health_status(address: str, timeout_s: float = 1.0) -> str:
@@ -55,10 +65,20 @@ def health_status(address: str, timeout_s: float = 1.0) -> str:
     return str(health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status))
 
 
+def http_health_status(address: str, timeout_s: float = 1.0) -> str:
+    """The gateway's health: SERVING when GET /healthz answers 200, else UNREACHABLE."""
+    try:
+        with urllib.request.urlopen(f"http://{address}/healthz", timeout=timeout_s) as reply:
+            return "SERVING" if reply.status == 200 else "NOT_SERVING"
+    except (urllib.error.URLError, OSError):
+        return "UNREACHABLE"
+
+
 class Supervisor:
-    def __init__(self, settings: Settings, services: Sequence[str] = SERVICE_NAMES) -> None:
+    def __init__(self, settings: Settings, services: Sequence[str] = SERVICE_NAMES, gateway: bool = True) -> None:
         self.settings = settings
         self.services = list(services)
+        self.gateway = gateway
         self.embedded = settings.database_url is None
         self.database_url = settings.database_url or ""
         self.children: list[Child] = []
@@ -81,7 +101,7 @@ class Supervisor:
         env["DATABASE_URL"] = self.database_url
         env["LOYALTY_STATE_DIR"] = str(self.settings.state_dir)
         env["LOYALTY_PORT"] = self.settings.addr_for(name).rsplit(":", 1)[1]
-        if self.tokens:
+        if self.tokens and name in self.tokens:
             env.setdefault("LOYALTY_CLIENT_TOKEN", self.tokens[name])
         for other in SERVICE_NAMES:
             env[f"LOYALTY_{other.upper()}_ADDR"] = self.settings.addr_for(other)
@@ -108,6 +128,11 @@ class Supervisor:
             child = Child(name=name, address=self.settings.addr_for(name), log_path=logs / f"{name}.log")
             self.spawn(child)
             self.children.append(child)
+        if self.gateway:
+            child = Child(name=GATEWAY, address=self.settings.addr_for(GATEWAY), log_path=logs / "gateway.log",
+                          http=True, required=False)
+            self.spawn(child)
+            self.children.append(child)
 
     def wait_until_serving(self, timeout_s: float = READY_TIMEOUT_S) -> bool:
         deadline = time.monotonic() + timeout_s
@@ -120,14 +145,16 @@ class Supervisor:
                     print(f"{child.name:13} exited with {child.process.returncode} during start-up; "
                           f"see {child.log_path}", file=sys.stderr, flush=True)
                     _print_tail(child.log_path)
-                    return False
-                if health_status(child.address) == "SERVING":
+                    if child.required:
+                        return False
+                    pending.discard(child.name)
+                elif child.status() == "SERVING":
                     pending.discard(child.name)
             time.sleep(0.2)
+        required = sorted(c.name for c in self.children if c.name in pending and c.required)
         if pending:
             print(f"not SERVING after {timeout_s:.0f}s: {', '.join(sorted(pending))}", file=sys.stderr, flush=True)
-            return False
-        return True
+        return not required
 
     # -- running ----------------------------------------------------------------------------------
     def watch(self) -> None:
@@ -178,7 +205,14 @@ class Supervisor:
     def summary(self) -> str:
         lines = ["", "Loyalty is up:"]
         for child in self.children:
-            lines.append(f"  {child.name:9} grpc://{child.address}   log {child.log_path}")
+            if not child.http:
+                lines.append(f"  {child.name:9} grpc://{child.address}   log {child.log_path}")
+            elif child.status() == "SERVING":
+                lines.append(f"  {child.name:9} http://{child.address}   docs http://{child.address}/docs   "
+                             f"log {child.log_path}")
+            else:
+                lines.append(f"  {child.name:9} NOT RUNNING (port {child.address} taken? set LOYALTY_GATEWAY_ADDR)   "
+                             f"log {child.log_path}")
         where = f"embedded, data in {embedded_pgdata(self.settings)}" if self.embedded else "DATABASE_URL"
         lines.append(f"  database  {where}")
         if self.tokens:
@@ -189,6 +223,9 @@ class Supervisor:
                 f"  admin token: {self.tokens['admin']}",
                 "  e.g. metadata=[('authorization', 'Bearer ' + token)] on any stub call",
             ]
+            if self.gateway:
+                lines.append(f"  over HTTP: curl -H 'Authorization: Bearer <token>' "
+                             f"http://{self.settings.addr_for(GATEWAY)}/v1/features")
         lines += [
             "",
             "Try:",
@@ -209,8 +246,8 @@ def _print_tail(path: Path, lines: int = 30) -> None:
         print(f"    {line}", file=sys.stderr)
 
 
-def run_up(settings: Settings, services: Sequence[str] = SERVICE_NAMES) -> int:
-    supervisor = Supervisor(settings, services)
+def run_up(settings: Settings, services: Sequence[str] = SERVICE_NAMES, gateway: bool = True) -> int:
+    supervisor = Supervisor(settings, services, gateway)
 
     def on_signal(signum: int, _frame: object) -> None:
         supervisor.stopping = True
@@ -223,8 +260,10 @@ def run_up(settings: Settings, services: Sequence[str] = SERVICE_NAMES) -> int:
         if not supervisor.wait_until_serving():
             return 1
         print(supervisor.summary(), flush=True)
+        grpc_children = {c.name: c.address for c in supervisor.children if not c.http}
+        http_children = {c.name: f"http://{c.address}" for c in supervisor.children if c.http}
         (settings.state_dir / "up.json").write_text(json.dumps(
-            {"pid": os.getpid(), "services": {c.name: c.address for c in supervisor.children}}, indent=2))
+            {"pid": os.getpid(), "services": grpc_children, **http_children}, indent=2))
         supervisor.watch()
         return 0
     finally:

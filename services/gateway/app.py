@@ -22,7 +22,7 @@ from libs.contracts import package_modules, service_descriptors
 from libs.settings import SERVICE_NAMES, Settings
 from services.gateway.dispatch import JSON_MEDIA, Target, Transcoder
 from services.gateway.docs_page import render_docs
-from services.gateway.edge import EdgeMiddleware
+from services.gateway.edge import ROUTE_KEY, EdgeMiddleware
 from services.gateway.openapi import openapi_document
 from services.gateway.routes import HttpBinding, Router, bindings_for
 
@@ -123,6 +123,7 @@ class _Pages:
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         page = self.pages.get(scope["path"]) if scope["type"] == "http" else None
         if page is not None and scope["method"] in ("GET", "HEAD"):
+            scope[ROUTE_KEY] = scope["path"]
             await page()(scope, receive, send)
         else:
             await self.transcoder(scope, receive, send)
