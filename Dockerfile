@@ -1,4 +1,4 @@
-# One image for every Loyalty service; the compose file picks the service by its command.
+# One image for every Loyalty service and the HTTP gateway; the compose file picks one by its command.
 FROM python:3.11-slim
 
 ENV PYTHONDONTWRITEBYTECODE=1 PYTHONUNBUFFERED=1 PIP_DISABLE_PIP_VERSION_CHECK=1
@@ -18,5 +18,5 @@ RUN python -m tools.gen_protos && echo "/app\n/app/gen" > "$(python -c 'import s
 RUN useradd --system --uid 10001 loyalty && mkdir -p /state && chown loyalty /state
 USER loyalty
 ENV LOYALTY_STATE_DIR=/state LOYALTY_HOST=0.0.0.0
-EXPOSE 50051 50052 50053 50054
+EXPOSE 50051 50052 50053 50054 8080
 CMD ["python", "-m", "tools.cli", "--help"]
