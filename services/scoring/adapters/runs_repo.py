@@ -14,6 +14,7 @@ import numpy as np
 from libs import errors
 from libs.db import DbConnection
 from loyalty.scoring.v1 import evaluation_pb2 as E
+from loyalty.scoring.v1 import policy_pb2
 
 PENDING, RUNNING, SUCCEEDED, FAILED, CANCELLED = (E.EVALUATION_STATE_PENDING, E.EVALUATION_STATE_RUNNING,
                                                   E.EVALUATION_STATE_SUCCEEDED, E.EVALUATION_STATE_FAILED,
@@ -208,6 +209,35 @@ async def mark_applied(conn: DbConnection | asyncpg.Pool, run_id: str, through: 
 async def member_score(conn: DbConnection | asyncpg.Pool, run_id: str, member_id: str) -> asyncpg.Record | None:
     return await conn.fetchrow("SELECT * FROM evaluation_scores WHERE run_id = $1 AND member_id = $2",
                                run_id, member_id)
+
+
+async def active_run_key(conn: DbConnection | asyncpg.Pool) -> tuple[str, int, str] | None:
+    """(policy id, version, run id) of the active policy and its latest successful run, or None."""
+    row = await conn.fetchrow(
+        f"""SELECT p.policy_id, p.version, r.run_id FROM policies p
+              JOIN LATERAL (SELECT run_id FROM evaluation_runs WHERE policy_id = p.policy_id
+                               AND policy_version = p.version AND state = {SUCCEEDED}
+                             ORDER BY finished_at DESC LIMIT 1) r ON true
+             WHERE p.state = {policy_pb2.POLICY_STATE_ACTIVE}""")
+    return None if row is None else (row["policy_id"], row["version"], row["run_id"])
+
+
+_TIER_NOW_SQL = f"""
+WITH last AS (SELECT run_id FROM evaluation_runs WHERE NOT dry_run AND state = {SUCCEEDED}
+               ORDER BY as_of DESC, finished_at DESC LIMIT 1)
+SELECT last.run_id,
+       (SELECT s FROM evaluation_scores s WHERE s.run_id = last.run_id AND s.member_id = $1) AS base,
+       (SELECT o FROM member_online_tiers o WHERE o.member_id = $1 AND o.base_run_id = last.run_id) AS online
+  FROM last
+"""
+
+
+async def tier_now(conn: DbConnection | asyncpg.Pool, member_id: str
+                   ) -> tuple[str, asyncpg.Record | None, asyncpg.Record | None] | None:
+    """In one round trip (ScoreMember's hot path): the last applied run's id, the member's score
+    row in it and the member's online tier on top of it; None before any applied run."""
+    row = await conn.fetchrow(_TIER_NOW_SQL, member_id)
+    return None if row is None else (row["run_id"], row["base"], row["online"])
 
 
 async def online_tier(conn: DbConnection | asyncpg.Pool, member_id: str, base_run_id: str,

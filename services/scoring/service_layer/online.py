@@ -86,6 +86,12 @@ class Contexts:
         now = time.monotonic()
         if self._active is not None and now - self._active[0] < ACTIVE_TTL_S:
             return self._active[1]
+        if self._active is not None:
+            # Still the same policy version and run? One small query instead of loading both again.
+            cached = self._active[1]
+            if await runs_repo.active_run_key(conn) == (cached.policy.policy_id, cached.policy.version, cached.run_id):
+                self._active = (now, cached)
+                return cached
         policy = await policies_repo.active(conn)
         if policy is None:
             raise errors.failed_precondition("no policy is active", reason="NO_ACTIVE_POLICY")
@@ -111,13 +117,14 @@ class Current:
 
 
 async def current_tier(conn: DbConnection | asyncpg.Pool, member_id: str, for_update: bool = False) -> Current:
-    last = await runs_repo.last_applied(conn)
-    if last is None:
+    found = await runs_repo.tier_now(conn, member_id)
+    if found is None:
         return Current("", "", "", None, None)
-    base = await runs_repo.member_score(conn, last["run_id"], member_id)
-    online = await runs_repo.online_tier(conn, member_id, last["run_id"], for_update)
+    run_id, base, online = found
+    if for_update:  # a change follows: read the online row again under its lock
+        online = await runs_repo.online_tier(conn, member_id, run_id, for_update=True)
     base_tier = base["tier_id"] if base is not None else ""
-    return Current(online["tier_id"] if online is not None else base_tier, base_tier, last["run_id"], online, base)
+    return Current(online["tier_id"] if online is not None else base_tier, base_tier, run_id, online, base)
 
 
 def _score_message(member_id: str, context: Context, score: float, percentile: float, qualifying: str, tier: str,
