@@ -25,7 +25,18 @@ from tests.gateway.echo import EchoStack
 
 pytestmark = pytest.mark.e2e
 
-CHECKS = [not_a_server_error, status_code_conformance, content_type_conformance, response_headers_conformance,
+
+
+def no_server_error(ctx: Any, response: Any, case: Any) -> bool | None:
+    """not_a_server_error, except a service's RPC that is declared but not implemented yet (501
+    NOT_IMPLEMENTED_YET): the gateway maps it faithfully; the service has not caught up."""
+    if response.status_code == 501 and b"NOT_IMPLEMENTED_YET" in response.content:
+        return None
+    result: bool | None = not_a_server_error(ctx, response, case)
+    return result
+
+
+CHECKS = [no_server_error, status_code_conformance, content_type_conformance, response_headers_conformance,
           response_schema_conformance]
 BOUNDED = settings(max_examples=5, deadline=None, derandomize=True, database=None,
                    phases=[Phase.explicit, Phase.generate],
