@@ -115,7 +115,11 @@ class _UnaryUnary(_Metadata, grpc.aio.UnaryUnaryClientInterceptor):  # type: ign
                 call = await continuation(self.details(client_call_details), request)
             # The span covers the whole call: wait for its status (the caller's await then returns
             # the finished call's response or raises its error, as without this interceptor).
-            code = await call.code()
+            try:
+                code = await call.code()
+            except asyncio.CancelledError:  # the caller gave up: so does the RPC, on the wire too
+                call.cancel()
+                raise
             return call
         finally:
             _end(span, recorder, code, started)

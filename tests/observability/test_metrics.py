@@ -169,3 +169,25 @@ async def test_the_outbox_backlog_is_sampled_at_scrape_time(outbox_pool: asyncpg
     samples = _samples((await endpoint.render()).decode())
     assert samples[("loyalty_outbox_pending", service)] == 0
     assert samples[("loyalty_outbox_oldest_pending_age_seconds", service)] == 0
+
+
+async def test_a_caller_that_gives_up_cancels_the_call_and_records_it(served: ServiceProcess,
+                                                                       dev_tokens: dict[str, str],
+                                                                       state_dir: Path) -> None:
+    from loyalty_testing.v1 import slow_pb2, slow_pb2_grpc
+
+    labels = {"service": "loyalty_testing.v1.SlowService", "method": "Sleep", "code": "CANCELLED"}
+    before = REGISTRY.get_sample_value("loyalty_client_requests_total", labels) or 0
+    services: Any = slow_pb2.DESCRIPTOR.services_by_name.values()
+    async with open_channel(f"127.0.0.1:{served.bound_port}", Settings(state_dir=state_dir), services,
+                            token=dev_tokens["admin"]) as channel:
+        call = slow_pb2_grpc.SlowServiceStub(channel).Sleep(slow_pb2.SleepRequest(millis=30_000))
+        with pytest.raises(TimeoutError):
+            await asyncio.wait_for(call, 0.2)
+        server = {"service": "profile", "method": "Sleep", "code": "CANCELLED"}
+        for _ in range(500):  # the server learns of the cancellation, not after 30 s
+            if REGISTRY.get_sample_value("loyalty_rpc_requests_total", server):
+                break
+            await asyncio.sleep(0.02)
+        assert REGISTRY.get_sample_value("loyalty_rpc_requests_total", server)
+    assert REGISTRY.get_sample_value("loyalty_client_requests_total", labels) == before + 1
