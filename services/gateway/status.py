@@ -16,6 +16,7 @@ from typing import Any
 
 import grpc
 from google.protobuf import json_format
+from google.protobuf.message import DecodeError
 from google.rpc import code_pb2, status_pb2
 
 from libs.errors import FieldViolation, LoyaltyError, invalid_argument
@@ -98,7 +99,7 @@ def from_rpc_error(error: grpc.aio.AioRpcError, service: str) -> Problem:
     if isinstance(raw, bytes):
         try:
             return Problem(status_pb2.Status.FromString(raw))
-        except Exception:  # a corrupt trailer is the service's bug; answer with its code at least
+        except DecodeError:  # a corrupt trailer is the service's bug; answer with its code at least
             pass
     code = error.code()
     template = _TRANSPORT_MESSAGES.get(code)

@@ -13,6 +13,8 @@ import pytest
 from libs.contracts import ContractError
 from services.gateway.routes import Router, bindings_for, parse_template
 from tests.gateway.echo import BODY_BYTES_MAX, EchoStack
+from tests.gateway.statuses import reason as _reason
+from tests.gateway.statuses import violations as _violations
 
 FULL = {
     "id": "e1", "big": "9007199254740993", "unsignedBig": "18446744073709551615", "small": -5,
@@ -24,18 +26,6 @@ FULL = {
     "inners": [{"label": "i0"}, {"level": 3}], "item": {"label": "chosen"}, "opt": "",
     "bigs": ["1", "-9223372036854775808"],
 }
-
-
-def _violations(body: dict[str, Any]) -> dict[str, str]:
-    found: dict[str, str] = {}
-    for detail in body["details"]:
-        if detail["@type"].endswith("google.rpc.BadRequest"):
-            found.update({v["field"]: v["description"] for v in detail["fieldViolations"]})
-    return found
-
-
-def _reason(body: dict[str, Any]) -> str:
-    return next(d["reason"] for d in body["details"] if d["@type"].endswith("google.rpc.ErrorInfo"))
 
 
 def _subset(expected: dict[str, Any], actual: dict[str, Any]) -> None:
