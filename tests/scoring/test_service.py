@@ -12,12 +12,18 @@ from typing import Any
 import grpc
 import pytest
 
+from loyalty.profile.v1 import member_pb2
+from loyalty.profile.v1 import profile_service_pb2 as P
 from loyalty.rewards.v1 import rewards_pb2
 from loyalty.scoring.v1 import evaluation_pb2 as E
 from loyalty.scoring.v1 import policy_pb2
 from loyalty.scoring.v1 import scoring_service_pb2 as S
+from services.scoring.bootstrap import SERVICE_DIR as SCORING_DIR
+from services.scoring.service_layer.scheduler import schedule_key, schedule_once
+from services.scoring.settings import ScoringSettings
 from tests.conftest import bearer
 from tests.scoring.conftest import Stack, Stubs, long_ago, policy, purchase, record, refund, uid
+from tests.support.database import schema_pool
 from tests.support.rpc import rpc_error
 
 POPULATION = 40
@@ -334,6 +340,21 @@ async def test_explain_score(stubs: Stubs, analyst: Any, population: list[str]) 
     assert (code, reason) == (grpc.StatusCode.NOT_FOUND, "MEMBER_NOT_FOUND")
 
 
+async def test_explain_score_speaks_the_members_language(stubs: Stubs, operator: Any, analyst: Any,
+                                                         population: list[str]) -> None:
+    english, unset = population[12], population[13]
+    update = P.UpdateMemberRequest(request_id=uid("r"), member=member_pb2.Member(member_id=english, locale="en"))
+    update.update_mask.paths.append("locale")
+    await stubs.profile.UpdateMember(update, metadata=operator)
+    reply = await stubs.scoring.ExplainScore(S.ExplainScoreRequest(member_id=english), metadata=analyst)
+    assert reply.locale == "en" and reply.tier_display_name in ("Regular", "Silver", "Gold")
+    default = await stubs.scoring.ExplainScore(S.ExplainScoreRequest(member_id=unset), metadata=analyst)
+    assert default.locale == "zh-CN"  # the programme's default when the member has none
+    asked = await stubs.scoring.ExplainScore(S.ExplainScoreRequest(member_id=english, locale="zh-CN"),
+                                             metadata=analyst)
+    assert asked.locale == "zh-CN"  # the caller's choice wins
+
+
 async def test_compare_policies(stubs: Stubs, operator: Any, analyst: Any, population: list[str]) -> None:
     active = (await stubs.scoring.GetActivePolicy(S.GetActivePolicyRequest(), metadata=analyst)).policy
     candidate = policy(active.policy_id)
@@ -429,3 +450,31 @@ async def test_run_resumes_after_a_crash_without_applying_twice(stack: Stack, st
         assert [e.evaluation_run_id for e in history.entries].count(run_id) == 1
         assert await rewards_tier(stubs, analyst, member) == (await stubs.scoring.GetMemberScore(
             S.GetMemberScoreRequest(member_id=member), metadata=analyst)).score.tier_id
+
+
+async def test_a_due_schedule_starts_one_applied_run(stack: Stack, stubs: Stubs, operator: Any, analyst: Any,
+                                                     population: list[str]) -> None:
+    """The scheduler (its loop runs in the scoring process every half second) starts the run of a
+    due time once: whoever comes first, this test's call or the loop, the other starts nothing."""
+    active = (await stubs.scoring.GetActivePolicy(S.GetActivePolicyRequest(), metadata=analyst)).policy
+    every_minute = policy(active.policy_id)
+    every_minute.schedule.CopyFrom(policy_pb2.Schedule(kind=policy_pb2.SCHEDULE_KIND_CRON, cron="* * * * *",
+                                                       time_zone="UTC"))
+    created = await create(stubs, operator, every_minute)
+    activated = (await activate(stubs, operator, created.policy_id, created.version)).policy
+    settings = ScoringSettings(time_zone="UTC")
+    now = activated.activated_at.ToDatetime(tzinfo=UTC) + timedelta(seconds=61)
+    due = now.replace(second=0, microsecond=0)
+    key = schedule_key(created.policy_id, created.version, due)
+    async with schema_pool(stack.env["DATABASE_URL"], "scoring", SCORING_DIR / "migrations", max_size=2) as pool:
+        assert await schedule_once(pool, settings, activated.activated_at.ToDatetime(tzinfo=UTC)) is None  # not due
+        await schedule_once(pool, settings, now)
+        run_id = await pool.fetchval("SELECT run_id FROM evaluation_runs WHERE request_id = $1", key)
+        assert run_id is not None
+        assert await schedule_once(pool, settings, now) is None  # that due time has its run
+        done = await _wait_state(stubs, analyst, run_id, {E.EVALUATION_STATE_SUCCEEDED, E.EVALUATION_STATE_FAILED})
+        assert done.state == E.EVALUATION_STATE_SUCCEEDED, done.error_message
+        assert done.trigger == E.EVALUATION_TRIGGER_SCHEDULE and not done.dry_run
+        assert done.as_of.ToDatetime(tzinfo=UTC) == due and done.members_scored >= POPULATION
+        assert await schedule_once(pool, settings, now) is None  # the applied run is as recent as the due time
+        assert await pool.fetchval("SELECT count(*) FROM evaluation_runs WHERE request_id = $1", key) == 1

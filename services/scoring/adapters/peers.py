@@ -89,6 +89,16 @@ class Profile:
         self._catalogue = (now, found, response.catalogue_version)
         return found, response.catalogue_version
 
+    async def locale(self, member_id: str) -> str:
+        """The member's language tag in profile; '' when it has none or profile cannot say (the
+        caller falls back to the programme's default: a language is not worth failing a call)."""
+        try:
+            response = await self._stub.GetMember(profile_service_pb2.GetMemberRequest(member_id=member_id),
+                                                  timeout=self._deadline_s)
+        except grpc.aio.AioRpcError:
+            return ""
+        return str(response.member.locale)
+
     async def stream(self, names: Sequence[str], as_of: datetime, chunk_size: int, extra: Sequence[str] = (),
                      cancelled: Callable[[], bool] = lambda: False) -> Matrix:
         """The whole feature matrix as of `as_of`; a cut stream is resumed after the last member."""

@@ -265,7 +265,20 @@ async def score_member(conn: DbConnection, profile: Profile, rewards: Rewards, c
 async def explain_score(pool: asyncpg.Pool, profile: Profile, rewards: Rewards, contexts: Contexts,
                         request: S.ExplainScoreRequest, default_locale: str, zone: Any, now: datetime
                         ) -> S.ExplainScoreResponse:
-    locale = request.locale or default_locale
+    # Empty: the member's own language from profile, asked while the rest is computed.
+    member_locale = None if request.locale else asyncio.create_task(profile.locale(request.member_id))
+    try:
+        context, x, types, score = await _explained_score(pool, profile, rewards, contexts, request, zone, now)
+        locale = request.locale or (await member_locale if member_locale else "") or default_locale
+    finally:
+        if member_locale is not None and not member_locale.done():
+            member_locale.cancel()
+    return _explanation(context, x, types, score, locale)
+
+
+async def _explained_score(pool: asyncpg.Pool, profile: Profile, rewards: Rewards, contexts: Contexts,
+                           request: S.ExplainScoreRequest, zone: Any, now: datetime
+                           ) -> tuple[Context, np.ndarray, Mapping[str, int], E.MemberScore]:
     if request.run_id:
         run = await runs_repo.get_run(pool, request.run_id)
         policy = await policies_repo.get(pool, run["policy_id"], run["policy_version"])
@@ -286,7 +299,7 @@ async def explain_score(pool: asyncpg.Pool, profile: Profile, rewards: Rewards, 
             value, context.stats.score_quantiles), ladder[index], current.tier_id or ladder[index], current.tier_id,
             E.SCORE_SOURCE_ONLINE, now)
         score.qualifying_points = points
-    return _explanation(context, x, types, score, locale)
+    return context, x, types, score
 
 
 def _explanation(context: Context, x: np.ndarray, types: Mapping[str, int], score: E.MemberScore, locale: str
