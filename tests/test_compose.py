@@ -45,6 +45,18 @@ def test_postgres_and_tracing_backends_are_declared() -> None:
     assert config["service"]["pipelines"]["traces"]["receivers"] == ["otlp"]
 
 
+def test_metrics_backends_mount_files_that_exist() -> None:
+    services = _compose()["services"]
+    for name in ("prometheus", "grafana"):
+        for volume in services[name]["volumes"]:
+            assert (ROOT / volume.split(":")[0]).exists(), volume
+    scrape = yaml.safe_load((ROOT / "deploy/prometheus/prometheus.yml").read_text())
+    targets = {t for job in scrape["scrape_configs"] for c in job["static_configs"] for t in c["targets"]}
+    assert {t.split(":")[0] for t in targets} == set(SERVICE_NAMES)
+    for name in SERVICE_NAMES:
+        assert services[name]["environment"].get("LOYALTY_HOST") == "0.0.0.0"  # metrics reachable from prometheus
+
+
 def test_services_import_nothing_from_each_other() -> None:
     """Services talk only through the contracts: no service imports another's code."""
     for name in SERVICE_NAMES:
