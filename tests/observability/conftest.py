@@ -4,17 +4,15 @@ logs in a folder of its own (so a scan reads this stack's lines only)."""
 
 from __future__ import annotations
 
-import asyncio
 import secrets
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from urllib.parse import urlparse, urlunparse
 
 import pytest
 
 from libs.settings import SERVICE_NAMES
-from tests.support.database import admin_sql
+from tests.support.database import sibling_database
 from tests.support.otlp_receiver import OtlpReceiver, otlp_receiver
 from tests.support.processes import RunningProcess, free_port, start_module
 
@@ -37,12 +35,11 @@ class ObservedStack:
 @pytest.fixture(scope="module")
 def observed(pg_dsn: str, service_env: dict[str, str], state_dir: Path) -> Iterator[ObservedStack]:
     name = f"loyalty_observed_{secrets.token_hex(4)}"
-    asyncio.run(admin_sql(pg_dsn, f'CREATE DATABASE "{name}"'))
     ports = {service: free_port() for service in SERVICE_NAMES}
     metrics_ports = {service: free_port() for service in SERVICE_NAMES}
     log_dir = state_dir / "logs" / name
-    with otlp_receiver() as receiver:
-        env = dict(service_env, DATABASE_URL=urlunparse(urlparse(pg_dsn)._replace(path=f"/{name}")),
+    with sibling_database(pg_dsn, name) as dsn, otlp_receiver() as receiver:
+        env = dict(service_env, DATABASE_URL=dsn,
                    OTEL_EXPORTER_OTLP_ENDPOINT=receiver.endpoint,
                    OTEL_BSP_SCHEDULE_DELAY="100",  # milliseconds: spans arrive soon after they end
                    **{f"LOYALTY_{s.upper()}_ADDR": f"127.0.0.1:{p}" for s, p in ports.items()},
@@ -58,4 +55,3 @@ def observed(pg_dsn: str, service_env: dict[str, str], state_dir: Path) -> Itera
         finally:
             for process in stack.running.values():
                 process.terminate()
-            asyncio.run(admin_sql(pg_dsn, f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))

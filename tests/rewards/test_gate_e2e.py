@@ -14,7 +14,6 @@ from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlparse, urlunparse
 
 import grpc
 import pytest
@@ -25,7 +24,7 @@ from loyalty.risk.v1 import cases_pb2, risk_pb2
 from loyalty.risk.v1.risk_pb2_grpc import RiskServiceStub
 from tests.rewards.conftest import purchase, uid
 from tests.rewards.test_accrue import accrue, balance
-from tests.support.database import admin_sql
+from tests.support.database import sibling_database
 from tests.support.processes import RunningProcess, free_port, start_module
 
 OUTCOME = earning_pb2.AccrualOutcome
@@ -49,17 +48,14 @@ class Stack:
 @pytest.fixture(scope="module")
 def stack(pg_dsn: str, service_env: dict[str, str], state_dir: Path) -> Iterator[Stack]:
     name = f"loyalty_gate_{secrets.token_hex(4)}"
-    asyncio.run(admin_sql(pg_dsn, f'CREATE DATABASE "{name}"'))
     rewards_port, risk_port = free_port(), free_port()
-    env = dict(service_env, DATABASE_URL=urlunparse(urlparse(pg_dsn)._replace(path=f"/{name}")),
-               LOYALTY_RISK_ADDR=f"127.0.0.1:{risk_port}", LOYALTY_REWARDS_ADDR=f"127.0.0.1:{rewards_port}",
-               LOYALTY_REWARDS_JOBS_INTERVAL_S="0.2", LOYALTY_REWARDS_GATE_RETRY_BACKOFF_MAX_S="0.5",
-               LOYALTY_REWARDS_RISK_DEADLINE_MS="500", LOYALTY_RISK_RELAY_INTERVAL_S="0.2",
-               LOYALTY_RISK_RELAY_BACKOFF_MAX_S="0.5")
-    try:
+    with sibling_database(pg_dsn, name) as dsn:
+        env = dict(service_env, DATABASE_URL=dsn,
+                   LOYALTY_RISK_ADDR=f"127.0.0.1:{risk_port}", LOYALTY_REWARDS_ADDR=f"127.0.0.1:{rewards_port}",
+                   LOYALTY_REWARDS_JOBS_INTERVAL_S="0.2", LOYALTY_REWARDS_GATE_RETRY_BACKOFF_MAX_S="0.5",
+                   LOYALTY_REWARDS_RISK_DEADLINE_MS="500", LOYALTY_RISK_RELAY_INTERVAL_S="0.2",
+                   LOYALTY_RISK_RELAY_BACKOFF_MAX_S="0.5")
         yield Stack(env, state_dir / "logs", rewards_port, risk_port)
-    finally:
-        asyncio.run(admin_sql(pg_dsn, f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
 
 
 @contextlib.asynccontextmanager

@@ -4,7 +4,6 @@ run history are its alone. Pure-domain tests (kernel, learning...) never start o
 
 from __future__ import annotations
 
-import asyncio
 import secrets
 import uuid
 from collections.abc import AsyncIterator, Iterator
@@ -12,7 +11,6 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlparse, urlunparse
 
 import grpc
 import pytest
@@ -24,7 +22,7 @@ from loyalty.rewards.v1.rewards_pb2_grpc import RewardsServiceStub
 from loyalty.scoring.v1 import policy_pb2
 from loyalty.scoring.v1.scoring_service_pb2_grpc import ScoringServiceStub
 from tests.conftest import bearer
-from tests.support.database import admin_sql
+from tests.support.database import sibling_database
 from tests.support.processes import RunningProcess, free_port, start_module
 
 STACK = ("risk", "profile", "rewards", "scoring")
@@ -63,9 +61,14 @@ class Stack:
 @pytest.fixture(scope="module")
 def stack(pg_dsn: str, service_env: dict[str, str], state_dir: Path) -> Iterator[Stack]:
     name = f"loyalty_scoring_{secrets.token_hex(4)}"
-    asyncio.run(admin_sql(pg_dsn, f'CREATE DATABASE "{name}"'))
     ports = {service: free_port() for service in STACK}
-    env = dict(service_env, DATABASE_URL=urlunparse(urlparse(pg_dsn)._replace(path=f"/{name}")),
+    with sibling_database(pg_dsn, name) as dsn:
+        yield from _started_stack(dsn, service_env, state_dir, ports)
+
+
+def _started_stack(dsn: str, service_env: dict[str, str], state_dir: Path, ports: dict[str, int]
+                   ) -> Iterator[Stack]:
+    env = dict(service_env, DATABASE_URL=dsn,
                LOYALTY_SCORING_WORKER_INTERVAL_S="0.2", LOYALTY_SCORING_LEASE_S="2",
                LOYALTY_SCORING_SCHEDULER_INTERVAL_S="0.5", LOYALTY_SCORING_APPLY_RETRY_S_MAX="60",
                LOYALTY_SCORING_CALL_DEADLINE_S="5",
@@ -78,7 +81,6 @@ def stack(pg_dsn: str, service_env: dict[str, str], state_dir: Path) -> Iterator
     finally:
         for service in list(running.running):
             running.stop(service)
-        asyncio.run(admin_sql(pg_dsn, f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
 
 
 @dataclass

@@ -9,9 +9,10 @@ import os
 import secrets
 import shutil
 import tempfile
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Coroutine, Iterator
 from contextlib import asynccontextmanager, contextmanager
 from pathlib import Path
+from typing import Any
 from urllib.parse import urlparse, urlunparse
 
 import asyncpg
@@ -38,11 +39,8 @@ def throwaway_database(prefix: str) -> Iterator[str]:
     name = f"{prefix}_{os.getpid()}_{secrets.token_hex(3)}"
     external = os.environ.get("DATABASE_URL")
     if external:
-        asyncio.run(admin_sql(external, f'CREATE DATABASE "{name}"'))
-        try:
-            yield _with_database(external, name)
-        finally:
-            asyncio.run(admin_sql(external, f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+        with sibling_database(external, name) as dsn:
+            yield dsn
         return
     pgdata = Path(tempfile.mkdtemp(prefix=f"{prefix.replace('_', '-')}-pg-"))
     server = pgserver_handle(pgdata)
@@ -74,3 +72,25 @@ async def schema_pool(dsn: str, schema: str, migrations_dir: Path, truncate: str
         yield pool
     finally:
         await pool.close()
+
+
+
+def _run_sync(coroutine: Coroutine[Any, Any, None]) -> None:
+    """Run a coroutine from synchronous fixture code on a loop of its own, leaving the thread's
+    current event loop alone (asyncio.run would unset the one the session's async fixtures use)."""
+    loop = asyncio.new_event_loop()
+    try:
+        loop.run_until_complete(coroutine)
+    finally:
+        loop.close()
+
+
+@contextmanager
+def sibling_database(dsn: str, name: str) -> Iterator[str]:
+    """A new empty database `name` on the cluster of `dsn`, dropped afterwards; yields its DSN
+    (a stack of services of its own, whose population is only what its tests create)."""
+    _run_sync(admin_sql(dsn, f'CREATE DATABASE "{name}"'))
+    try:
+        yield _with_database(dsn, name)
+    finally:
+        _run_sync(admin_sql(dsn, f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
