@@ -1,5 +1,5 @@
-"""An observed stack for this folder's end-to-end tests: the four services on a database of their
-own, exporting spans to an OTLP receiver inside the test, each with /metrics on a free port and its
+"""An observed stack for this folder's end-to-end tests: the four services and the HTTP gateway on a
+database of their own, exporting spans to an OTLP receiver inside the test, each with /metrics on a free port and its
 logs in a folder of its own (so a scan reads this stack's lines only)."""
 
 from __future__ import annotations
@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from libs.settings import SERVICE_NAMES
+from tests.gateway.conftest import wait_http_ready
 from tests.support.database import sibling_database
 from tests.support.otlp_receiver import OtlpReceiver, otlp_receiver
 from tests.support.processes import RunningProcess, free_port, start_module
@@ -27,6 +28,10 @@ class ObservedStack:
 
     def address(self, name: str) -> str:
         return f"127.0.0.1:{self.ports[name]}"
+
+    @property
+    def gateway_url(self) -> str:
+        return f"http://{self.address('gateway')}"
 
     def logs(self) -> dict[str, str]:
         return {path.name: path.read_text(errors="replace") for path in sorted(self.log_dir.glob("*.log"))}
@@ -51,6 +56,10 @@ def observed(pg_dsn: str, service_env: dict[str, str], state_dir: Path) -> Itera
                                                       port=ports[service])
             for process in stack.running.values():
                 process.wait_status("SERVING")
+            ports["gateway"] = free_port()
+            stack.running["gateway"] = start_module("gateway-observed", "services.gateway", env, log_dir,
+                                                    port=ports["gateway"])
+            wait_http_ready(stack.gateway_url, stack.running["gateway"])
             yield stack
         finally:
             for process in stack.running.values():

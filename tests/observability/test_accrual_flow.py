@@ -1,8 +1,9 @@
 """One purchase followed end to end on an observed stack (this folder's conftest): a member with
-distinctive PII records a purchase at profile; profile's outbox relay delivers it to rewards, which
-asks risk and posts the points. Then:
+distinctive PII is created and records a purchase through the HTTP gateway; profile's outbox relay
+delivers it to rewards, which asks risk and posts the points. Then:
 
-- the spans of all three processes form ONE trace: profile's BatchRecordEvents is the ancestor of
+- the spans of all four processes form ONE trace: the gateway's HTTP span is its root, the parent
+  of the gateway's call to profile; profile's BatchRecordEvents is the ancestor of
   rewards' Accrue, whose client call to risk is the parent of risk's server span; the decision and
   the points are span attributes; database statements are spans inside it;
 - every RPC log line carries that trace's ids;
@@ -21,13 +22,14 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 
 import grpc
+import httpx
 import pytest
+from google.protobuf import json_format
 from prometheus_client.parser import text_string_to_metric_families
 
 from libs.settings import SERVICE_NAMES
 from loyalty.profile.v1 import event_pb2, member_pb2
 from loyalty.profile.v1 import profile_service_pb2 as pb
-from loyalty.profile.v1.profile_service_pb2_grpc import ProfileServiceStub
 from loyalty.rewards.v1 import rewards_pb2
 from loyalty.rewards.v1.rewards_pb2_grpc import RewardsServiceStub
 from tests.conftest import bearer
@@ -67,14 +69,17 @@ async def flow(observed: ObservedStack, dev_tokens: dict[str, str]) -> Flow:
     event.purchase.amount.amount_minor = PURCHASE_MINOR
     event.purchase.amount.currency = "CNY"
     admin = bearer(dev_tokens["admin"])
-    async with grpc.aio.insecure_channel(observed.address("profile")) as p, \
+    headers = {"authorization": f"Bearer {dev_tokens['admin']}"}
+    # A web caller's way in: the member (with its PII) and the purchase go through the HTTP gateway.
+    async with httpx.AsyncClient(base_url=observed.gateway_url, headers=headers, timeout=CALL_TIMEOUT_S) as http, \
             grpc.aio.insecure_channel(observed.address("rewards")) as r:
-        profile, rewards = ProfileServiceStub(p), RewardsServiceStub(r)
-        await profile.CreateMember(pb.CreateMemberRequest(request_id=f"r-{tag}", member=member), metadata=admin,
-                                   timeout=CALL_TIMEOUT_S)
-        recorded = await profile.BatchRecordEvents(pb.BatchRecordEventsRequest(events=[event]), metadata=admin,
-                                                   timeout=CALL_TIMEOUT_S)
-        assert recorded.accepted_count == 1, recorded
+        rewards = RewardsServiceStub(r)
+        created = await http.post("/v1/members", json=json_format.MessageToDict(
+            pb.CreateMemberRequest(request_id=f"r-{tag}", member=member)))
+        assert created.status_code == 200, created.text
+        recorded = await http.post("/v1/events:batchRecord", json=json_format.MessageToDict(
+            pb.BatchRecordEventsRequest(events=[event])))
+        assert recorded.status_code == 200 and recorded.json()["acceptedCount"] == 1, recorded.text
         deadline = time.monotonic() + CREDIT_WAIT_S
         posted = 0
         while posted == 0 and time.monotonic() < deadline:
@@ -98,7 +103,11 @@ def _trace_of_the_purchase(observed: ObservedStack) -> tuple[list[ReceivedSpan],
         in_trace = [s for s in spans if s.trace_id == record[-1].trace_id]
         by_id = {s.span_id: s for s in in_trace}
         ends = [s for s in in_trace if s.kind == KIND_SERVER and s.name in (ACCRUE, ASSESS)]
-        return len(ends) == 2 and all(_ancestors(s, by_id)[-1:] == record for s in ends)
+        chains = [_ancestors(s, by_id) for s in [record[-1], *ends]]
+        # Complete when every chain reaches the gateway's HTTP span, the root of the trace.
+        return len(ends) == 2 and all(c and c[-1].parent_id == "" and c[-1].service == "loyalty-gateway"
+                                      and (s is record[-1] or record[-1] in c)
+                                      for s, c in zip([record[-1], *ends], chains, strict=True))
 
     spans = observed.receiver.wait_for(complete)
     [record] = [s for s in spans if s.name == RECORD and s.kind == KIND_SERVER]
@@ -118,7 +127,11 @@ async def test_the_purchase_is_one_trace_across_profile_rewards_and_risk(observe
     spans, _ = _trace_of_the_purchase(observed)
     by_id = {s.span_id: s for s in spans}
     [record] = [s for s in spans if s.name == RECORD and s.kind == KIND_SERVER]
-    assert record.service == "loyalty-profile" and record.parent_id == ""  # the caller sent no context
+    assert record.service == "loyalty-profile"
+    # The web caller sent no context: the gateway's HTTP span is the root, its gRPC call profile's parent.
+    edge = _ancestors(record, by_id)
+    assert [(s.service, s.kind) for s in edge] == [("loyalty-gateway", KIND_CLIENT), ("loyalty-gateway", KIND_SERVER)]
+    assert edge[-1].parent_id == "" and edge[-1].name == "POST /v1/events:batchRecord"
 
     [accrue] = [s for s in spans if s.name == ACCRUE and s.kind == KIND_SERVER]
     assert accrue.service == "loyalty-rewards"
@@ -188,7 +201,7 @@ async def test_metrics_show_the_flow_with_bounded_labels_only(observed: Observed
 async def test_logs_carry_trace_ids_and_nothing_holds_the_members_pii(observed: ObservedStack, flow: Flow) -> None:
     spans, trace_id = _trace_of_the_purchase(observed)
     logs = observed.logs()
-    assert len(logs) == len(SERVICE_NAMES)
+    assert len(logs) == len(SERVICE_NAMES) + 1  # and the gateway's
     rpc_lines = [json.loads(line) for text in logs.values() for line in text.splitlines()
                  if line.startswith("{") and '"msg": "rpc"' in line]
     assert rpc_lines and all(len(line["trace_id"]) == 32 and len(line["span_id"]) == 16 for line in rpc_lines)
