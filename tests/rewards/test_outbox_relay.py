@@ -82,6 +82,24 @@ class FakeRisk(risk_pb2_grpc.RiskServiceServicer):
         return response
 
 
+@pytest.fixture(autouse=True)
+def relay_settings(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Upgrade checks from 500 points, whatever the environment says."""
+    monkeypatch.setattr(notices, "get_rewards_settings", lambda: SETTINGS)
+
+
+async def single_check(pool: asyncpg.Pool, fakes: Any, fail_with: tuple[grpc.StatusCode, str]) -> asyncpg.Record:
+    """One upgrade check that scoring refuses once with `fail_with`: the row after one round."""
+    scoring = fakes[0]
+    member = uid("m")
+    await stage(pool, (notices.upgrade_check, member, uid("e"), 600))
+    scoring.fail_next = 1
+    scoring.fail_with = fail_with
+    await relay_of(pool, fakes).deliver_once()
+    [row] = await rows(pool, member)
+    return row
+
+
 @pytest.fixture
 async def pool(pg_dsn: str) -> AsyncIterator[asyncpg.Pool]:
     async with schema_pool(pg_dsn, SCHEMA, SERVICE_DIR / "migrations", "outbox") as created:
@@ -127,10 +145,8 @@ def refund(member_id: str, event_id: str, amount_minor: int = 12_300) -> tuple[A
     return (notices.refund_activity, member_id, event_id, "o-1", money, 120, datetime(2026, 11, 1, tzinfo=UTC))
 
 
-async def test_a_large_credit_asks_scoring_for_an_upgrade_check_once(pool: asyncpg.Pool, fakes: Any,
-                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+async def test_a_large_credit_asks_scoring_for_an_upgrade_check_once(pool: asyncpg.Pool, fakes: Any) -> None:
     scoring, _, _, _ = fakes
-    monkeypatch.setattr(notices, "get_rewards_settings", lambda: SETTINGS)
     member, small, large = uid("m"), uid("e"), uid("e")
     await stage(pool, (notices.upgrade_check, member, small, 499), (notices.upgrade_check, member, large, 500))
     await stage(pool, (notices.upgrade_check, member, large, 500))  # a retried accrual queues nothing more
@@ -154,10 +170,8 @@ async def test_upgrade_checks_can_be_turned_off(pool: asyncpg.Pool, monkeypatch:
     assert await rows(pool, member) == []
 
 
-async def test_one_check_per_member_and_mode_in_a_batch(pool: asyncpg.Pool, fakes: Any,
-                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+async def test_one_check_per_member_and_mode_in_a_batch(pool: asyncpg.Pool, fakes: Any) -> None:
     scoring, _, _, _ = fakes
-    monkeypatch.setattr(notices, "get_rewards_settings", lambda: SETTINGS)
     member, other = uid("m"), uid("m")
     await stage(pool, (notices.upgrade_check, member, uid("e"), 900), (notices.upgrade_check, member, uid("e"), 800),
                 (notices.refund_recheck, member, uid("e"), "o-1", 300), (notices.upgrade_check, other, uid("e"), 700))
@@ -208,10 +222,8 @@ async def test_a_rejected_activity_stays_queued_at_the_longest_back_off(pool: as
     assert relay.last_error.startswith("REJECTED")
 
 
-async def test_scoring_unavailable_backs_off_then_delivers(pool: asyncpg.Pool, fakes: Any,
-                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+async def test_scoring_unavailable_backs_off_then_delivers(pool: asyncpg.Pool, fakes: Any) -> None:
     scoring, _, _, _ = fakes
-    monkeypatch.setattr(notices, "get_rewards_settings", lambda: SETTINGS)
     member = uid("m")
     await stage(pool, (notices.upgrade_check, member, uid("e"), 600))
     relay = relay_of(pool, fakes)
@@ -233,37 +245,20 @@ async def test_scoring_unavailable_backs_off_then_delivers(pool: asyncpg.Pool, f
 
 
 @pytest.mark.parametrize("reason", ["NO_ACTIVE_POLICY", "NO_EVALUATION_STATISTICS", "MEMBER_NOT_FOUND"])
-async def test_nothing_to_check_counts_as_delivered_with_the_reason(pool: asyncpg.Pool, fakes: Any, reason: str,
-                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
-    scoring, _, _, _ = fakes
-    monkeypatch.setattr(notices, "get_rewards_settings", lambda: SETTINGS)
-    member = uid("m")
-    await stage(pool, (notices.upgrade_check, member, uid("e"), 600))
-    scoring.fail_next = 1
-    scoring.fail_with = (grpc.StatusCode.FAILED_PRECONDITION, reason)
-    await relay_of(pool, fakes).deliver_once()
-    [done] = await rows(pool, member)
+async def test_nothing_to_check_counts_as_delivered_with_the_reason(pool: asyncpg.Pool, fakes: Any, reason: str
+                                                                    ) -> None:
+    done = await single_check(pool, fakes, (grpc.StatusCode.FAILED_PRECONDITION, reason))
     assert done["delivered_at"] is not None and done["last_error"] == f"nothing to check: {reason}"
 
 
-async def test_another_refusal_is_permanent_and_kept(pool: asyncpg.Pool, fakes: Any,
-                                                     monkeypatch: pytest.MonkeyPatch) -> None:
-    scoring, _, _, _ = fakes
-    monkeypatch.setattr(notices, "get_rewards_settings", lambda: SETTINGS)
-    member = uid("m")
-    await stage(pool, (notices.upgrade_check, member, uid("e"), 600))
-    scoring.fail_next = 1
-    scoring.fail_with = (grpc.StatusCode.PERMISSION_DENIED, "MISSING_SCOPE")
-    await relay_of(pool, fakes).deliver_once()
-    [failed] = await rows(pool, member)
+async def test_another_refusal_is_permanent_and_kept(pool: asyncpg.Pool, fakes: Any) -> None:
+    failed = await single_check(pool, fakes, (grpc.StatusCode.PERMISSION_DENIED, "MISSING_SCOPE"))
     assert failed["delivered_at"] is None and failed["last_error"].startswith("PERMISSION_DENIED MISSING_SCOPE")
     assert abs(float(failed["wait"]) - SETTINGS.relay_backoff_max_s) < 0.5
 
 
-async def test_a_crash_between_send_and_mark_sends_the_same_request_again(pool: asyncpg.Pool, fakes: Any,
-                                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+async def test_a_crash_between_send_and_mark_sends_the_same_request_again(pool: asyncpg.Pool, fakes: Any) -> None:
     scoring, _, _, _ = fakes
-    monkeypatch.setattr(notices, "get_rewards_settings", lambda: SETTINGS)
     member = uid("m")
     await stage(pool, (notices.upgrade_check, member, uid("e"), 600))
 
@@ -302,10 +297,8 @@ async def test_messages_without_a_receiver_stay_queued(pool: asyncpg.Pool, fakes
 
 
 async def test_each_call_continues_the_trace_the_row_was_written_under(pool: asyncpg.Pool, fakes: Any,
-                                                                       span_exporter: Any,
-                                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+                                                                       span_exporter: Any) -> None:
     scoring, _, _, _ = fakes
-    monkeypatch.setattr(notices, "get_rewards_settings", lambda: SETTINGS)
     member = uid("m")
     with trace.get_tracer("test").start_as_current_span("accrue") as span:
         trace_id = f"{span.get_span_context().trace_id:032x}"
