@@ -287,13 +287,16 @@ async def test_two_relays_send_each_row_once(pool: asyncpg.Pool, fakes: Any) -> 
     assert all(r["delivered_at"] is not None for r in await rows(pool, member))
 
 
-async def test_messages_without_a_receiver_stay_queued(pool: asyncpg.Pool, fakes: Any) -> None:
+async def test_messages_without_a_receiver_are_closed_with_a_note(pool: asyncpg.Pool, fakes: Any) -> None:
+    """Else they would pile up in every claim's scan and keep the backlog alerts firing."""
+    scoring, risk, _, _ = fakes
     member = uid("m")
     await pool.execute("INSERT INTO outbox (member_id, kind, payload, dedupe_key) VALUES ($1, $2, '{}', 'x')",
                        member, notices.EXPIRING_SOON)
-    assert await relay_of(pool, fakes).deliver_once() == 0
-    [kept] = await rows(pool, member)
-    assert kept["delivered_at"] is None and kept["attempts"] == 0
+    assert await relay_of(pool, fakes).deliver_once() == 1
+    [closed] = await rows(pool, member)
+    assert closed["delivered_at"] is not None and closed["last_error"].startswith("NO_RECEIVER")
+    assert not scoring.calls and not risk.calls
 
 
 async def test_each_call_continues_the_trace_the_row_was_written_under(pool: asyncpg.Pool, fakes: Any,

@@ -7,8 +7,8 @@ delivered by the outbox relay (outbox_relay.py):
   upgrade that no longer holds (ScoreMember REFUND_RECHECK).
 - RISK_ACTIVITY: a refund or a redemption, which risk's signals need (refund ratio, redemption
   right after accrual); the payload is a loyalty.risk.v1.Activity in proto3 JSON.
-- POINTS_EXPIRING_SOON (operations.queue_expiring_soon): for a member-messaging system; the relay
-  has no receiver for it and leaves it queued.
+- POINTS_EXPIRING_SOON (operations.queue_expiring_soon): for a member-messaging system; until one
+  is configured the relay marks them delivered with the note NO_RECEIVER.
 """
 
 from __future__ import annotations

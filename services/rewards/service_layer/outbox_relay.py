@@ -12,8 +12,9 @@ with back-off, safe with several replicas (the shared rules are in libs/outbox.p
   records them once per activity id. An activity risk rejects stays queued with its error (at the
   longest back-off), because dropping it would blind the refund-ratio signal without a trace.
 - Each call continues the trace of the ledger change that queued the row.
-- Rows of kinds no receiver is configured for (POINTS_EXPIRING_SOON, for a member-messaging
-  system) are left queued.
+- "Expiring soon" notices have no receiver yet (a member-messaging system would be one): they are
+  marked delivered with the note NO_RECEIVER, so they neither pile up in the relay's scan nor look
+  like a stuck outbox to the backlog alerts.
 """
 
 from __future__ import annotations
@@ -47,12 +48,12 @@ SEND_DEADLINE_S = 10.0
 NOTHING_TO_CHECK = frozenset({"NO_ACTIVE_POLICY", "NO_EVALUATION_STATISTICS", "MEMBER_NOT_FOUND"})
 MODES = {notices.UPGRADE_CHECK: scoring_service_pb2.SCORE_MODE_UPGRADE_ONLY,
          notices.REFUND_RECHECK: scoring_service_pb2.SCORE_MODE_REFUND_RECHECK}
-KINDS = [*MODES, notices.RISK_ACTIVITY]
+NO_RECEIVER = "NO_RECEIVER: no member-messaging system is configured"
 
 _CLAIM_SQL = """
 SELECT id, member_id, kind, payload::text AS payload, traceparent, attempts
   FROM outbox
- WHERE delivered_at IS NULL AND next_attempt_at <= now() AND kind = ANY($2::text[])
+ WHERE delivered_at IS NULL AND next_attempt_at <= now()
  ORDER BY next_attempt_at, id
  LIMIT $1
    FOR UPDATE SKIP LOCKED
@@ -124,10 +125,10 @@ class RewardsRelay:
         """Claim, send and mark one batch of due rows; returns how many were claimed."""
         async with self._pool.acquire() as connection, connection.transaction():
             rows = [OutboxRow(r["id"], r["member_id"], r["kind"], json.loads(r["payload"]), r["traceparent"],
-                              r["attempts"]) for r in await connection.fetch(_CLAIM_SQL, rows_max, KINDS)]
+                              r["attempts"]) for r in await connection.fetch(_CLAIM_SQL, rows_max)]
             if not rows:
                 return 0
-            outcomes = _Outcomes({}, {})
+            outcomes = _Outcomes({r.id: NO_RECEIVER for r in rows if r.kind == notices.EXPIRING_SOON}, {})
             checks = [r for r in rows if r.kind in MODES]
             activities = [r for r in rows if r.kind == notices.RISK_ACTIVITY]
             await asyncio.gather(self._send_checks(checks, outcomes), self._send_activities(activities, outcomes))
