@@ -79,18 +79,22 @@ async def get_run(conn: DbConnection | asyncpg.Pool, run_id: str) -> asyncpg.Rec
     return row
 
 
+# Which run is "the last applied" and which is "the latest of a policy version", written once for
+# the queries that read the whole row and those that read only its id on the hot path.
+_LAST_APPLIED = (f"FROM evaluation_runs WHERE NOT dry_run AND state = {SUCCEEDED}"
+                 " ORDER BY as_of DESC, finished_at DESC LIMIT 1")
+_LATEST_OF = (f"FROM evaluation_runs WHERE policy_id = {{policy}} AND policy_version = {{version}}"
+              f" AND state = {SUCCEEDED} ORDER BY finished_at DESC LIMIT 1")
+
+
 async def last_applied(conn: DbConnection | asyncpg.Pool) -> asyncpg.Record | None:
     """The latest succeeded non-dry run: its scores are the members' tiers."""
-    return await conn.fetchrow(
-        f"SELECT * FROM evaluation_runs WHERE NOT dry_run AND state = {SUCCEEDED}"
-        " ORDER BY as_of DESC, finished_at DESC LIMIT 1")
+    return await conn.fetchrow(f"SELECT * {_LAST_APPLIED}")
 
 
 async def last_succeeded_of(conn: DbConnection | asyncpg.Pool, policy_id: str, version: int) -> asyncpg.Record | None:
     """The latest succeeded run (dry or not) of a policy version: its statistics serve online scoring."""
-    return await conn.fetchrow(
-        f"SELECT * FROM evaluation_runs WHERE policy_id = $1 AND policy_version = $2 AND state = {SUCCEEDED}"
-        " ORDER BY finished_at DESC LIMIT 1", policy_id, version)
+    return await conn.fetchrow(f"SELECT * {_LATEST_OF.format(policy='$1', version='$2')}", policy_id, version)
 
 
 async def claim(pool: asyncpg.Pool, owner: str, lease_s: float) -> asyncpg.Record | None:
@@ -215,16 +219,13 @@ async def active_run_key(conn: DbConnection | asyncpg.Pool) -> tuple[str, int, s
     """(policy id, version, run id) of the active policy and its latest successful run, or None."""
     row = await conn.fetchrow(
         f"""SELECT p.policy_id, p.version, r.run_id FROM policies p
-              JOIN LATERAL (SELECT run_id FROM evaluation_runs WHERE policy_id = p.policy_id
-                               AND policy_version = p.version AND state = {SUCCEEDED}
-                             ORDER BY finished_at DESC LIMIT 1) r ON true
+              JOIN LATERAL (SELECT run_id {_LATEST_OF.format(policy='p.policy_id', version='p.version')}) r ON true
              WHERE p.state = {policy_pb2.POLICY_STATE_ACTIVE}""")
     return None if row is None else (row["policy_id"], row["version"], row["run_id"])
 
 
 _TIER_NOW_SQL = f"""
-WITH last AS (SELECT run_id FROM evaluation_runs WHERE NOT dry_run AND state = {SUCCEEDED}
-               ORDER BY as_of DESC, finished_at DESC LIMIT 1)
+WITH last AS (SELECT run_id {_LAST_APPLIED})
 SELECT last.run_id,
        (SELECT s FROM evaluation_scores s WHERE s.run_id = last.run_id AND s.member_id = $1) AS base,
        (SELECT o FROM member_online_tiers o WHERE o.member_id = $1 AND o.base_run_id = last.run_id) AS online
