@@ -117,6 +117,19 @@ async def mark(connection: DbConnection, delivered: Sequence[int], failed: Seque
             [backoff.of(f.attempts + 1, f.failure) for f in failed])
 
 
+def claim_due_sql(columns: str) -> str:
+    """The claim of up to $1 due rows, oldest due first, skipping rows another relay holds (for
+    outboxes without an order per member; profile's keeps one and has its own claim)."""
+    return f"""
+SELECT {columns}
+  FROM outbox
+ WHERE delivered_at IS NULL AND next_attempt_at <= now()
+ ORDER BY next_attempt_at, id
+ LIMIT $1
+   FOR UPDATE SKIP LOCKED
+"""
+
+
 @contextlib.contextmanager
 def continued(tracer: trace.Tracer, name: str, carrier: Mapping[str, str]) -> Iterator[Span]:
     """A span continuing the trace the outbox row was written under (W3C traceparent/tracestate in

@@ -50,14 +50,7 @@ MODES = {notices.UPGRADE_CHECK: scoring_service_pb2.SCORE_MODE_UPGRADE_ONLY,
          notices.REFUND_RECHECK: scoring_service_pb2.SCORE_MODE_REFUND_RECHECK}
 NO_RECEIVER = "NO_RECEIVER: no member-messaging system is configured"
 
-_CLAIM_SQL = """
-SELECT id, member_id, kind, payload::text AS payload, traceparent, attempts
-  FROM outbox
- WHERE delivered_at IS NULL AND next_attempt_at <= now()
- ORDER BY next_attempt_at, id
- LIMIT $1
-   FOR UPDATE SKIP LOCKED
-"""
+_CLAIM_SQL = outbox.claim_due_sql("id, member_id, kind, payload::text AS payload, traceparent, attempts")
 
 
 @dataclass(frozen=True, slots=True)

@@ -41,14 +41,7 @@ BATCH_ROWS_MAX = 64
 SEND_CONCURRENCY = 16
 SEND_DEADLINE_S = 10.0
 
-_CLAIM_SQL = """
-SELECT id, case_id, request, traceparent, attempts
-  FROM outbox
- WHERE delivered_at IS NULL AND next_attempt_at <= now()
- ORDER BY next_attempt_at, id
- LIMIT $1
-   FOR UPDATE SKIP LOCKED
-"""
+_CLAIM_SQL = outbox.claim_due_sql("id, case_id, request, traceparent, attempts")
 
 
 @dataclass(frozen=True, slots=True)
