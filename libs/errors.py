@@ -136,16 +136,22 @@ class ErrorDetails:
     violations: list[FieldViolation]
 
 
-def details_from_rpc_error(error: grpc.aio.AioRpcError | grpc.RpcError) -> ErrorDetails:
-    """Decode ErrorInfo and BadRequest from a failed call (for clients and tests)."""
+def status_trailer(error: grpc.aio.AioRpcError | grpc.RpcError) -> status_pb2.Status | None:
+    """The google.rpc.Status a failed call carries in its `grpc-status-details-bin` trailer, or None
+    without one (a transport error); a corrupt trailer raises protobuf's DecodeError."""
     trailers: Any = error.trailing_metadata() or ()
     raw = next((value for key, value in trailers if key == "grpc-status-details-bin"), None)
+    return status_pb2.Status.FromString(raw) if isinstance(raw, bytes) else None
+
+
+def details_from_rpc_error(error: grpc.aio.AioRpcError | grpc.RpcError) -> ErrorDetails:
+    """Decode ErrorInfo and BadRequest from a failed call (for clients and tests)."""
     reason: str | None = None
     domain: str | None = None
     metadata: dict[str, str] = {}
     violations: list[FieldViolation] = []
-    if isinstance(raw, bytes):
-        status = status_pb2.Status.FromString(raw)
+    status = status_trailer(error)
+    if status is not None:
         for detail in status.details:
             if detail.Is(error_details_pb2.ErrorInfo.DESCRIPTOR):
                 info = error_details_pb2.ErrorInfo()

@@ -19,7 +19,7 @@ from google.protobuf import json_format
 from google.protobuf.message import DecodeError
 from google.rpc import code_pb2, status_pb2
 
-from libs.errors import FieldViolation, LoyaltyError, invalid_argument
+from libs.errors import FieldViolation, LoyaltyError, invalid_argument, status_trailer
 
 GATEWAY_DOMAIN = "gateway.loyalty"
 
@@ -94,13 +94,12 @@ def _detail_json(detail: Any) -> dict[str, Any]:
 
 
 def from_rpc_error(error: grpc.aio.AioRpcError, service: str) -> Problem:
-    trailers: Any = error.trailing_metadata() or ()
-    raw = next((value for key, value in trailers if key == "grpc-status-details-bin"), None)
-    if isinstance(raw, bytes):
-        try:
-            return Problem(status_pb2.Status.FromString(raw))
-        except DecodeError:  # a corrupt trailer is the service's bug; answer with its code at least
-            pass
+    try:
+        status = status_trailer(error)
+    except DecodeError:  # a corrupt trailer is the service's bug; answer with its code at least
+        status = None
+    if status is not None:
+        return Problem(status)
     code = error.code()
     template = _TRANSPORT_MESSAGES.get(code)
     if template is None:
