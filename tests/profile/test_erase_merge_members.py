@@ -4,7 +4,9 @@ how a merge folds the member records (keys, empty fields, consents, joined_at)."
 
 from __future__ import annotations
 
+import contextlib
 import secrets
+from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -78,32 +80,46 @@ async def _earning_events(pool: asyncpg.Pool, member_id: str) -> list[str]:
     return [r.event_id for r in results.results]
 
 
+@contextlib.asynccontextmanager
+async def relay_held_off(pool: asyncpg.Pool, member_id: str) -> AsyncIterator[None]:
+    """Hold the member's relay lock (the one profile's relay tries per member), so the session's
+    real relay leaves the member's rows undelivered while a test looks at them."""
+    async with pool.acquire() as conn:
+        key = "SELECT {}(hashtextextended('profile.outbox:' || $1, 0))"
+        await conn.execute(key.format("pg_advisory_lock"), member_id)
+        try:
+            yield
+        finally:
+            await conn.execute(key.format("pg_advisory_unlock"), member_id)
+
+
 async def test_erasure_scrubs_pending_accruals_and_empties_delivered_rows(
         service: MembersService, profile_pool: asyncpg.Pool) -> None:
     member_id = await _create(service, _person())
-    await _earning_events(profile_pool, member_id)
-    rows = await _outbox(profile_pool, member_id)
-    assert [r["kind"] for r in rows] == [ACCRUAL, ACCRUAL, REVERSAL]
-    # The relay delivered the first one already.
-    await profile_pool.execute("UPDATE outbox SET delivered_at = now() WHERE member_id = $1 AND id = $2",
-                               member_id, rows[0]["id"])
-    before = {r["id"]: earning_pb2.Accrual.FromString(bytes(r["payload"])) for r in rows}
-    assert all(a.device_id == "dev-42" and a.ip for a in before.values())
+    async with relay_held_off(profile_pool, member_id):
+        await _earning_events(profile_pool, member_id)
+        rows = await _outbox(profile_pool, member_id)
+        assert [r["kind"] for r in rows] == [ACCRUAL, ACCRUAL, REVERSAL]
+        # The relay delivered the first one already.
+        await profile_pool.execute("UPDATE outbox SET delivered_at = now() WHERE member_id = $1 AND id = $2",
+                                   member_id, rows[0]["id"])
+        before = {r["id"]: earning_pb2.Accrual.FromString(bytes(r["payload"])) for r in rows}
+        assert all(a.device_id == "dev-42" and a.ip for a in before.values())
 
-    await service.erase(_erase_request(member_id), ADMIN)
+        await service.erase(_erase_request(member_id), ADMIN)
 
-    after = await _outbox(profile_pool, member_id)
-    assert bytes(after[0]["payload"]) == b""  # delivered: nothing left to send, nothing kept
-    for row in after[1:3]:
-        accrual = earning_pb2.Accrual.FromString(bytes(row["payload"]))
-        assert (accrual.device_id, accrual.ip) == ("", "")
-        # Everything rewards needs to credit or reverse stays.
-        expected = before[row["id"]]
-        expected.ClearField("device_id")
-        expected.ClearField("ip")
-        assert accrual == expected and accrual.source_event_id
-    assert after[1]["delivered_at"] is None and after[2]["delivered_at"] is None  # still to be delivered
-    assert [r["kind"] for r in after[3:]] == [ERASED]
+        after = await _outbox(profile_pool, member_id)
+        assert bytes(after[0]["payload"]) == b""  # delivered: nothing left to send, nothing kept
+        for row in after[1:3]:
+            accrual = earning_pb2.Accrual.FromString(bytes(row["payload"]))
+            assert (accrual.device_id, accrual.ip) == ("", "")
+            # Everything rewards needs to credit or reverse stays.
+            expected = before[row["id"]]
+            expected.ClearField("device_id")
+            expected.ClearField("ip")
+            assert accrual == expected and accrual.source_event_id
+        assert after[1]["delivered_at"] is None and after[2]["delivered_at"] is None  # still to be delivered
+        assert [r["kind"] for r in after[3:]] == [ERASED]
 
 
 async def test_a_failed_erasure_leaves_the_outbox_untouched(service: MembersService, profile_pool: asyncpg.Pool,
