@@ -1,11 +1,11 @@
-"""SQL of the assessment hot path: lock members, read stored history per accrual, write assessments.
+"""SQL of the assessment hot path: read members, known source events and history per accrual;
+write members, assessments and cases; lock members when optimism keeps losing.
 
 Each function is one round trip whatever the batch size (arrays in, `unnest` in SQL).
 """
 
 from __future__ import annotations
 
-import json
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
@@ -21,64 +21,70 @@ class MemberState:
     recent_points: tuple[int, ...]
 
 
-async def lock_members(conn: DbConnection, accruals: Sequence[Accrual], source_event_ids: Sequence[str]
-                       ) -> tuple[dict[str, MemberState], dict[str, tuple[bytes, bytes]]]:
-    """Create or update each member's row and lock it until commit, in member-id order (no deadlocks);
-    in the same round trip, the source events already assessed: (request digest, Assessment bytes).
+@dataclass(frozen=True)
+class MemberRow:
+    """A member's stored row as one read saw it; a member never assessed reads as version 0."""
 
-    The lock serialises assessments of one member across connections and replicas, so the history
-    read after it (a later statement, a fresh snapshot) includes every accrual committed before. The
-    already-assessed look-up shares this statement's snapshot, which predates a lock wait: an event
-    assessed by the call we waited for is then caught by the unique key when writing (the caller
-    retries, and the retry finds it here)."""
-    first: dict[str, Accrual] = {}
-    earliest: dict[str, datetime] = {}
-    for a in accruals:
-        first.setdefault(a.member_id, a)
-        earliest[a.member_id] = min(earliest.get(a.member_id, a.occurred_at), a.occurred_at)
-        if a.member_since is not None or a.tier_id:
-            first[a.member_id] = a  # the latest item that says something about the member wins
-    ids = sorted(first)
-    rows = await conn.fetch(
+    first_seen: datetime | None = None
+    member_since: datetime | None = None
+    tier_id: str = ""
+    recent_points: tuple[int, ...] = ()
+    version: int = 0
+
+
+@dataclass(frozen=True)
+class MemberWrite:
+    """A member's row after a round, claimed only if its stored version is still `read_version`."""
+
+    member_id: str
+    first_seen: datetime
+    member_since: datetime | None
+    tier_id: str
+    recent_points: list[int]
+    read_version: int
+
+
+@dataclass(frozen=True)
+class ItemRead:
+    """What one read statement saw for one accrual: its member's row, the source event's stored
+    assessment if any (request digest, Assessment bytes), and the history aggregates."""
+
+    member: MemberRow
+    known: tuple[bytes, bytes] | None
+    counters: dict[str, Any]
+
+    def history(self, state: MemberState) -> StoredHistory:
+        return StoredHistory(**self.counters, recent_points=state.recent_points, first_seen=state.first_seen)
+
+
+async def lock_members(conn: DbConnection, first_seen: dict[str, datetime]) -> None:
+    """Lock the members' rows until commit (creating missing ones at version 0), in member-id order
+    so two lockers never deadlock. Only the contended fallback takes these locks: an optimistic
+    write meeting one waits, then finds the version moved and reads again."""
+    ids = sorted(first_seen)
+    await conn.execute(
         """
-        WITH locked AS (
-            INSERT INTO members AS m (member_id, first_seen, member_since, tier_id)
-            SELECT * FROM unnest($1::text[], $2::timestamptz[], $3::timestamptz[], $4::text[]) ORDER BY 1
-            ON CONFLICT (member_id) DO UPDATE SET
-                first_seen = least(m.first_seen, EXCLUDED.first_seen),
-                member_since = coalesce(EXCLUDED.member_since, m.member_since),
-                tier_id = CASE WHEN EXCLUDED.tier_id <> '' THEN EXCLUDED.tier_id ELSE m.tier_id END
-            RETURNING member_id, first_seen, member_since, recent_points
-        )
-        SELECT member_id, first_seen, member_since, recent_points, NULL AS source_event_id,
-               NULL::bytea AS request_sha256, NULL::bytea AS assessment
-        FROM locked
-        UNION ALL
-        SELECT NULL, NULL, NULL, NULL, source_event_id, request_sha256, assessment
-        FROM assessments WHERE source_event_id = ANY($5::text[])
+        INSERT INTO members AS m (member_id, first_seen)
+        SELECT * FROM unnest($1::text[], $2::timestamptz[]) ORDER BY 1
+        ON CONFLICT (member_id) DO UPDATE SET version = m.version
         """,
-        ids, [earliest[i] for i in ids], [first[i].member_since for i in ids], [first[i].tier_id for i in ids],
-        list(source_event_ids),
+        ids, [first_seen[i] for i in ids],
     )
-    members: dict[str, MemberState] = {}
-    known: dict[str, tuple[bytes, bytes]] = {}
-    for r in rows:
-        if r["source_event_id"] is not None:
-            known[r["source_event_id"]] = (bytes(r["request_sha256"]), bytes(r["assessment"]))
-        else:
-            members[r["member_id"]] = MemberState(r["member_since"] or r["first_seen"], tuple(r["recent_points"]))
-    return members, known
 
 
 # The device, IP and order look-ups repeat `a.<column> <> ''` although the join implies it: the
 # planner only uses a partial index when the query's own predicate on that table implies the index's.
 _HISTORY_SQL = """
 WITH i AS (
-    SELECT * FROM unnest($1::int[], $2::text[], $3::timestamptz[], $4::text[], $5::text[], $6::text[])
-        AS i(idx, member_id, t, device_id, ip, order_id)
+    SELECT * FROM unnest($1::int[], $2::text[], $3::timestamptz[], $4::text[], $5::text[], $6::text[], $8::text[])
+        AS i(idx, member_id, t, device_id, ip, order_id, source_event_id)
 )
-SELECT i.idx, v.*, p.*, r.*, d.device_members, n.ip_members, o.order_members
+SELECT i.idx, v.*, p.*, r.*, d.device_members, n.ip_members, o.order_members,
+       m.first_seen, m.member_since, m.tier_id, m.recent_points, m.version,
+       k.request_sha256 AS known_sha256, k.assessment AS known_assessment
 FROM i
+LEFT JOIN members m ON m.member_id = i.member_id
+LEFT JOIN assessments k ON k.source_event_id = i.source_event_id
 CROSS JOIN LATERAL (
     SELECT count(*) FILTER (WHERE a.occurred_at > i.t - interval '1 hour') AS count_1h,
            coalesce(sum(a.points) FILTER (WHERE a.occurred_at > i.t - interval '1 hour'), 0) AS points_1h,
@@ -132,29 +138,29 @@ _COUNTERS = ("count_1h", "points_1h", "count_24h", "points_24h", "count_7d", "po
 _SETS = ("devices_24h", "ips_24h", "device_members_24h", "ip_members_24h", "order_members")
 
 
-async def stored_history(conn: DbConnection, accruals: Sequence[Accrual], members: dict[str, MemberState],
-                         small_order_minor: int) -> list[StoredHistory]:
-    """For each accrual, the aggregates of stored accruals and activities over its windows."""
+async def read(conn: DbConnection, accruals: Sequence[Accrual], small_order_minor: int) -> list[ItemRead]:
+    """For each accrual, in one statement (one snapshot): its member's row, whether its source event
+    was assessed already, and the aggregates of stored accruals and activities over its windows."""
     if not accruals:
         return []
     rows = await conn.fetch(
         _HISTORY_SQL, list(range(len(accruals))), [a.member_id for a in accruals],
         [a.occurred_at for a in accruals], [a.device_id for a in accruals], [a.ip for a in accruals],
-        [a.order_id for a in accruals], small_order_minor,
+        [a.order_id for a in accruals], small_order_minor, [a.source_event_id for a in accruals],
     )
-    out: list[StoredHistory | None] = [None] * len(accruals)
+    out: list[ItemRead | None] = [None] * len(accruals)
     for row in rows:
-        accrual = accruals[row["idx"]]
-        state = members[accrual.member_id]
-        values: dict[str, Any] = {name: int(row[name]) for name in _COUNTERS}
-        values.update(devices_24h=row["devices_24h"], ips_24h=row["ips_24h"],
-                      device_members_24h=row["device_members"], ip_members_24h=row["ip_members"],
-                      order_members=row["order_members"])
-        for name in _SETS:
-            values[name] = frozenset(values[name] or ())
-        out[row["idx"]] = StoredHistory(**values, recent_points=state.recent_points, first_seen=state.first_seen)
-    assert all(h is not None for h in out)
-    return [h for h in out if h is not None]
+        counters: dict[str, Any] = {name: int(row[name]) for name in _COUNTERS}
+        counters.update(devices_24h=frozenset(row["devices_24h"] or ()), ips_24h=frozenset(row["ips_24h"] or ()),
+                        device_members_24h=frozenset(row["device_members"] or ()),
+                        ip_members_24h=frozenset(row["ip_members"] or ()),
+                        order_members=frozenset(row["order_members"] or ()))
+        member = MemberRow() if row["version"] is None else MemberRow(
+            row["first_seen"], row["member_since"], row["tier_id"], tuple(row["recent_points"]), row["version"])
+        known = None if row["known_sha256"] is None else (bytes(row["known_sha256"]), bytes(row["known_assessment"]))
+        out[row["idx"]] = ItemRead(member, known, counters)
+    assert all(r is not None for r in out)
+    return [r for r in out if r is not None]
 
 
 @dataclass
@@ -163,7 +169,7 @@ class Writes:
 
     assessments: list[tuple[Any, ...]]  # ASSESSMENT_COLUMNS order, signals as a list of floats
     cases: list[tuple[str, str, str, datetime, datetime]]  # case_id, assessment_id, member_id, created, sla due
-    recent_points: dict[str, list[int]]
+    members: list[MemberWrite]
     assessed_at: datetime
 
 
@@ -183,43 +189,72 @@ _N = len(_UNNESTED)
 # rows x width, parameter N+1, the width N+2) and each row takes its slice.
 _SELECTED = ", ".join(f"x.{name}" if name != "signals" else f"(${_N + 1}::float8[])[(x.n - 1) * ${_N + 2} + 1 :"
                       f" x.n * ${_N + 2}]" for name in ASSESSMENT_COLUMNS)
+# The members' upsert claims each member whose stored version is still the one read (a missing row
+# being version 0); a member whose version moved is left out, and so are its assessments and cases.
+_M = _N + 2  # the members' arrays start after the assessments' and the signals'
 _WRITE_SQL = f"""
-WITH new_assessments AS (
+WITH claimed AS (
+    INSERT INTO members AS m (member_id, first_seen, member_since, tier_id, recent_points, version, last_assessed_at)
+    SELECT u.member_id, u.first_seen, u.member_since, u.tier_id, u.recent_points::bigint[], u.read_version + 1,
+           ${_M + 12}
+    FROM unnest(${_M + 1}::text[], ${_M + 2}::timestamptz[], ${_M + 3}::timestamptz[], ${_M + 4}::text[],
+                ${_M + 5}::text[], ${_M + 6}::bigint[])
+        AS u(member_id, first_seen, member_since, tier_id, recent_points, read_version)
+    ORDER BY u.member_id
+    ON CONFLICT (member_id) DO UPDATE SET
+        first_seen = least(m.first_seen, EXCLUDED.first_seen),
+        member_since = coalesce(EXCLUDED.member_since, m.member_since),
+        tier_id = CASE WHEN EXCLUDED.tier_id <> '' THEN EXCLUDED.tier_id ELSE m.tier_id END,
+        recent_points = EXCLUDED.recent_points,
+        version = EXCLUDED.version,
+        last_assessed_at = EXCLUDED.last_assessed_at
+    WHERE m.version = EXCLUDED.version - 1
+    RETURNING m.member_id
+), new_assessments AS (
     INSERT INTO assessments ({", ".join(ASSESSMENT_COLUMNS)})
     SELECT {_SELECTED}
     FROM unnest({", ".join(f"${i + 1}::{kind}[]" for i, (_, kind) in enumerate(_UNNESTED))})
         WITH ORDINALITY AS x({", ".join(name for name, _ in _UNNESTED)}, n)
+    WHERE x.member_id IN (SELECT member_id FROM claimed)
     RETURNING assessment_id
 ), new_cases AS (
     INSERT INTO cases (case_id, assessment_id, member_id, status, created_at, sla_due_at)
-    SELECT c, a, m, 1, t, s FROM unnest(${_N + 3}::text[], ${_N + 4}::text[], ${_N + 5}::text[],
-                                        ${_N + 6}::timestamptz[], ${_N + 7}::timestamptz[]) AS y(c, a, m, t, s)
+    SELECT c, a, y.m, 1, t, s FROM unnest(${_M + 7}::text[], ${_M + 8}::text[], ${_M + 9}::text[],
+                                          ${_M + 10}::timestamptz[], ${_M + 11}::timestamptz[]) AS y(c, a, m, t, s)
+    WHERE y.a IN (SELECT assessment_id FROM new_assessments)
     RETURNING case_id
-), members_updated AS (
-    UPDATE members m SET recent_points = ARRAY(SELECT jsonb_array_elements_text(z.value)::bigint),
-                         last_assessed_at = ${_N + 9}
-    FROM jsonb_each(${_N + 8}::jsonb) AS z WHERE m.member_id = z.key
-    RETURNING m.member_id
 )
-SELECT (SELECT count(*) FROM new_assessments), (SELECT count(*) FROM new_cases), (SELECT count(*) FROM members_updated)
+SELECT array(SELECT member_id FROM claimed) AS claimed, (SELECT count(*) FROM new_cases) AS cases
 """
 
 
-async def write(conn: DbConnection, writes: Writes) -> None:
-    """Assessments, review cases and members' recent points in one round trip. Cases reference their
-    assessment: the foreign key is checked at the end of the statement, when both are in."""
+def _int_array(values: Sequence[int]) -> str:
+    return "{" + ",".join(map(str, values)) + "}"
+
+
+async def write(conn: DbConnection, writes: Writes) -> set[str]:
+    """Members, assessments and review cases in one statement (atomic on its own, so a failed write
+    leaves nothing behind); returns the members claimed. Only their assessments and cases are in:
+    the caller reads the others again. Cases reference their assessment: the foreign key is checked
+    at the end of the statement, when both are in."""
     columns: list[list[Any]] = [[] for _ in _UNNESTED]
     flat: list[float] = []
     for record in writes.assessments:
         flat.extend(record[_SIGNALS])
         for column, value in zip(columns, record[:_SIGNALS] + record[_SIGNALS + 1:], strict=True):
             column.append(value)
-    cases = writes.cases
+    cases, members = writes.cases, writes.members
     width = len(writes.assessments[0][_SIGNALS]) if writes.assessments else 0
-    await conn.execute(
-        _WRITE_SQL, *columns, flat, width, [c[0] for c in cases], [c[1] for c in cases], [c[2] for c in cases],
-        [c[3] for c in cases], [c[4] for c in cases], json.dumps(writes.recent_points), writes.assessed_at,
+    row = await conn.fetchrow(
+        _WRITE_SQL, *columns, flat, width,
+        [m.member_id for m in members], [m.first_seen for m in members], [m.member_since for m in members],
+        [m.tier_id for m in members], [_int_array(m.recent_points) for m in members],
+        [m.read_version for m in members],
+        [c[0] for c in cases], [c[1] for c in cases], [c[2] for c in cases], [c[3] for c in cases],
+        [c[4] for c in cases], writes.assessed_at,
     )
+    assert row is not None
+    return set(row["claimed"])
 
 
 async def peer_medians(conn: DbConnection, since: datetime) -> dict[str, float]:

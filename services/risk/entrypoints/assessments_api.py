@@ -61,7 +61,7 @@ class AssessmentsApi:
 
     async def BatchAssessAccruals(self, request: risk_pb2.BatchAssessAccrualsRequest, context: Any
                                   ) -> risk_pb2.BatchAssessAccrualsResponse:
-        response = await self.assessor.assess(request.requests)
+        response = risk_pb2.BatchAssessAccrualsResponse(results=await self.assessor.submit(request.requests))
         record_assessments(response.results)
         if not can_read_pii():
             for result in response.results:

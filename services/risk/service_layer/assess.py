@@ -1,12 +1,17 @@
 """The assessment use case: proposed credits in, one stored, explained decision each.
 
-One transaction per call, whatever the batch size:
-1. lock the members' rows (member-id order), so concurrent assessments of one member serialise;
+Two statements per round, whatever the batch size, and no lock held while computing:
+1. read, in one statement: each accrual's member row (with its version), whether its source event
+   was assessed already, and its stored history;
 2. answer source events already assessed from the store (same payload) or refuse them (conflict);
-3. read each new accrual's stored history in one statement, then compute its signals in request
-   order, each item also counting the batch's earlier items;
-4. score the model vectors of the whole batch at once, evaluate the rules, combine (domain.decision);
-5. write the assessments, the review cases and the members' recent points in one statement, and commit.
+3. compute each new accrual's signals in request order, each item also counting the round's
+   earlier items; score the model vectors of the round at once, evaluate the rules, combine;
+4. write members, assessments and review cases in one statement that claims each member only if
+   its version is still the one read (optimistic concurrency): assessments of one member are
+   serialised, each seeing every one committed before it, across connections and replicas;
+5. read and compute again the items of members someone else claimed in between. After
+   `assess_optimistic_attempts` lost rounds the items go through one transaction that locks
+   their members first, so a hot member cannot starve.
 """
 
 from __future__ import annotations
@@ -22,6 +27,7 @@ import asyncpg
 import numpy as np
 
 from libs import errors
+from libs.coalesce import Coalescer
 from libs.db import DbConnection
 from libs.errors import FieldViolation
 from libs.idempotency import payload_digest
@@ -94,10 +100,21 @@ class Assessor:
         self._pool = pool
         self._config = config
         self._settings = settings
+        self._rounds: Coalescer[risk_pb2.AssessAccrualRequest, assessment_pb2.AssessmentResult] = Coalescer(
+            self._assess_results, concurrency=settings.assess_rounds, max_items=settings.assess_round_items)
+
+    async def submit(self, requests: Sequence[risk_pb2.AssessAccrualRequest]) -> list[assessment_pb2.AssessmentResult]:
+        """`assess` for a caller among many: concurrent calls share transactions (libs.coalesce),
+        which is what keeps a busy gate's latency flat. The results are each caller's own."""
+        return await self._rounds.submit(requests)
+
+    async def _assess_results(self, requests: Sequence[risk_pb2.AssessAccrualRequest]
+                              ) -> Sequence[assessment_pb2.AssessmentResult]:
+        return (await self.assess(requests)).results
 
     async def assess_one(self, request: risk_pb2.AssessAccrualRequest) -> assessment_pb2.Assessment:
         """One accrual; an item error of the batch path becomes the call's status error."""
-        result = (await self.assess([request])).results[0]
+        result = (await self.submit([request]))[0]
         if result.HasField("error"):
             if result.error.reason == SOURCE_EVENT_CONFLICT:
                 raise errors.already_exists(result.error.message, reason=SOURCE_EVENT_CONFLICT,
@@ -151,35 +168,68 @@ class Assessor:
     async def _transaction(self, items: list[_New], snapshot: Snapshot
                            ) -> dict[str, assessment_pb2.Assessment | support_pb2.ItemError]:
         answers: dict[str, assessment_pb2.Assessment | support_pb2.ItemError] = {}
-        async with self._pool().acquire() as conn, conn.transaction():
-            members, stored = await repo.lock_members(conn, [i.accrual for i in items],
-                                                      [i.request.source_event_id for i in items])
-            new: list[_New] = []
-            for item in items:
-                known = stored.get(item.request.source_event_id)
-                if known is None:
-                    new.append(item)
-                elif known[0] == item.digest:
-                    answers[item.request.source_event_id] = assessment_pb2.Assessment.FromString(known[1])
+        pending = items
+        optimistic = self._settings.assess_optimistic_attempts
+        for attempt in range(optimistic + 2):
+            try:
+                if attempt < optimistic:
+                    async with self._pool().acquire() as conn:
+                        pending = await self._attempt(conn, pending, snapshot, answers)
                 else:
-                    answers[item.request.source_event_id] = _conflict(item.request.source_event_id)
-            if new:
-                answers.update(await self._assess_new(conn, new, members, snapshot))
-        return answers
+                    async with self._pool().acquire() as conn, conn.transaction():
+                        first_seen: dict[str, datetime] = {}
+                        for item in pending:
+                            member = item.accrual.member_id
+                            first_seen[member] = min(first_seen.get(member, item.accrual.occurred_at),
+                                                     item.accrual.occurred_at)
+                        await repo.lock_members(conn, first_seen)
+                        pending = await self._attempt(conn, pending, snapshot, answers)
+                        if pending:
+                            raise RuntimeError("a locked member's version moved")
+            except asyncpg.UniqueViolationError:
+                # Another call assessed one of these source events for another member between our
+                # read and our write: the next round reads it as already assessed.
+                if attempt == optimistic + 1:
+                    raise
+                continue
+            if not pending:
+                return answers
+        raise AssertionError("unreachable: the locked round claims every member")
 
-    async def _assess_new(self, conn: DbConnection, items: list[_New], members: dict[str, repo.MemberState],
-                          snapshot: Snapshot) -> dict[str, assessment_pb2.Assessment | support_pb2.ItemError]:
-        histories = await repo.stored_history(conn, [i.accrual for i in items], members,
-                                              self._settings.small_order_minor)
+    async def _attempt(self, conn: DbConnection, items: list[_New], snapshot: Snapshot,
+                       answers: dict[str, assessment_pb2.Assessment | support_pb2.ItemError]) -> list[_New]:
+        """One round: read, answer the known, assess the new and write them. Returns the items whose
+        member another writer claimed first (to be read and assessed again)."""
+        reads = await repo.read(conn, [i.accrual for i in items], self._settings.small_order_minor)
+        new: list[tuple[_New, repo.ItemRead]] = []
+        for item, read in zip(items, reads, strict=True):
+            if read.known is None:
+                new.append((item, read))
+            elif read.known[0] == item.digest:
+                answers[item.request.source_event_id] = assessment_pb2.Assessment.FromString(read.known[1])
+            else:
+                answers[item.request.source_event_id] = _conflict(item.request.source_event_id)
+        if not new:
+            return []
+        claimed, assessed = await self._assess_new(conn, new, snapshot)
+        answers.update((key, answer) for key, answer in assessed.items())
+        return [item for item, _ in new if item.accrual.member_id not in claimed]
+
+    async def _assess_new(self, conn: DbConnection, new: list[tuple[_New, repo.ItemRead]], snapshot: Snapshot
+                          ) -> tuple[set[str], dict[str, assessment_pb2.Assessment]]:
+        members = _member_writes(new)
         memory = sig.BatchMemory()
-        for item, history in zip(items, histories, strict=True):
-            item.signals = sig.compute_signals(item.accrual, history, memory, snapshot.peer_medians)
+        items = [item for item, _ in new]
+        for item, read in new:
+            write = members[item.accrual.member_id]
+            state = repo.MemberState(write.member_since or write.first_seen, read.member.recent_points)
+            item.signals = sig.compute_signals(item.accrual, read.history(state), memory, snapshot.peer_medians)
             memory.add(item.accrual)
         models = self._score_model(items, snapshot)
         now = datetime.now(UTC)
         sla = timedelta(hours=self._settings.case_sla_hours)
         records, cases = [], []
-        answers: dict[str, assessment_pb2.Assessment | support_pb2.ItemError] = {}
+        assessed: dict[str, assessment_pb2.Assessment] = {}
         for item, model in zip(items, models, strict=True):
             assert item.signals is not None
             accrual = item.accrual
@@ -200,13 +250,9 @@ class Assessor:
                 assessment.case_id or None, now, [item.signals[n] for n in sig.NAMES],
                 assessment.SerializeToString(), explanation,
             ))
-            answers[accrual.source_event_id] = assessment
-        recent: dict[str, list[int]] = {}
-        for item in items:
-            points = recent.setdefault(item.accrual.member_id, list(members[item.accrual.member_id].recent_points))
-            points.append(item.accrual.points)
-        await repo.write(conn, repo.Writes(records, cases, {m: p[-sig.OWN_HISTORY:] for m, p in recent.items()}, now))
-        return answers
+            assessed[accrual.source_event_id] = assessment
+        claimed = await repo.write(conn, repo.Writes(records, cases, list(members.values()), now))
+        return claimed, {key: a for key, a in assessed.items() if a.member_id in claimed}
 
     @staticmethod
     def _score_model(items: list[_New], snapshot: Snapshot) -> list[ModelResult | None]:
@@ -217,17 +263,41 @@ class Assessor:
         try:
             vectors = np.array([[i.signals[n] for n in forest.feature_names] for i in items  # type: ignore[index]
                                 ], dtype=np.float64)
-            scores = forest.score_many(vectors) if len(items) > 1 else [forest.score_one(vectors[0])]
-            return [
-                ModelResult(active.version, float(score), forest.threshold,
-                            tuple(forest.explain_one(vector, top=TOP_SIGNALS)))
-                for vector, score in zip(vectors, scores, strict=True)
-            ]
+            if len(items) == 1:
+                scores = [forest.score_one(vectors[0])]
+                tops = [forest.explain_one(vectors[0], top=TOP_SIGNALS)]
+            else:
+                scores = forest.score_many(vectors).tolist()
+                tops = forest.explain_many(vectors, top=TOP_SIGNALS)
+            return [ModelResult(active.version, float(score), forest.threshold, tuple(top))
+                    for score, top in zip(scores, tops, strict=True)]
         except (ValueError, KeyError, IndexError, FloatingPointError) as exc:
             # A model that fails never blocks the gate: the decision rests on rules and lists and the
             # assessment says so (model_skipped).
             log.error("model %s failed, assessing without it: %s", active.version, exc)
             return [None] * len(items)
+
+
+def _member_writes(new: Sequence[tuple[_New, repo.ItemRead]]) -> dict[str, repo.MemberWrite]:
+    """Each member's row after this round: first seen at its earliest accrual, member since and
+    tier as the latest item that says them, the new points appended to its recent points."""
+    out: dict[str, repo.MemberWrite] = {}
+    for item, read in new:
+        accrual, row = item.accrual, read.member
+        before = out.get(accrual.member_id)
+        if before is None:
+            first_seen = accrual.occurred_at if row.first_seen is None else min(row.first_seen, accrual.occurred_at)
+            out[accrual.member_id] = repo.MemberWrite(
+                accrual.member_id, first_seen, accrual.member_since or row.member_since, accrual.tier_id or row.tier_id,
+                [*row.recent_points, accrual.points][-sig.OWN_HISTORY:], row.version)
+            continue
+        said = accrual.member_since is not None or bool(accrual.tier_id)
+        out[accrual.member_id] = repo.MemberWrite(
+            accrual.member_id, min(before.first_seen, accrual.occurred_at),
+            (accrual.member_since or row.member_since) if said else before.member_since,
+            (accrual.tier_id or row.tier_id) if said else before.tier_id,
+            [*before.recent_points, accrual.points][-sig.OWN_HISTORY:], row.version)
+    return out
 
 
 def _assessment(item: _New, judgement: Judgement, model: ModelResult | None, hits: Sequence[ListHit],

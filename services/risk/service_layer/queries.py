@@ -121,7 +121,7 @@ async def member_signals(pool: asyncpg.Pool, member_id: str, peer_medians: dict[
         probe = sig.Accrual("", member_id, 0, False, False, 0, 0, "", "", "", now, 0,
                             row["member_since"], "", row["tier_id"])
         state = repo.MemberState(row["member_since"] or row["first_seen"], tuple(row["recent_points"]))
-        (history,) = await repo.stored_history(conn, [probe], {member_id: state}, settings.small_order_minor)
+        history = (await repo.read(conn, [probe], settings.small_order_minor))[0].history(state)
         fan = await conn.fetchrow(
             """
             -- $2 is "now": typed here once, so every comparison below knows it is a timestamptz
