@@ -101,7 +101,8 @@ DEV_CALLERS: dict[str, list[str]] = {
     "admin": [WILDCARD],
     "profile": ["rewards.write", "rewards.read", "rewards.admin"],  # rewards.admin: MergeMemberLedgers
     "scoring": ["profile.read", "rewards.admin", "rewards.read"],
-    "rewards": ["risk.assess", "scoring.run", "profile.read"],
+    # pii.birth_month: the month of a birth date (the birthday bonus window), nothing else of the PII.
+    "rewards": ["risk.assess", "scoring.run", "profile.read", "pii.birth_month"],
     "risk": ["rewards.admin", "profile.read"],
     "gateway": [],
     "analyst": ["profile.read", "scoring.read", "scoring.run", "rewards.read", "risk.read", "risk.review",
@@ -132,4 +133,20 @@ def ensure_dev_tokens(state_dir: Path) -> dict[str, str]:
 
     create_once(plain, create)
     loaded: dict[str, str] = json.loads(plain.read_text())
+    _refresh_dev_scopes(hashed)
     return loaded
+
+
+def _refresh_dev_scopes(hashed: Path) -> None:
+    """Bring the development callers' scopes in an existing state folder up to DEV_CALLERS (a new
+    release may grant a service a scope it needs), tokens unchanged. The new content depends only
+    on the file and DEV_CALLERS, so processes doing this at once write the same file."""
+    document = json.loads(hashed.read_text())
+    changed = False
+    for caller in document.get("callers", []):
+        wanted = DEV_CALLERS.get(caller.get("principal", ""))
+        if wanted is not None and caller.get("scopes") != wanted:
+            caller["scopes"] = wanted
+            changed = True
+    if changed:
+        atomic_write(hashed, json.dumps(document, indent=2) + "\n", 0o644)

@@ -33,6 +33,7 @@ pytestmark = pytest.mark.e2e
 
 CALL_TIMEOUT_S = 10
 PII_USED: list[str] = []  # every PII value sent in this module, for the log scan at the end
+BIRTH_MONTH_READS: list[str] = []  # members whose birth month was shown to rewards
 
 
 def _uid() -> str:
@@ -135,6 +136,22 @@ async def test_create_then_get_unmasked_for_pii_read_and_masked_without(
     # The portrait starts with the member: an empty aggregates row in the same transaction.
     assert await db.fetchval("SELECT purchase_count FROM profile.member_aggregates WHERE member_id = $1",
                              sent.member_id) == 0
+
+
+async def test_a_caller_with_pii_birth_month_sees_the_month_only_and_it_is_audited(
+        stub: ProfileServiceStub, admin: Any, dev_tokens: dict[str, str]) -> None:
+    """Rewards holds `pii.birth_month` (the birthday bonus window): the month of the birth date
+    and nothing else of the PII."""
+    sent = _person(birth_date="1991-07-23")
+    await _create(stub, admin, sent)
+    rewards_caller = (("authorization", f"Bearer {dev_tokens['rewards']}"),)
+    seen = (await stub.GetMember(pb.GetMemberRequest(member_id=sent.member_id), metadata=rewards_caller,
+                                 timeout=CALL_TIMEOUT_S)).member
+    assert seen.pii_masked
+    assert seen.birth_date == "1991-07-**"
+    assert (seen.display_name, seen.email, seen.phone) == (
+        "Z**", f"Z***@{sent.email.split('@')[1]}", f"+86*******{sent.phone[-4:]}")
+    BIRTH_MONTH_READS.append(sent.member_id)
 
 
 async def test_server_generates_a_uuid_and_backfilled_joined_at_gives_tenure(
@@ -523,3 +540,6 @@ def test_the_service_log_holds_no_pii_but_audits_disclosures(services: dict[str,
     assert leaked == [], f"{len(leaked)} PII values found in the service log"
     audits = [json.loads(line) for line in log.splitlines() if '"pii disclosed"' in line]
     assert audits and all(a["principal"] == "admin" and a["member_ids"] for a in audits)
+    months = [json.loads(line) for line in log.splitlines() if '"birth month disclosed"' in line]
+    assert BIRTH_MONTH_READS and all(a["principal"] == "rewards" for a in months)
+    assert set(BIRTH_MONTH_READS) <= {m for a in months for m in a["member_ids"]}

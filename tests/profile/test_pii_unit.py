@@ -225,6 +225,8 @@ def test_other_masks_follow_member_proto() -> None:
     assert mask_display_name("张三丰") == "张**"
     assert mask_display_name("") == ""
     assert mask_birth_date("1990-04-02") == "1990-**-**"
+    assert mask_birth_date("1990-04-02", keep_month=True) == "1990-04-**"
+    assert mask_birth_date("", keep_month=True) == ""
     assert PII.masked() == Pii("A**", "A***@Example.com", "+86*******8000", "1990-**-**")
 
 
@@ -234,6 +236,10 @@ def test_presented_masks_without_pii_read_and_shows_nothing_for_the_erased() -> 
     assert rules.presented(member, can_read_pii=True).pii == PII
     masked = rules.presented(member, can_read_pii=False)
     assert masked.pii_masked and masked.pii == PII.masked()
+    month_only = rules.presented(member, can_read_pii=False, can_read_birth_month=True)
+    assert month_only.pii_masked and month_only.pii == PII.masked(keep_birth_month=True)
+    assert month_only.pii.birth_date == "1990-04-**"  # everything else masked as without any scope
+    assert rules.presented(member, can_read_pii=True, can_read_birth_month=True).pii == PII
     erased = rules.presented(Member(member_id="m", status=member_pb2.MEMBER_STATUS_ERASED, created_at=NOW,
                                     updated_at=NOW, joined_at=NOW, pii=PII), can_read_pii=True)
     assert erased.pii_masked and erased.pii.is_empty()

@@ -16,6 +16,9 @@ from google.protobuf import duration_pb2, field_mask_pb2
 
 from libs.errors import details_from_rpc_error
 from loyalty.common.v1 import types_pb2
+from loyalty.profile.v1 import member_pb2
+from loyalty.profile.v1 import profile_service_pb2 as profile_pb
+from loyalty.profile.v1.profile_service_pb2_grpc import ProfileServiceStub
 from loyalty.rewards.v1 import benefits_pb2, ledger_pb2, rewards_pb2, tiers_pb2
 from loyalty.rewards.v1.rewards_pb2_grpc import RewardsServiceStub
 from services.rewards.adapters.benefits_birthdays import month_of
@@ -24,6 +27,7 @@ from services.rewards.domain.benefits_rules import apply_update, benefit_value, 
 from tests.rewards.conftest import uid
 from tests.rewards.test_coupons import CODE
 from tests.rewards.test_tiers import ts
+from tests.support.processes import RunningProcess
 from tests.support.rpc import rpc_error
 
 K = benefits_pb2.BenefitKind
@@ -92,7 +96,8 @@ def test_a_birthday_bonus_is_eligible_in_the_birthday_month_only() -> None:
         refusal = ineligibility(bonus, now, SHANGHAI, 0, birth_month=month)
         assert refusal is not None and refusal.reason == "BENEFIT_OUT_OF_WINDOW"
     # Profile's masked date (a caller without pii.read) gives no month.
-    assert (month_of("1990-03-15"), month_of("1990-**-**"), month_of("")) == (3, None, None)
+    assert (month_of("1990-03-15"), month_of("1990-03-**"), month_of("1990-**-**"), month_of("")) == (
+        3, 3, None, None)
 
 
 def test_an_entry_whose_coupons_expired_can_still_be_retired_but_not_moved_to_the_past() -> None:
@@ -508,3 +513,30 @@ async def test_a_member_sees_the_tiers_benefits_with_eligibility(rewards: Reward
     assert gift.period_end.ToDatetime() - gift.period_start.ToDatetime() == timedelta(days=1)
     assert (by_id[retired.benefit_id].eligible, by_id[retired.benefit_id].ineligible_reason) == \
         (False, "BENEFIT_NOT_ACTIVE")
+
+
+async def test_a_birthday_bonus_is_granted_in_the_birthday_month_profile_tells_rewards(
+        rewards: RewardsServiceStub, admin: Any, writer: Any, reader: Any,
+        services: dict[str, RunningProcess]) -> None:
+    """Rewards asks the real profile with its `pii.birth_month` scope: the month decides, and a
+    member born in another month is refused with nothing written."""
+    tier = uid("gold")
+    birthday = await create(rewards, admin, benefits_pb2.Benefit(tier_id=tier, kind=K.BENEFIT_KIND_BIRTHDAY_BONUS,
+                                                                 name="Birthday", value_rule=rule(500, 0, 0)))
+    this_month = datetime.now(SHANGHAI).month
+    members = {}
+    async with grpc.aio.insecure_channel(services["profile"].address) as channel:
+        profile = ProfileServiceStub(channel)
+        for label, month in (("now", this_month), ("later", this_month % 12 + 1)):
+            member = member_pb2.Member(member_id=uid("m"), external_id=uid("shop"), birth_date=f"1990-{month:02d}-01")
+            await profile.CreateMember(profile_pb.CreateMemberRequest(request_id=uid("r"), member=member),
+                                       metadata=admin)
+            await place(rewards, admin, member.member_id, tier)
+            members[label] = member.member_id
+    used = await use(rewards, writer, members["now"], birthday.benefit_id)
+    assert (used.kind, used.value) == (K.BENEFIT_KIND_BIRTHDAY_BONUS, 500)
+    assert await posted(rewards, reader, members["now"]) == 500
+    code, reason, _ = await rpc_error(use(rewards, writer, members["later"], birthday.benefit_id))
+    assert (code, reason) == (grpc.StatusCode.FAILED_PRECONDITION, "BENEFIT_OUT_OF_WINDOW")
+    assert await posted(rewards, reader, members["later"]) == 0
+    assert await uses_of(rewards, reader, member_id=members["later"]) == []

@@ -250,13 +250,14 @@ def key_changes(before: Mapping[LookupKind, bytes], after: Mapping[LookupKind, b
 # ---- What callers see --------------------------------------------------------------------------
 
 
-def presented(member: Member, can_read_pii: bool) -> Member:
-    """The member as a caller sees it: PII masked without `pii.read`; an erased member has none."""
+def presented(member: Member, can_read_pii: bool, can_read_birth_month: bool = False) -> Member:
+    """The member as a caller sees it: PII masked without `pii.read` (the birth month kept with
+    `pii.birth_month`); an erased member has none."""
     if member.status == STATUS.MEMBER_STATUS_ERASED:
         return replace(member, pii=Pii(), pii_masked=True)
     if can_read_pii:
         return replace(member, pii_masked=False)
-    return replace(member, pii=member.pii.masked(), pii_masked=True)
+    return replace(member, pii=member.pii.masked(keep_birth_month=can_read_birth_month), pii_masked=True)
 
 
 def tenure_days(joined_at: datetime, now: datetime) -> int:

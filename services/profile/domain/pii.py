@@ -78,10 +78,11 @@ class Pii:
         decoded: dict[str, str] = json.loads(data)
         return cls(**{name: str(decoded.get(name, "")) for name in PII_FIELDS})
 
-    def masked(self) -> Pii:
-        """The form shown to callers without `pii.read` (formats from member.proto)."""
+    def masked(self, keep_birth_month: bool = False) -> Pii:
+        """The form shown to callers without `pii.read` (formats from member.proto); the birth
+        month stays for a caller with `pii.birth_month` only."""
         return Pii(display_name=mask_display_name(self.display_name), email=mask_email(self.email),
-                   phone=mask_phone(self.phone), birth_date=mask_birth_date(self.birth_date))
+                   phone=mask_phone(self.phone), birth_date=mask_birth_date(self.birth_date, keep_birth_month))
 
     def with_values(self, **values: str) -> Pii:
         return replace(self, **values)
@@ -298,8 +299,11 @@ def mask_phone(phone: str) -> str:
     return f"+{code}{'*' * hidden}{subscriber[hidden:]}"
 
 
-def mask_birth_date(birth_date: str) -> str:
-    return f"{birth_date[:4]}-**-**" if birth_date else ""
+def mask_birth_date(birth_date: str, keep_month: bool = False) -> str:
+    """"YYYY-**-**", or "YYYY-MM-**" with the month kept (the birthday bonus needs no more)."""
+    if not birth_date:
+        return ""
+    return f"{birth_date[:7]}-**" if keep_month else f"{birth_date[:4]}-**-**"
 
 
 # An IP address without `pii.read` (event.proto): the network is kept, the host part zeroed.

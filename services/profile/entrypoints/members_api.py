@@ -22,6 +22,7 @@ from services.profile.service_layer.members import MembersService, Reader, utc_n
 from services.profile.settings import get_profile_settings
 
 PII_SCOPE = "pii.read"
+BIRTH_MONTH_SCOPE = "pii.birth_month"
 _LOOKUP_KINDS = {"external_id": LookupKind.EXTERNAL_ID, "email": LookupKind.EMAIL, "phone": LookupKind.PHONE}
 
 
@@ -96,7 +97,8 @@ def current_reader() -> Reader:
     principal = current_principal.get()
     if principal is None:
         return Reader(principal="", can_read_pii=False)
-    return Reader(principal=principal.name, can_read_pii=principal.allows(PII_SCOPE))
+    return Reader(principal=principal.name, can_read_pii=principal.allows(PII_SCOPE),
+                  can_read_birth_month=principal.allows(BIRTH_MONTH_SCOPE))
 
 
 def member_fields(message: member_pb2.Member, prefix: str = "member.") -> MemberFields:

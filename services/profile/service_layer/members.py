@@ -95,6 +95,7 @@ class Reader:
 
     principal: str
     can_read_pii: bool
+    can_read_birth_month: bool = False  # `pii.birth_month`: the month of the birth date, nothing else
 
 
 @dataclass(frozen=True, slots=True)
@@ -424,12 +425,18 @@ class MembersService:
         return seal_pii(dek, member.pii, member.member_id), stored.dek
 
     def _present(self, members: list[Member], reader: Reader, rpc: str) -> list[Member]:
-        shown = [rules.presented(member, reader.can_read_pii) for member in members]
+        shown = [rules.presented(member, reader.can_read_pii, reader.can_read_birth_month) for member in members]
         disclosed = [member.member_id for member in shown if not member.pii_masked and not member.pii.is_empty()]
         if disclosed:
             # member.proto: every response carrying unmasked PII is recorded. Ids only, never values.
             audit.info("pii disclosed", extra={"audit_action": "pii.read", "principal": reader.principal,
                                                "rpc": rpc, "member_ids": disclosed})
+        months = [] if reader.can_read_pii or not reader.can_read_birth_month else [
+            member.member_id for member in shown if member.pii.birth_date]
+        if months:
+            audit.info("birth month disclosed", extra={"audit_action": "pii.birth_month",
+                                                       "principal": reader.principal, "rpc": rpc,
+                                                       "member_ids": months})
         return shown
 
 

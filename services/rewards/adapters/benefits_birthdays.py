@@ -1,7 +1,8 @@
 """Members' birth months, for the birthday bonus window, asked of profile (rewards keeps no PII).
 
-Profile masks a birth date as "YYYY-**-**" for a caller without `pii.read`; the month is then
-unknown and the bonus is not granted (fail closed), never granted unchecked.
+Rewards calls with the narrow `pii.birth_month` scope: profile shows it the birth date as
+"YYYY-MM-**" (month kept, day masked) and audits the disclosure. Without that scope the date is
+"YYYY-**-**", the month is unknown and the bonus is not granted (fail closed), never unchecked.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ class BirthMonths(Protocol):
 
 
 def month_of(birth_date: str) -> int | None:
-    """The month of "YYYY-MM-DD"; None for an empty or masked ("YYYY-**-**") date."""
+    """The month of "YYYY-MM-DD" or "YYYY-MM-**"; None for an empty or fully masked ("YYYY-**-**") date."""
     month = birth_date[5:7]
     return int(month) if len(birth_date) == 10 and month.isdigit() and 1 <= int(month) <= 12 else None
 
