@@ -9,7 +9,9 @@ call within about two rounds however many callers there are.
 
 A submission is never split, and each caller gets back exactly its own results. When a merged
 round fails as a whole, each submission in it runs again on its own, so one caller's bad luck is
-not another's error. Each round runs in the context (trace, principal) of its first submission.
+not another's error. A call that finds a slot free runs in its own task; a round of waiting calls
+runs in a task of its own, in the context (trace, principal) of its first submission, and is not
+cancelled when one of its callers gives up.
 """
 
 from __future__ import annotations
@@ -51,6 +53,14 @@ class Coalescer(Generic[Item, Result]):
 
     async def submit(self, items: Sequence[Item]) -> list[Result]:
         """`items`' results, in order, once the round that took them is done."""
+        if self._rounds < self._concurrency and not self._waiting:
+            # A free slot and nobody waiting: the round is this call alone, run in the caller's own
+            # task (no hand-off to another task and back, which is most of an idle call's overhead).
+            self._rounds += 1
+            try:
+                return list(await self._run(items))
+            finally:
+                self._release_slot()
         submission: _Submission[Item, Result] = _Submission(items, asyncio.get_running_loop().create_future())
         self._waiting.append(submission)
         if self._rounds < self._concurrency:
@@ -84,10 +94,13 @@ class Coalescer(Generic[Item, Result]):
                     submission.future.cancel()
             raise
         finally:
-            if self._waiting:
-                self._start_round()  # the round slot passes straight to the waiting submissions
-            else:
-                self._rounds -= 1
+            self._release_slot()
+
+    def _release_slot(self) -> None:
+        if self._waiting:
+            self._start_round()  # the round slot passes straight to the waiting submissions
+        else:
+            self._rounds -= 1
 
     async def _merged(self, taken: list[_Submission[Item, Result]]) -> None:
         items = [item for submission in taken for item in submission.items]

@@ -134,3 +134,17 @@ def test_bad_limits_are_refused() -> None:
         Coalescer(Work(), concurrency=0)
     with pytest.raises(ValueError, match="at least 1"):
         Coalescer(Work(), max_items=0)
+
+
+async def test_a_caller_cancelled_while_running_alone_frees_its_slot_for_the_waiting() -> None:
+    work = Work(delay=0.05)
+    coalescer = Coalescer(work, concurrency=1)
+    alone = asyncio.ensure_future(coalescer.submit([1]))
+    await asyncio.sleep(0.01)
+    waiting = asyncio.ensure_future(coalescer.submit([2]))
+    await asyncio.sleep(0)
+    alone.cancel()
+    assert await waiting == ["r2"]
+    assert alone.cancelled()
+    assert coalescer.rounds_running == 0
+    assert await coalescer.submit([3]) == ["r3"]
