@@ -6,6 +6,10 @@
     loyalty tokens                          the development bearer tokens and their scopes
     loyalty backtest --transactions FILE.csv --cutoff DATE --horizon-days N [--policy FILE.json]
                                             try a tier policy offline on a transaction history
+    loyalty reconcile [--member ID ...] [--json]
+                                            check the points ledger, report liability (exit 1 if off)
+
+Commands that call a service take --addr, --token and --json (tools/ops.py).
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 from libs.auth import DEV_CALLERS
 from libs.settings import SERVICE_NAMES, get_settings
+from tools import ops
 from tools.supervisor import health_status, run_up
 
 
@@ -137,13 +142,13 @@ def build_parser() -> argparse.ArgumentParser:
     tokens = sub.add_parser("tokens", help="print the development tokens")
     tokens.set_defaults(func=_cmd_tokens)
     _add_backtest(sub)
+    ops.add_commands(sub)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    code: int = args.func(args)
-    return code
+    return ops.run_command(args.func, args)
 
 
 if __name__ == "__main__":
