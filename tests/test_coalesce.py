@@ -114,14 +114,19 @@ async def test_an_error_alone_reaches_its_caller_and_the_coalescer_goes_on() -> 
     assert coalescer.rounds_running == 0
 
 
+async def started(coalescer: Coalescer[int, str], *submissions: list[int]) -> list[asyncio.Task[list[str]]]:
+    """The submissions under way: the first running alone, the others waiting behind it."""
+    first = asyncio.ensure_future(coalescer.submit(submissions[0]))
+    await asyncio.sleep(0.01)
+    futures = [first, *(asyncio.ensure_future(coalescer.submit(items)) for items in submissions[1:])]
+    await asyncio.sleep(0)
+    return futures
+
+
 async def test_a_cancelled_caller_does_not_cancel_the_round_of_the_others() -> None:
     work = Work(delay=0.05)
     coalescer = Coalescer(work, concurrency=1)
-    first = asyncio.ensure_future(coalescer.submit([1]))
-    await asyncio.sleep(0)
-    second = asyncio.ensure_future(coalescer.submit([2]))
-    third = asyncio.ensure_future(coalescer.submit([3]))
-    await asyncio.sleep(0.01)
+    first, second, third = await started(coalescer, [1], [2], [3])
     second.cancel()
     assert await first == ["r1"]
     assert await third == ["r3"]
@@ -137,12 +142,8 @@ def test_bad_limits_are_refused() -> None:
 
 
 async def test_a_caller_cancelled_while_running_alone_frees_its_slot_for_the_waiting() -> None:
-    work = Work(delay=0.05)
-    coalescer = Coalescer(work, concurrency=1)
-    alone = asyncio.ensure_future(coalescer.submit([1]))
-    await asyncio.sleep(0.01)
-    waiting = asyncio.ensure_future(coalescer.submit([2]))
-    await asyncio.sleep(0)
+    coalescer = Coalescer(Work(delay=0.05), concurrency=1)
+    alone, waiting = await started(coalescer, [1], [2])
     alone.cancel()
     assert await waiting == ["r2"]
     assert alone.cancelled()
