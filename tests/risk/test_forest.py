@@ -431,9 +431,10 @@ def test_explain_ranks_the_outlying_feature_first(culprit: int) -> None:
     assert sum(share for _, _, share in ordinary) == pytest.approx(1.0, abs=1e-12)
 
 
-def test_explain_many_gives_each_row_its_one_row_answer() -> None:
-    """The batch path explains rows all at once; every answer must be exactly the one-row answer,
-    ties, missing values (routed as scikit-learn does) and rows beyond one chunk included."""
+def test_score_and_explain_many_gives_each_row_its_one_row_answer() -> None:
+    """The batch path scores and explains rows all at once: the scores must be score_many's and
+    every explanation exactly the one-row answer, ties, missing values (routed as scikit-learn
+    does) and rows beyond one chunk included."""
     rng = np.random.default_rng(41)
     model = IsolationForest(n_estimators=60, random_state=41).fit(rng.normal(size=(2000, 5)))
     forest = compile_forest(model, names_for(5), 0.6)
@@ -441,15 +442,16 @@ def test_explain_many_gives_each_row_its_one_row_answer() -> None:
     rows = np.vstack([rng.normal(size=(700, 5)) * rng.choice([0.5, 4.0], size=(700, 1)),
                       np.zeros((3, 5)), np.full((1, 5), 1e9)])
     rows[rng.random(rows.shape) < 0.02] = np.nan
-    many = forest.explain_many(rows, top=5)
+    scores, many = forest.score_and_explain_many(rows, top=5)
+    assert np.array_equal(scores, forest.score_many(rows))
     assert len(many) == rows.shape[0]
     for row, answer in zip(rows, many, strict=True):
         assert _same_with_nan(answer, forest.explain_one(row, top=5))
-    assert [len(a) for a in forest.explain_many(rows[:4], top=2)] == [2, 2, 2, 2]
+    assert [len(a) for a in forest.score_and_explain_many(rows[:4], top=2)[1]] == [2, 2, 2, 2]
     with pytest.raises(ValueError, match="shape"):
-        forest.explain_many(rows[:, :4])
+        forest.score_and_explain_many(rows[:, :4])
     with pytest.raises(ValueError, match="top"):
-        forest.explain_many(rows, top=0)
+        forest.score_and_explain_many(rows, top=0)
 
 
 def _same_with_nan(left: list[tuple[str, float, float]], right: list[tuple[str, float, float]]) -> bool:

@@ -135,7 +135,6 @@ LEFT JOIN LATERAL (
 _COUNTERS = ("count_1h", "points_1h", "count_24h", "points_24h", "count_7d", "points_7d", "browse_seconds_today",
              "small_orders_24h", "purchase_minor_90d", "purchases_90d", "refund_minor_90d", "refunds_90d",
              "quick_redemptions_7d")
-_SETS = ("devices_24h", "ips_24h", "device_members_24h", "ip_members_24h", "order_members")
 
 
 async def read(conn: DbConnection, accruals: Sequence[Accrual], small_order_minor: int) -> list[ItemRead]:
@@ -224,7 +223,7 @@ WITH claimed AS (
     WHERE y.a IN (SELECT assessment_id FROM new_assessments)
     RETURNING case_id
 )
-SELECT array(SELECT member_id FROM claimed) AS claimed, (SELECT count(*) FROM new_cases) AS cases
+SELECT array(SELECT member_id FROM claimed) AS claimed
 """
 
 

@@ -374,9 +374,12 @@ class CompiledForest:
         order = sorted(range(n_features), key=lambda i: (-shares[i], i))
         return [(self.feature_names[i], float(original[i]), float(shares[i])) for i in order[:top]]
 
-    def explain_many(self, rows: NDArray[Any], top: int = 5) -> list[list[tuple[str, float, float]]]:
-        """:meth:`explain_one` of each row of shape (n, n_features), walked for all rows at once
-        (the same additions in the same order, so each answer equals the one-row answer)."""
+    def score_and_explain_many(self, rows: NDArray[Any], top: int = 5
+                               ) -> tuple[NDArray[np.float64], list[list[tuple[str, float, float]]]]:
+        """:meth:`score_many` and :meth:`explain_one` of each row of shape (n, n_features), from one
+        walk of the trees for all rows at once: the scores are those of :meth:`score_many` (same
+        leaves, same sum) and each explanation equals the one-row answer (the same additions in the
+        same order)."""
         if top < 1:
             raise ValueError("top must be at least 1")
         original = np.asarray(rows, dtype=np.float64)
@@ -385,6 +388,7 @@ class CompiledForest:
             raise ValueError(f"expected rows of shape (n, {n_features}), got {original.shape}")
         feature, threshold, child, missing = self._feature2, self._threshold2, self._child2, self._missing2
         answers: list[list[tuple[str, float, float]]] = []
+        path_totals = np.empty(original.shape[0], dtype=np.float64)
         for start in range(0, original.shape[0], _ROWS_PER_CHUNK):
             chunk = np.asarray(original[start:start + _ROWS_PER_CHUNK], dtype=np.float32).astype(np.float64)
             n = chunk.shape[0]
@@ -402,7 +406,9 @@ class CompiledForest:
                 taken = slots + goes_left
                 path.append((features, self._bits2.take(taken)))
                 slots = child.take(taken)
-            tree_weight = np.power(2.0, -self._value2.take(slots) / self.normaliser)
+            leaves = self._value2.take(slots)
+            path_totals[start:start + n] = leaves.sum(axis=1)
+            tree_weight = np.power(2.0, -leaves / self.normaliser)
             credit = np.zeros(n * n_features, dtype=np.float64)
             for features, bits in path:
                 credit += np.bincount(features.ravel(), weights=(bits * tree_weight).ravel(), minlength=n * n_features)
@@ -418,7 +424,8 @@ class CompiledForest:
             names = self.feature_names
             for indices, values, row_shares in zip(order.tolist(), picked_values, picked_shares, strict=True):
                 answers.append([(names[i], v, share) for i, v, share in zip(indices, values, row_shares, strict=True)])
-        return answers
+        scores: NDArray[np.float64] = np.power(2.0, -path_totals / self._denominator)
+        return scores, answers
 
     def flags(self, score: float) -> bool:
         return score >= self.threshold

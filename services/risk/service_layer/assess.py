@@ -267,8 +267,8 @@ class Assessor:
                 scores = [forest.score_one(vectors[0])]
                 tops = [forest.explain_one(vectors[0], top=TOP_SIGNALS)]
             else:
-                scores = forest.score_many(vectors).tolist()
-                tops = forest.explain_many(vectors, top=TOP_SIGNALS)
+                many, tops = forest.score_and_explain_many(vectors, top=TOP_SIGNALS)
+                scores = many.tolist()
             return [ModelResult(active.version, float(score), forest.threshold, tuple(top))
                     for score, top in zip(scores, tops, strict=True)]
         except (ValueError, KeyError, IndexError, FloatingPointError) as exc:
