@@ -14,6 +14,7 @@ import pytest
 
 from loyalty.risk.v1 import risk_pb2
 from loyalty.risk.v1.risk_pb2_grpc import RiskServiceStub
+from services.risk.adapters import assessments_repo as repo
 from services.risk.domain import signals as sig
 from services.risk.service_layer import rulesets
 from services.risk.service_layer.assess import Assessor
@@ -66,7 +67,7 @@ async def test_concurrent_rounds_of_one_member_each_see_all_committed_before(
 
 
 async def test_a_member_claimed_by_someone_else_is_read_again_not_written_over(
-        risk_pool: asyncpg.Pool, config: ConfigCache) -> None:
+        risk_pool: asyncpg.Pool, config: ConfigCache, monkeypatch: pytest.MonkeyPatch) -> None:
     """The write claims a member only at the version it read: a writer that commits in between
     (here, another gate) makes the round read again, and its recent points keep both accruals."""
     a = Accruals()
@@ -75,30 +76,21 @@ async def test_a_member_claimed_by_someone_else_is_read_again_not_written_over(
     await gate.assess([first])
     version = await member_version(risk_pool, a.member_id)
     racer = assessor(risk_pool, config, 3)
-    reads = 0
-    original = racer._attempt
+    real_write = repo.write
+    writes = 0
 
-    async def attempt_after_a_rival_commits(conn: Any, items: Any, snapshot: Any, answers: Any) -> Any:
-        nonlocal reads
-        reads += 1
-        if reads == 1:  # between this round's read and its write, another accrual of the member lands
-            from services.risk.adapters import assessments_repo as repo
+    async def write_after_a_rival_commits(conn: Any, staged: repo.Writes) -> set[str]:
+        nonlocal writes
+        writes += 1
+        if writes == 1:  # between the racer's first read and its write, another accrual of the member lands
+            await gate.assess([a.purchase(3_000)])  # the rival's own write is call 2
+        return await real_write(conn, staged)
 
-            real_write = repo.write
-
-            async def write_after_rival(conn2: Any, writes: Any) -> set[str]:
-                repo.write = real_write
-                await gate.assess([a.purchase(3_000)])
-                return await real_write(conn2, writes)
-
-            repo.write = write_after_rival  # type: ignore[assignment]
-        return await original(conn, items, snapshot, answers)
-
-    racer._attempt = attempt_after_a_rival_commits  # type: ignore[method-assign]
+    monkeypatch.setattr(repo, "write", write_after_a_rival_commits)  # undone after the test, whatever happens
     second = a.purchase(2_500)
     result = (await racer.assess([second])).results[0]
     assert result.HasField("assessment")
-    assert reads == 2, "the round that lost the member did not read again"
+    assert writes == 3, "the round that lost the member did not read and write again"
     assert await velocities(risk_pool, [second.source_event_id]) == [3]
     assert await member_version(risk_pool, a.member_id) == version + 2
     recent = await risk_pool.fetchval("SELECT recent_points FROM members WHERE member_id = $1", a.member_id)
