@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
 import time
 import warnings
 from pathlib import Path
@@ -23,6 +24,60 @@ log = logging.getLogger(__name__)
 DbConnection: TypeAlias = "asyncpg.Connection[asyncpg.Record] | PoolConnectionProxy[asyncpg.Record]"
 
 EMBEDDED_DATABASE = "loyalty"
+
+_PARAM = re.compile(r"\$(\d+)")
+
+
+class Writes:
+    """Several INSERT / UPDATE / DELETE statements sent as one, so the writes of a transaction cost
+    one round trip instead of one each. Each statement keeps its own `$1...` numbering; `execute`
+    renumbers them and sends `WITH w0 AS (...), w1 AS (...) SELECT 1`.
+
+    PostgreSQL runs such data-modifying WITH items on one snapshot, each exactly once and to
+    completion, and none sees the rows another one writes. So the statements added together must
+    touch different rows and must not read what another one writes (an insert of entries next to an
+    update of balances is fine; two updates of one row are not). Constraints are checked at the end
+    of the statement, as for separate statements in a transaction."""
+
+    def __init__(self) -> None:
+        self._parts: list[tuple[str, tuple[Any, ...]]] = []
+
+    def add(self, sql: str, *args: Any) -> None:
+        sql = sql.strip().rstrip(";")
+        if "$$" in sql:
+            raise ValueError("dollar-quoted text cannot be renumbered")
+        used = max((int(n) for n in _PARAM.findall(sql)), default=0)
+        if used != len(args):
+            raise ValueError(f"the statement uses ${used} as its last parameter but {len(args)} were given")
+        self._parts.append((sql, args))
+
+    def __len__(self) -> int:
+        return len(self._parts)
+
+    def statement(self) -> tuple[str, list[Any]]:
+        """The combined statement and its arguments (the single statement itself when alone)."""
+        if len(self._parts) == 1:
+            sql, args = self._parts[0]
+            return sql, list(args)
+        items: list[str] = []
+        values: list[Any] = []
+        for i, (sql, args) in enumerate(self._parts):
+            offset = len(values)
+
+            def shifted(match: re.Match[str], offset: int = offset) -> str:
+                return f"${int(match.group(1)) + offset}"
+
+            items.append(f"w{i} AS ({_PARAM.sub(shifted, sql)})")
+            values.extend(args)
+        return "WITH " + ",\n".join(items) + "\nSELECT 1", values
+
+    async def execute(self, conn: DbConnection) -> None:
+        """Send everything added (nothing when empty) and start afresh."""
+        if not self._parts:
+            return
+        sql, values = self.statement()
+        self._parts = []
+        await conn.execute(sql, *values)
 
 
 def embedded_pgdata(settings: Settings) -> Path:

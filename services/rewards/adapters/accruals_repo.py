@@ -1,5 +1,6 @@
 """SQL of the accrual path: what a batch needs to know (replays, merges, tiers, usage towards caps
-and campaign budgets) and what it writes (accrual rows, usage), each one statement per batch."""
+and campaign budgets, ids), read in one statement per batch, and what it writes (accrual rows,
+usage), staged to go out with the ledger's writes in one statement."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ from datetime import date, datetime
 
 import asyncpg
 
-from libs.db import DbConnection
+from libs.db import DbConnection, Writes
 
 
 @dataclass(slots=True)
@@ -48,16 +49,76 @@ class Stored:
     result: bytes
 
 
-async def stored(conn: DbConnection, keys: Sequence[tuple[str, str]]) -> dict[tuple[str, str], Stored]:
-    if not keys:
-        return {}
-    rows = await conn.fetch(
-        "SELECT a.member_id, a.source_event_id, a.payload_sha256, a.result"
-        "  FROM accruals a JOIN unnest($1::text[], $2::text[]) AS k(m, s)"
-        "    ON a.member_id = k.m AND a.source_event_id = k.s",
-        [k[0] for k in keys], [k[1] for k in keys])
-    return {(r["member_id"], r["source_event_id"]): Stored(bytes(r["payload_sha256"]), bytes(r["result"]))
-            for r in rows}
+@dataclass(slots=True)
+class Snapshot:
+    """What pricing a batch needs, read in one statement (see `snapshot`)."""
+
+    stored: dict[tuple[str, str], Stored]
+    survivors: dict[str, str]  # member -> the member it is credited to (itself unless merged)
+    status: dict[str, tuple[str, str]]  # credited member -> (tier id, segment id)
+    days: dict[tuple[str, date], tuple[int, int]]  # (credited member, day) -> (points, browse points)
+    campaign_member: dict[tuple[str, str], int]  # (credited member, campaign) -> points
+    budgets: dict[str, int]  # campaign -> points awarded
+    entry_ids: list[int]
+    lot_ids: list[int]
+
+
+_SNAPSHOT_SQL = """
+WITH RECURSIVE chain(start, member_id, depth) AS (
+        SELECT m, m, 0 FROM unnest($1::text[]) AS m
+      UNION ALL
+        SELECT c.start, a.merged_into, c.depth + 1
+          FROM chain c JOIN accounts a ON a.member_id = c.member_id
+         WHERE a.merged_into IS NOT NULL AND c.depth < 16),
+     survivor AS (SELECT DISTINCT ON (start) start, member_id FROM chain ORDER BY start, depth DESC),
+     credited AS (SELECT DISTINCT member_id FROM survivor){budgets_cte}
+SELECT array(SELECT (a.member_id, a.source_event_id, a.payload_sha256, a.result)
+               FROM accruals a JOIN unnest($2::text[], $3::text[]) AS k(m, s)
+                 ON a.member_id = k.m AND a.source_event_id = k.s) AS stored,
+       array(SELECT (start, member_id) FROM survivor) AS survivors,
+       array(SELECT (s.member_id, s.tier_id, s.segment_id)
+               FROM member_status s JOIN credited USING (member_id)) AS status,
+       array(SELECT (d.member_id, d.day, d.points, d.browse_points)
+               FROM earning_days d JOIN credited USING (member_id) WHERE d.day BETWEEN $4 AND $5) AS days,
+       array(SELECT (u.member_id, u.campaign_id, u.points)
+               FROM campaign_member_usage u JOIN credited USING (member_id)
+              WHERE u.campaign_id = ANY($6::text[])) AS campaigns,
+       array(SELECT (b.campaign_id, b.points_awarded) FROM {budgets_from} b) AS budgets,
+       array(SELECT nextval('ledger_entry_ids') FROM generate_series(1, $8)) AS entry_ids,
+       array(SELECT nextval('lot_ids') FROM generate_series(1, $9)) AS lot_ids
+"""
+
+# Read as they are, or locked until the transaction ends (upserted in campaign-id order, so two
+# batches never overspend a budget and never deadlock on it).
+_SNAPSHOT_READ_SQL = _SNAPSHOT_SQL.format(
+    budgets_cte="", budgets_from="(SELECT * FROM campaign_budgets WHERE campaign_id = ANY($7::text[]))")
+_SNAPSHOT_LOCK_SQL = _SNAPSHOT_SQL.format(
+    budgets_cte=""",
+     locked_budgets AS (
+        INSERT INTO campaign_budgets AS b (campaign_id) SELECT c FROM unnest($7::text[]) AS c ORDER BY c
+        ON CONFLICT (campaign_id) DO UPDATE SET points_awarded = b.points_awarded
+        RETURNING campaign_id, points_awarded)""", budgets_from="locked_budgets")
+
+
+async def snapshot(conn: DbConnection, keys: Sequence[tuple[str, str]], members: Iterable[str], first_day: date,
+                   last_day: date, campaign_ids: Sequence[str], budget_ids: Sequence[str], *, lock: bool = False,
+                   entry_ids: int = 0, lot_ids: int = 0) -> Snapshot:
+    """In one statement: the accruals recorded for `keys` (member, source event), each member's
+    survivor, and for the survivors their tier and segment, their usage per day in
+    [first_day, last_day] and per campaign in `campaign_ids`; the budgets of `budget_ids` (locked
+    with `lock`); and `entry_ids` / `lot_ids` fresh ids for the ledger."""
+    row = await conn.fetchrow(
+        _SNAPSHOT_LOCK_SQL if lock else _SNAPSHOT_READ_SQL, sorted(set(members)), [k[0] for k in keys],
+        [k[1] for k in keys], first_day, last_day, list(campaign_ids), sorted(set(budget_ids)), entry_ids, lot_ids)
+    assert row is not None
+    return Snapshot(
+        stored={(m, s): Stored(bytes(digest), bytes(result)) for m, s, digest, result in row["stored"]},
+        survivors={start: member for start, member in row["survivors"]},
+        status={m: (tier, segment) for m, tier, segment in row["status"]},
+        days={(m, d): (points, browse) for m, d, points, browse in row["days"]},
+        campaign_member={(m, c): points for m, c, points in row["campaigns"]},
+        budgets={c: points for c, points in row["budgets"]},
+        entry_ids=list(row["entry_ids"]), lot_ids=list(row["lot_ids"]))
 
 
 async def survivors(conn: DbConnection, member_ids: Iterable[str]) -> dict[str, str]:
@@ -74,73 +135,47 @@ async def survivors(conn: DbConnection, member_ids: Iterable[str]) -> dict[str, 
     return {r["start"]: r["member_id"] for r in rows}
 
 
-async def member_status(conn: DbConnection, member_ids: Sequence[str]) -> dict[str, tuple[str, str]]:
-    """(tier id, segment id) per member that has one."""
-    rows = await conn.fetch("SELECT member_id, tier_id, segment_id FROM member_status WHERE member_id = ANY($1)",
-                            list(member_ids))
-    return {r["member_id"]: (r["tier_id"], r["segment_id"]) for r in rows}
+_ADD_DAYS_SQL = """
+INSERT INTO earning_days AS d (member_id, day, points, browse_points)
+SELECT * FROM unnest($1::text[], $2::date[], $3::bigint[], $4::bigint[])
+ON CONFLICT (member_id, day) DO UPDATE SET points = d.points + excluded.points,
+                                           browse_points = d.browse_points + excluded.browse_points
+"""
+_ADD_CAMPAIGN_MEMBERS_SQL = """
+INSERT INTO campaign_member_usage AS u (member_id, campaign_id, points)
+SELECT * FROM unnest($1::text[], $2::text[], $3::bigint[])
+ON CONFLICT (member_id, campaign_id) DO UPDATE SET points = u.points + excluded.points
+"""
+_ADD_BUDGETS_SQL = """
+INSERT INTO campaign_budgets AS b (campaign_id, points_awarded)
+SELECT * FROM unnest($1::text[], $2::bigint[])
+ON CONFLICT (campaign_id) DO UPDATE SET points_awarded = b.points_awarded + excluded.points_awarded
+"""
 
 
-async def usage(conn: DbConnection, member_ids: Sequence[str], first_day: date, last_day: date
-                ) -> dict[tuple[str, date], tuple[int, int]]:
-    """(points, browse points) earned per member and programme day in [first_day, last_day]."""
-    rows = await conn.fetch(
-        "SELECT member_id, day, points, browse_points FROM earning_days"
-        " WHERE member_id = ANY($1) AND day BETWEEN $2 AND $3", list(member_ids), first_day, last_day)
-    return {(r["member_id"], r["day"]): (r["points"], r["browse_points"]) for r in rows}
-
-
-async def campaign_usage(conn: DbConnection, member_ids: Sequence[str], campaign_ids: Sequence[str]
-                         ) -> dict[tuple[str, str], int]:
-    rows = await conn.fetch(
-        "SELECT member_id, campaign_id, points FROM campaign_member_usage"
-        " WHERE member_id = ANY($1) AND campaign_id = ANY($2)", list(member_ids), list(campaign_ids))
-    return {(r["member_id"], r["campaign_id"]): r["points"] for r in rows}
-
-
-async def budgets(conn: DbConnection, campaign_ids: Sequence[str], lock: bool) -> dict[str, int]:
-    """Campaign points awarded so far; with `lock`, the budget rows are locked (campaign-id order)
-    until the transaction ends, so two batches never overspend a budget."""
-    if not campaign_ids:
-        return {}
-    if lock:
-        rows = await conn.fetch(
-            "INSERT INTO campaign_budgets AS b (campaign_id) SELECT c FROM unnest($1::text[]) AS c ORDER BY c"
-            " ON CONFLICT (campaign_id) DO UPDATE SET points_awarded = b.points_awarded"
-            " RETURNING campaign_id, points_awarded", sorted(campaign_ids))
-    else:
-        rows = await conn.fetch("SELECT campaign_id, points_awarded FROM campaign_budgets WHERE campaign_id = ANY($1)",
-                                list(campaign_ids))
-    return {r["campaign_id"]: r["points_awarded"] for r in rows}
-
-
-async def add_usage(conn: DbConnection, days: dict[tuple[str, date], tuple[int, int]],
-                    campaigns: dict[tuple[str, str], int]) -> None:
+def stage_usage(writes: Writes, days: dict[tuple[str, date], tuple[int, int]],
+                campaigns: dict[tuple[str, str], int]) -> None:
     """Add (or, negative, give back) usage towards the caps and campaign budgets."""
     if days:
         keys = sorted(days)
-        await conn.execute(
-            "INSERT INTO earning_days AS d (member_id, day, points, browse_points)"
-            " SELECT * FROM unnest($1::text[], $2::date[], $3::bigint[], $4::bigint[])"
-            " ON CONFLICT (member_id, day) DO UPDATE SET points = d.points + excluded.points,"
-            "   browse_points = d.browse_points + excluded.browse_points",
-            [k[0] for k in keys], [k[1] for k in keys], [days[k][0] for k in keys], [days[k][1] for k in keys])
+        writes.add(_ADD_DAYS_SQL, [k[0] for k in keys], [k[1] for k in keys], [days[k][0] for k in keys],
+                   [days[k][1] for k in keys])
     if campaigns:
         keys2 = sorted(campaigns)
-        await conn.execute(
-            "INSERT INTO campaign_member_usage AS u (member_id, campaign_id, points)"
-            " SELECT * FROM unnest($1::text[], $2::text[], $3::bigint[])"
-            " ON CONFLICT (member_id, campaign_id) DO UPDATE SET points = u.points + excluded.points",
-            [k[0] for k in keys2], [k[1] for k in keys2], [campaigns[k] for k in keys2])
+        writes.add(_ADD_CAMPAIGN_MEMBERS_SQL, [k[0] for k in keys2], [k[1] for k in keys2],
+                   [campaigns[k] for k in keys2])
         per_campaign: dict[str, int] = {}
         for (_, campaign_id), points in campaigns.items():
             per_campaign[campaign_id] = per_campaign.get(campaign_id, 0) + points
         ids = sorted(per_campaign)
-        await conn.execute(
-            "INSERT INTO campaign_budgets AS b (campaign_id, points_awarded)"
-            " SELECT * FROM unnest($1::text[], $2::bigint[])"
-            " ON CONFLICT (campaign_id) DO UPDATE SET points_awarded = b.points_awarded + excluded.points_awarded",
-            ids, [per_campaign[c] for c in ids])
+        writes.add(_ADD_BUDGETS_SQL, ids, [per_campaign[c] for c in ids])
+
+
+async def add_usage(conn: DbConnection, days: dict[tuple[str, date], tuple[int, int]],
+                    campaigns: dict[tuple[str, str], int]) -> None:
+    writes = Writes()
+    stage_usage(writes, days, campaigns)
+    await writes.execute(conn)
 
 
 _INSERT_SQL = """
@@ -155,11 +190,11 @@ SELECT * FROM unnest($1::text[], $2::text[], $3::bytea[], $4::text[], $5::smalli
 """
 
 
-async def insert(conn: DbConnection, records: Sequence[AccrualRecord]) -> None:
+def stage_insert(writes: Writes, records: Sequence[AccrualRecord]) -> None:
     if not records:
         return
     r = records
-    await conn.execute(
+    writes.add(
         _INSERT_SQL, [x.member_id for x in r], [x.source_event_id for x in r], [x.payload_sha256 for x in r],
         [x.credited_member_id for x in r], [x.event_type for x in r], [x.order_id for x in r],
         [x.occurred_at for x in r], [x.currency for x in r], [x.amount_minor for x in r], [x.status for x in r],

@@ -9,7 +9,8 @@ Every mutation of a member's points goes through a LedgerTx:
    balances at once, so a later entry of the same transaction sees the earlier ones (the running
    posted balance of each entry is exact);
 3. `flush()` writes the entries, the new lots, the consumed lots, the balances and the outbox
-   notices staged with `notify`: one statement each, whatever the number of members.
+   notices staged with `notify`, with the caller's own writes, as one statement whatever the
+   number of members (see libs.db.Writes).
 
 Invariants kept here (Reconcile checks them): each balance equals the sum of its entries' deltas;
 the open lots' remaining points equal max(posted, 0) (a debt has no lots; a credit pays the debt
@@ -24,7 +25,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
-from libs.db import DbConnection
+from libs.db import DbConnection, Writes
 from libs.outbox import current_traceparent
 from loyalty.rewards.v1 import ledger_pb2
 
@@ -234,6 +235,11 @@ class LedgerTx:
 
     # ---- ids ----------------------------------------------------------------------------------
 
+    def add_ids(self, entry_ids: Sequence[int], lot_ids: Sequence[int]) -> None:
+        """Take ids the caller fetched with its own read (see accruals_repo.snapshot)."""
+        self._entry_ids.extend(entry_ids)
+        self._lot_ids.extend(lot_ids)
+
     async def reserve_ids(self, entries: int, lots: int = 0) -> None:
         """Fetch ids for the entries and lots about to be staged, in one round trip."""
         need_e = max(0, entries - len(self._entry_ids))
@@ -352,9 +358,10 @@ class LedgerTx:
 
     # ---- writing ---------------------------------------------------------------------------------
 
-    async def flush(self) -> None:
-        """Write everything staged since the last flush."""
-        conn = self.conn
+    async def flush(self, writes: Writes | None = None) -> None:
+        """Write everything staged since the last flush, together with the caller's `writes`
+        (statements on other tables), as one statement."""
+        writes = writes if writes is not None else Writes()
         new_by_id = {lot.lot_id: lot for lot in self.new_lots}
         updates: list[tuple[str, int, int, int]] = []
         for lot_id, (member_id, lot) in self._lots_read.items():
@@ -369,7 +376,7 @@ class LedgerTx:
                 updates.append((member_id, lot_id, remaining, state))
         if self.entries:
             e = self.entries
-            await conn.execute(
+            writes.add(
                 _INSERT_ENTRIES_SQL,
                 [x.member_id for x in e], [x.entry_id for x in e], [x.type for x in e], [x.points for x in e],
                 [x.posted_delta for x in e], [x.pending_delta for x in e], [x.held_delta for x in e],
@@ -383,26 +390,26 @@ class LedgerTx:
                 [x.qualifying_at for x in e], self.now)
         if self.new_lots:
             n = self.new_lots
-            await conn.execute(
+            writes.add(
                 _INSERT_LOTS_SQL, [x.member_id for x in n], [x.lot_id for x in n], [x.source_entry_id for x in n],
                 [x.source_event_id for x in n], [x.original_points for x in n], [x.remaining_points for x in n],
                 [x.earned_at for x in n], [x.expires_at for x in n], [x.state for x in n], self.now)
         if updates:
-            await conn.execute(_UPDATE_LOTS_SQL, [u[0] for u in updates], [u[1] for u in updates],
-                               [u[2] for u in updates], [u[3] for u in updates], self.now)
+            writes.add(_UPDATE_LOTS_SQL, [u[0] for u in updates], [u[1] for u in updates],
+                       [u[2] for u in updates], [u[3] for u in updates], self.now)
         changed = [a for a in self.accounts.values() if a.changed]
         if changed:
-            await conn.execute(_UPDATE_ACCOUNTS_SQL, [a.member_id for a in changed], [a.posted for a in changed],
-                               [a.pending for a in changed], [a.held for a in changed],
-                               [a.reserved for a in changed], [a.lifetime for a in changed], self.now)
-        for account in changed:
-            account.changed = False
+            writes.add(_UPDATE_ACCOUNTS_SQL, [a.member_id for a in changed], [a.posted for a in changed],
+                       [a.pending for a in changed], [a.held for a in changed],
+                       [a.reserved for a in changed], [a.lifetime for a in changed], self.now)
         if self.notices:
             n2 = self.notices
-            await conn.execute(_INSERT_NOTICES_SQL, [x.member_id for x in n2], [x.kind for x in n2],
-                               [json.dumps(x.payload) for x in n2], [x.dedupe_key for x in n2],
-                               current_traceparent())
-            self.notices = []
+            writes.add(_INSERT_NOTICES_SQL, [x.member_id for x in n2], [x.kind for x in n2],
+                       [json.dumps(x.payload) for x in n2], [x.dedupe_key for x in n2], current_traceparent())
+        await writes.execute(self.conn)
+        for account in changed:
+            account.changed = False
+        self.notices = []
         # Lots read stay known (with what was taken folded in) for later staging in this transaction.
         for lot_id, (member_id, lot) in list(self._lots_read.items()):
             remaining = lot.remaining - lot.taken

@@ -20,7 +20,7 @@ from services.rewards.adapters import accruals_repo, rules_repo
 from services.rewards.adapters.ledger import LedgerTx
 from services.rewards.adapters.rules_repo import RulesCache
 from services.rewards.domain.earning import MemberContext, compute_points
-from services.rewards.domain.expiry import programme_day
+from services.rewards.domain.expiry import month_start, programme_day
 from services.rewards.domain.rules import accrual_violations, rule_set_violations
 from services.rewards.service_layer import operations, queries, reversals
 from services.rewards.service_layer.accrue import Accruer, Usage
@@ -112,16 +112,17 @@ class LedgerApi:
                                            reason="EARNING_RULES_NOT_FOUND")
             else:
                 rules = await self.rules.active(conn)
-            member = (await accruals_repo.survivors(conn, [accrual.member_id])).get(accrual.member_id,
-                                                                                      accrual.member_id)
-            tier_id, segment_id = (await accruals_repo.member_status(conn, [member])).get(member, ("", ""))
-            tier_id = request.tier_id or tier_id
             day = programme_day(accrual.occurred_at.ToDatetime(UTC), zone)
-            if request.ignore_member_history:
-                context_ = MemberContext(tier_id=tier_id, segment_id=segment_id)
-            else:
-                usage = await Usage.load(conn, [member], [day], rules, lock=False)
-                context_ = usage.context(member, day, tier_id, segment_id, rules)
+            snapshot = await accruals_repo.snapshot(
+                conn, [], [accrual.member_id], month_start(day), day, [c.campaign_id for c in rules.campaigns],
+                [c.campaign_id for c in rules.campaigns if c.budget_points > 0])
+        member = snapshot.survivors.get(accrual.member_id, accrual.member_id)
+        tier_id, segment_id = snapshot.status.get(member, ("", ""))
+        tier_id = request.tier_id or tier_id
+        if request.ignore_member_history:
+            context_ = MemberContext(tier_id=tier_id, segment_id=segment_id)
+        else:
+            context_ = Usage.of(snapshot).context(member, day, tier_id, segment_id, rules)
         return rewards_pb2.PreviewPointsResponse(breakdown=compute_points(rules, accrual, context_, zone))
 
     # ---- accrual and holds ------------------------------------------------------------------------

@@ -8,7 +8,11 @@ Per batch, whatever its size:
 3. in one transaction: lock the members' accounts, re-read what concurrent batches may have
    changed, price again (caps are exact under concurrency; never more than risk assessed), then
    post, hold, void or reverse, and write the accrual rows, the entries, the lots, the balances and
-   the usage with a few statements.
+   the usage.
+
+Steps 1 and 2 read with one statement (accruals_repo.snapshot); step 3 is five round trips
+whatever the batch size: BEGIN, the lock, the same snapshot (budgets locked, ids reserved), one
+statement for every write (libs.db.Writes), COMMIT. Refunds add the reads and writes of their reversals.
 
 Risk is never asked while locks are held. Risk unreachable or late holds the credits (fail-closed)
 and the gate retry job re-assesses them with the very same request.
@@ -24,7 +28,7 @@ from datetime import UTC, date, datetime, timedelta
 import asyncpg
 
 from libs.auth import actor
-from libs.db import DbConnection
+from libs.db import DbConnection, Writes
 from libs.errors import FieldViolation, LoyaltyError, fill_item_error
 from libs.idempotency import payload_digest
 from loyalty.common.v1 import types_pb2
@@ -47,6 +51,7 @@ RISK = earning_pb2.RiskOutcome
 S = ledger_pb2.LedgerSource
 REFUND = types_pb2.EVENT_TYPE_REFUND
 SOURCE_EVENT_CONFLICT = "SOURCE_EVENT_CONFLICT"
+_MERGE_RACES_MAX = 8
 
 
 def rejected(accrual: earning_pb2.Accrual, reason: str, message: str, violations: Sequence[FieldViolation] = ()
@@ -98,15 +103,8 @@ class Usage:
     added_campaigns: dict[tuple[str, str], int] = field(default_factory=dict)
 
     @classmethod
-    async def load(cls, conn: DbConnection, members: Sequence[str], days: Sequence[date],
-                   rules: earning_pb2.EarningRuleSet, lock: bool) -> Usage:
-        """The members' usage in the months of `days`, their campaign usage and the campaigns'
-        budgets (locked with `lock`, until the transaction ends)."""
-        campaign_ids = [c.campaign_id for c in rules.campaigns]
-        return cls(days=await repo.usage(conn, members, month_start(min(days)), max(days)),
-                   campaign_member=await repo.campaign_usage(conn, members, campaign_ids) if campaign_ids else {},
-                   budgets=await repo.budgets(conn, [c.campaign_id for c in rules.campaigns if c.budget_points > 0],
-                                              lock))
+    def of(cls, snapshot: repo.Snapshot) -> Usage:
+        return cls(days=snapshot.days, campaign_member=snapshot.campaign_member, budgets=snapshot.budgets)
 
     def context(self, member_id: str, day: date, tier_id: str, segment_id: str,
                 rules: earning_pb2.EarningRuleSet) -> MemberContext:
@@ -163,19 +161,21 @@ class Accruer:
             if violations:
                 results[i] = rejected(accrual, "INVALID_ARGUMENT", "the accrual is invalid", violations)
                 continue
-            item = Item(i, accrual, payload_digest(accrual))
+            item = Item(i, accrual, payload_digest(accrual),
+                        day=programme_day(accrual.occurred_at.ToDatetime(UTC), self._zone))
             key = (accrual.member_id, accrual.source_event_id)
             if key in firsts:
                 repeats.append(item)
             else:
                 firsts[key] = item
         pool = self._pool()
-        async with pool.acquire() as conn:
-            known = await repo.stored(conn, list(firsts))
-            fresh = self._answer_known(firsts, known, results)
-            if fresh:
+        fresh: list[Item] = []
+        if firsts:
+            async with pool.acquire() as conn:
                 rules = await self._rules.active(conn)
-                await self._price(conn, fresh, rules, lock=False)
+                snapshot = await self._read(conn, list(firsts.values()), rules)
+            fresh = self._answer_known(firsts, snapshot.stored, results)
+            self._price(fresh, snapshot, rules, lock=False)
         if fresh:
             asked = [item for item in fresh if item.gate_request is not None]
             answers = await self._gate.assess([item.gate_request for item in asked if item.gate_request])
@@ -192,6 +192,17 @@ class Accruer:
         return rewards_pb2.AccrueResponse(results=[r for r in results if r is not None])
 
     @staticmethod
+    async def _read(conn: DbConnection, items: Sequence[Item], rules: earning_pb2.EarningRuleSet, *,
+                    lock: bool = False, entry_ids: int = 0, lot_ids: int = 0) -> repo.Snapshot:
+        """Everything pricing `items` needs, in one statement (budgets locked with `lock`)."""
+        days = [i.day for i in items if i.day is not None]
+        return await repo.snapshot(
+            conn, [(i.accrual.member_id, i.accrual.source_event_id) for i in items],
+            [i.accrual.member_id for i in items], month_start(min(days)), max(days),
+            [c.campaign_id for c in rules.campaigns], [c.campaign_id for c in rules.campaigns if c.budget_points > 0],
+            lock=lock, entry_ids=entry_ids, lot_ids=lot_ids)
+
+    @staticmethod
     def _answer_known(firsts: dict[tuple[str, str], Item], known: dict[tuple[str, str], repo.Stored],
                       results: list[earning_pb2.AccrualResult | None]) -> list[Item]:
         """Answer the recorded source events; return the new ones."""
@@ -206,21 +217,16 @@ class Accruer:
                 results[item.index] = conflict(item.accrual)
         return fresh
 
-    async def _price(self, conn: DbConnection, items: Sequence[Item], rules: earning_pb2.EarningRuleSet,
-                     lock: bool) -> Usage:
+    def _price(self, items: Sequence[Item], snapshot: repo.Snapshot, rules: earning_pb2.EarningRuleSet,
+               lock: bool) -> Usage:
         """Compute each item's points in request order, each seeing the usage of the earlier ones.
         The first pass (no lock) sets what risk is asked about; the second (locked) never exceeds it."""
-        survivors = await repo.survivors(conn, {i.accrual.member_id for i in items})
+        usage = Usage.of(snapshot)
         for item in items:
-            item.credited = survivors.get(item.accrual.member_id, item.accrual.member_id)
-            item.day = programme_day(item.accrual.occurred_at.ToDatetime(UTC), self._zone)
-        members = sorted({i.credited for i in items})
-        status = await repo.member_status(conn, members)
-        usage = await Usage.load(conn, members, [i.day for i in items if i.day is not None], rules, lock)
-        for item in items:
+            item.credited = snapshot.survivors.get(item.accrual.member_id, item.accrual.member_id)
             if item.accrual.event_type == REFUND:
                 continue
-            tier_id, segment_id = status.get(item.credited, ("", ""))
+            tier_id, segment_id = snapshot.status.get(item.credited, ("", ""))
             assert item.day is not None
             breakdown = compute_points(rules, item.accrual,
                                        usage.context(item.credited, item.day, tier_id, segment_id, rules), self._zone)
@@ -237,15 +243,24 @@ class Accruer:
     async def _write(self, conn: DbConnection, items: list[Item], rules: earning_pb2.EarningRuleSet, now: datetime,
                      results: list[earning_pb2.AccrualResult | None]) -> None:
         tx = LedgerTx(conn, now, actor())
-        await tx.lock({i.accrual.member_id for i in items} | {i.credited for i in items})
-        # Concurrent batches with the same source events waited on the lock: they are replays now.
         firsts = {(i.accrual.member_id, i.accrual.source_event_id): i for i in items}
-        items = self._answer_known(firsts, await repo.stored(conn, list(firsts)), results)
+        credited = {i.accrual.member_id for i in items} | {i.credited for i in items}
+        for _ in range(_MERGE_RACES_MAX):
+            await tx.lock(credited)
+            snapshot = await self._read(conn, items, rules, lock=True, entry_ids=2 * len(items) + 8,
+                                        lot_ids=len(items) + 8)
+            tx.add_ids(snapshot.entry_ids, snapshot.lot_ids)
+            credited = set(snapshot.survivors.values())
+            if credited <= tx.accounts.keys():
+                break
+            # A merge committed since the first read: lock the new survivors and read again.
+        else:
+            raise RuntimeError(f"members kept being merged while accrued ({_MERGE_RACES_MAX} reads)")
+        # Concurrent batches with the same source events waited on the lock: they are replays now.
+        items = self._answer_known(firsts, snapshot.stored, results)
         if not items:
             return
-        usage = await self._price(conn, items, rules, lock=True)
-        await tx.lock(i.credited for i in items)  # a merge that raced the first read
-        await tx.reserve_ids(entries=2 * len(items) + 8, lots=len(items) + 8)
+        usage = self._price(items, snapshot, rules, lock=True)
         records: list[repo.AccrualRecord] = []
         for item in items:
             record = await self._settle(tx, conn, item, rules)
@@ -256,10 +271,11 @@ class Accruer:
             if record.status in (OUTCOME.ACCRUAL_OUTCOME_VOIDED_BLOCKED, OUTCOME.ACCRUAL_OUTCOME_REJECTED) \
                     and item.day is not None and item.accrual.event_type != REFUND:
                 usage.add(item.credited, item.day, item.breakdown, sign=-1)
-        await tx.flush()
-        await repo.insert(conn, records)
-        await repo.add_usage(conn, {k: v for k, v in usage.added_days.items() if v != (0, 0)},
-                             {k: v for k, v in usage.added_campaigns.items() if v})
+        writes = Writes()
+        repo.stage_insert(writes, records)
+        repo.stage_usage(writes, {k: v for k, v in usage.added_days.items() if v != (0, 0)},
+                         {k: v for k, v in usage.added_campaigns.items() if v})
+        await tx.flush(writes)
 
     async def _settle(self, tx: LedgerTx, conn: DbConnection, item: Item, rules: earning_pb2.EarningRuleSet
                       ) -> repo.AccrualRecord:
