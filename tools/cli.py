@@ -8,8 +8,18 @@
                                             try a tier policy offline on a transaction history
     loyalty reconcile [--member ID ...] [--json]
                                             check the points ledger, report liability (exit 1 if off)
+    loyalty members show|portrait|ledger|tier MEMBER_ID
+                                            one member as profile, rewards and scoring see it
+    loyalty cases list|show|approve|reject  the risk review queue
+    loyalty policies create|validate|list|dry-run|compare|activate
+                                            tier policies (create from YAML; activate asks first)
+    loyalty evaluations run|status|report|list
+                                            tier evaluation runs
+    loyalty events import FILE.csv|FILE.jsonl
+                                            load behaviour events, report rejections by reason
 
-Commands that call a service take --addr, --token and --json (tools/ops.py).
+Commands that call a service take --addr, --token and --json (tools/ops.py); each group's
+commands are in tools/commands/.
 """
 
 from __future__ import annotations
@@ -24,7 +34,7 @@ from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 from libs.auth import DEV_CALLERS
 from libs.settings import SERVICE_NAMES, get_settings
-from tools import ops
+from tools import commands, ops
 from tools.supervisor import health_status, run_up
 
 
@@ -143,6 +153,7 @@ def build_parser() -> argparse.ArgumentParser:
     tokens.set_defaults(func=_cmd_tokens)
     _add_backtest(sub)
     ops.add_commands(sub)
+    commands.add_commands(sub)
     return parser
 
 
