@@ -1,0 +1,82 @@
+"""CLI fixtures: the four real services on a database of their own for tests/cli (the policy
+commands activate policies and apply tiers, which the session's shared services must not see),
+stubs on them to set the scene, and a runner of `loyalty` as operators type it."""
+
+from __future__ import annotations
+
+import asyncio
+import secrets
+import signal
+from collections.abc import AsyncIterator, Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import grpc
+import pytest
+
+from loyalty.profile.v1.profile_service_pb2_grpc import ProfileServiceStub
+from loyalty.rewards.v1.rewards_pb2_grpc import RewardsServiceStub
+from loyalty.risk.v1.risk_pb2_grpc import RiskServiceStub
+from loyalty.scoring.v1.scoring_service_pb2_grpc import ScoringServiceStub
+from tests.scoring.conftest import STACK, Stack, _started_stack
+from tests.support.database import sibling_database
+from tests.support.processes import free_port
+from tools.cli import main
+
+Connection = Callable[..., list[str]]
+
+
+async def loyalty(*argv: str) -> int:
+    """`loyalty ARGV...` in a thread (it runs its own event loop); its exit code."""
+    return await asyncio.to_thread(main, list(argv))
+
+
+@pytest.fixture(scope="package")
+def stack(pg_dsn: str, service_env: dict[str, str], state_dir: Path) -> Iterator[Stack]:
+    with sibling_database(pg_dsn, f"loyalty_cli_{secrets.token_hex(4)}") as dsn:
+        started = _started_stack(dsn, service_env, state_dir, {service: free_port() for service in STACK})
+        running = next(started)
+        try:
+            yield running
+        finally:
+            # Every service drains at once rather than one after the other; the stack's own
+            # teardown then finds them stopped.
+            for process in running.running.values():
+                if process.process.poll() is None:
+                    process.process.send_signal(signal.SIGTERM)
+            started.close()
+
+
+@pytest.fixture
+def connection(stack: Stack, dev_tokens: dict[str, str]) -> Connection:
+    """The --addr and --token options of a command to `service`, as `principal` (default admin)."""
+
+    def options(service: str, principal: str = "admin") -> list[str]:
+        return ["--addr", stack.address(service), "--token", dev_tokens[principal]]
+
+    return options
+
+
+@pytest.fixture
+def nowhere(dev_tokens: dict[str, str]) -> list[str]:
+    """Options of a command to an address nobody listens on."""
+    return ["--addr", f"127.0.0.1:{free_port()}", "--token", dev_tokens["admin"], "--timeout", "2"]
+
+
+@dataclass
+class Stubs:
+    profile: ProfileServiceStub
+    rewards: RewardsServiceStub
+    risk: RiskServiceStub
+    scoring: ScoringServiceStub
+
+
+@pytest.fixture
+async def stubs(stack: Stack) -> AsyncIterator[Stubs]:
+    channels = {name: grpc.aio.insecure_channel(stack.address(name)) for name in STACK}
+    try:
+        yield Stubs(ProfileServiceStub(channels["profile"]), RewardsServiceStub(channels["rewards"]),
+                    RiskServiceStub(channels["risk"]), ScoringServiceStub(channels["scoring"]))
+    finally:
+        for channel in channels.values():
+            await channel.close()
