@@ -117,3 +117,38 @@ async def test_a_concurrent_batch_of_the_same_events_makes_them_replays(pool: as
     assert outcomes == sorted([OUTCOME.ACCRUAL_OUTCOME_POSTED] * 2 + [OUTCOME.ACCRUAL_OUTCOME_DUPLICATE] * 2)
     assert await posted(pool, member) == 105 + 305
     assert await pool.fetchval("SELECT count(*) FROM ledger_entries WHERE member_id = $1", member) == 2
+
+
+def browse(member_id: str, minutes: int) -> earning_pb2.Accrual:
+    accrual = earning_pb2.Accrual(source_event_id=f"ev-{uuid.uuid4().hex}", member_id=member_id,
+                                  event_type=types_pb2.EVENT_TYPE_BROWSE, browse_seconds=60 * minutes,
+                                  channel=types_pb2.CHANNEL_APP)
+    accrual.occurred_at.FromDatetime(datetime.now(UTC))
+    return accrual
+
+
+async def test_a_cap_used_up_while_risk_is_asked_is_priced_again(pool: asyncpg.Pool) -> None:
+    """Two batches of one member read an untouched daily browse cap (30) before either writes:
+    each was assessed for 20 points, the one that writes second gets what is left of the cap."""
+    member = f"m-{uuid.uuid4().hex[:8]}"
+    release = asyncio.Event()
+    arrived = 0
+
+    class BothAsked(RacingGate):
+        async def assess(self, requests: Sequence[risk_pb2.AssessAccrualRequest]) -> list[GateAnswer]:
+            nonlocal arrived
+            arrived += 1
+            if arrived == 2:
+                release.set()
+            await asyncio.wait_for(release.wait(), 10)
+            assert [r.points_proposed for r in requests] == [20]
+            return await super().assess(requests)
+
+    accruer = Accruer(lambda: pool, rules_repo.RulesCache(), BothAsked(), RewardsSettings())
+    first, second = await asyncio.gather(
+        accruer.accrue(rewards_pb2.AccrueRequest(accruals=[browse(member, 20)])),
+        accruer.accrue(rewards_pb2.AccrueRequest(accruals=[browse(member, 20)])))
+
+    assert sorted([first.results[0].points, second.results[0].points]) == [10, 20]
+    assert await posted(pool, member) == 30
+    assert await pool.fetchval("SELECT sum(browse_points) FROM earning_days WHERE member_id = $1", member) == 30

@@ -99,20 +99,26 @@ class Usage:
     days: dict[tuple[str, date], tuple[int, int]]
     campaign_member: dict[tuple[str, str], int]
     budgets: dict[str, int]
+    months: dict[tuple[str, date], int] = field(default_factory=dict)  # (member, first day of month) -> points
     added_days: dict[tuple[str, date], tuple[int, int]] = field(default_factory=dict)
     added_campaigns: dict[tuple[str, str], int] = field(default_factory=dict)
 
     @classmethod
     def of(cls, snapshot: repo.Snapshot) -> Usage:
-        return cls(days=snapshot.days, campaign_member=snapshot.campaign_member, budgets=snapshot.budgets)
+        """Usage as read (copied: the snapshot stays as read, to compare with a later one)."""
+        months: dict[tuple[str, date], int] = {}
+        for (member_id, day), (points, _) in snapshot.days.items():
+            key = (member_id, month_start(day))
+            months[key] = months.get(key, 0) + points
+        return cls(days=dict(snapshot.days), campaign_member=dict(snapshot.campaign_member),
+                   budgets=dict(snapshot.budgets), months=months)
 
     def context(self, member_id: str, day: date, tier_id: str, segment_id: str,
                 rules: earning_pb2.EarningRuleSet) -> MemberContext:
         today = self.days.get((member_id, day), (0, 0))
-        first = month_start(day)
-        month = sum(p for (m, d), (p, _) in self.days.items() if m == member_id and month_start(d) == first)
         ids = [c.campaign_id for c in rules.campaigns]
-        return MemberContext(tier_id=tier_id, segment_id=segment_id, day_points=today[0], month_points=month,
+        return MemberContext(tier_id=tier_id, segment_id=segment_id, day_points=today[0],
+                             month_points=self.months.get((member_id, month_start(day)), 0),
                              browse_points_today=today[1],
                              campaign_member_points={c: self.campaign_member.get((member_id, c), 0) for c in ids},
                              campaign_budget_used={c: self.budgets.get(c, 0) for c in ids})
@@ -122,10 +128,19 @@ class Usage:
         for target in (self.days, self.added_days):
             p, b = target.get((member_id, day), (0, 0))
             target[(member_id, day)] = (p + sign * total, b + sign * browse)
+        month = (member_id, month_start(day))
+        self.months[month] = self.months.get(month, 0) + sign * total
         for campaign_id, points in campaigns.items():
             for counter in (self.campaign_member, self.added_campaigns):
                 counter[(member_id, campaign_id)] = counter.get((member_id, campaign_id), 0) + sign * points
             self.budgets[campaign_id] = self.budgets.get(campaign_id, 0) + sign * points
+
+
+def _same_inputs(first: repo.Snapshot, now: repo.Snapshot) -> bool:
+    """Whether pricing reads the same thing now as before risk was asked (then it gives the same
+    points, which risk assessed)."""
+    return (first.survivors == now.survivors and first.status == now.status and first.days == now.days
+            and first.campaign_member == now.campaign_member and first.budgets == now.budgets)
 
 
 def gate_request(item: Item, tier_id: str) -> risk_pb2.AssessAccrualRequest:
@@ -175,14 +190,14 @@ class Accruer:
                 rules = await self._rules.active(conn)
                 snapshot = await self._read(conn, list(firsts.values()), rules)
             fresh = self._answer_known(firsts, snapshot.stored, results)
-            self._price(fresh, snapshot, rules, lock=False)
+            priced = self._price(fresh, snapshot, rules, lock=False)
         if fresh:
             asked = [item for item in fresh if item.gate_request is not None]
             answers = await self._gate.assess([item.gate_request for item in asked if item.gate_request])
             for item, answer in zip(asked, answers, strict=True):
                 item.answer = answer
             async with pool.acquire() as conn, conn.transaction():
-                await self._write(conn, fresh, rules, now, results)
+                await self._write(conn, fresh, rules, now, results, (snapshot, priced))
         for item in repeats:
             first = firsts[(item.accrual.member_id, item.accrual.source_event_id)]
             first_result = results[first.index]
@@ -241,7 +256,7 @@ class Accruer:
         return usage
 
     async def _write(self, conn: DbConnection, items: list[Item], rules: earning_pb2.EarningRuleSet, now: datetime,
-                     results: list[earning_pb2.AccrualResult | None]) -> None:
+                     results: list[earning_pb2.AccrualResult | None], first: tuple[repo.Snapshot, Usage]) -> None:
         tx = LedgerTx(conn, now, actor())
         firsts = {(i.accrual.member_id, i.accrual.source_event_id): i for i in items}
         credited = {i.accrual.member_id for i in items} | {i.credited for i in items}
@@ -257,10 +272,14 @@ class Accruer:
         else:
             raise RuntimeError(f"members kept being merged while accrued ({_MERGE_RACES_MAX} reads)")
         # Concurrent batches with the same source events waited on the lock: they are replays now.
-        items = self._answer_known(firsts, snapshot.stored, results)
-        if not items:
+        fresh = self._answer_known(firsts, snapshot.stored, results)
+        if not fresh:
             return
-        usage = self._price(items, snapshot, rules, lock=True)
+        if len(fresh) == len(items) and _same_inputs(first[0], snapshot):
+            usage = first[1]  # nothing changed meanwhile: the first pricing stands
+        else:
+            usage = self._price(fresh, snapshot, rules, lock=True)
+        items = fresh
         records: list[repo.AccrualRecord] = []
         for item in items:
             record = await self._settle(tx, conn, item, rules)
