@@ -17,6 +17,7 @@
                                             tier evaluation runs
     loyalty events import FILE.csv|FILE.jsonl
                                             load behaviour events, report rejections by reason
+    loyalty demo load|generate              the demo population (`up` loads it on a fresh state folder)
 
 Commands that call a service take --addr, --token and --json (tools/ops.py); each group's
 commands are in tools/commands/.
@@ -35,6 +36,7 @@ from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from libs.auth import DEV_CALLERS
 from libs.settings import SERVICE_NAMES, get_settings
 from tools import commands, ops
+from tools.commands import demo
 from tools.supervisor import health_status, run_up
 
 
@@ -55,7 +57,9 @@ def _cmd_up(args: argparse.Namespace) -> int:
     if unknown:
         print(f"unknown service(s): {', '.join(unknown)}; choose from {', '.join(SERVICE_NAMES)}", file=sys.stderr)
         return 2
-    return run_up(get_settings(), services)
+    settings = get_settings()
+    wanted = not args.no_demo and set(services) == set(SERVICE_NAMES)
+    return run_up(settings, services, when_ready=(lambda: demo.load_on_first_start(settings)) if wanted else None)
 
 
 def _cmd_status(args: argparse.Namespace) -> int:
@@ -142,6 +146,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     up = sub.add_parser("up", help="run all services on this machine until Ctrl-C")
     up.add_argument("--services", help="comma-separated subset, e.g. profile,rewards")
+    up.add_argument("--no-demo", action="store_true",
+                    help="do not load the demo population (loaded once per state folder otherwise)")
     up.set_defaults(func=_cmd_up)
     status = sub.add_parser("status", help="health of every service")
     status.add_argument("--json", action="store_true")

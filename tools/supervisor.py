@@ -18,7 +18,7 @@ import sys
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO
@@ -246,7 +246,9 @@ def _print_tail(path: Path, lines: int = 30) -> None:
         print(f"    {line}", file=sys.stderr)
 
 
-def run_up(settings: Settings, services: Sequence[str] = SERVICE_NAMES, gateway: bool = True) -> int:
+def run_up(settings: Settings, services: Sequence[str] = SERVICE_NAMES, gateway: bool = True,
+           when_ready: Callable[[], None] | None = None) -> int:
+    """Run the suite until a signal; `when_ready` runs once everything serves (the demo load)."""
     supervisor = Supervisor(settings, services, gateway)
 
     def on_signal(signum: int, _frame: object) -> None:
@@ -264,6 +266,8 @@ def run_up(settings: Settings, services: Sequence[str] = SERVICE_NAMES, gateway:
         http_children = {c.name: f"http://{c.address}" for c in supervisor.children if c.http}
         (settings.state_dir / "up.json").write_text(json.dumps(
             {"pid": os.getpid(), "services": grpc_children, **http_children}, indent=2))
+        if when_ready is not None:
+            when_ready()
         supervisor.watch()
         return 0
     finally:
