@@ -38,6 +38,24 @@ class RacingGate:
         return [GateAnswer(RISK.RISK_OUTCOME_ALLOW, f"as-{r.source_event_id}", 0.1) for r in requests]
 
 
+class MeetingGate(RacingGate):
+    """Holds each call until `parties` calls have arrived, so every batch has read before any
+    writes; records the points each call was asked about."""
+
+    def __init__(self, parties: int = 2) -> None:
+        super().__init__()
+        self.parties = parties
+        self.proposed: list[list[int]] = []
+        self._all_here = asyncio.Event()
+
+    async def assess(self, requests: Sequence[risk_pb2.AssessAccrualRequest]) -> list[GateAnswer]:
+        self.proposed.append([r.points_proposed for r in requests])
+        if len(self.proposed) == self.parties:
+            self._all_here.set()
+        await asyncio.wait_for(self._all_here.wait(), 10)
+        return await super().assess(requests)
+
+
 @pytest.fixture
 async def pool(pg_dsn: str) -> AsyncIterator[asyncpg.Pool]:
     async with schema_pool(pg_dsn, "rewards_races", SERVICE_DIR / "migrations") as created:
@@ -98,19 +116,8 @@ async def test_a_concurrent_batch_of_the_same_events_makes_them_replays(pool: as
     DUPLICATE from what the first wrote (read under the members' locks)."""
     member = f"m-{uuid.uuid4().hex[:8]}"
     request = rewards_pb2.AccrueRequest(accruals=[purchase(member, 10_000), purchase(member, 30_000)])
-    release = asyncio.Event()
-    arrived = 0
-
-    class BothAsked(RacingGate):
-        async def assess(self, requests: Sequence[risk_pb2.AssessAccrualRequest]) -> list[GateAnswer]:
-            nonlocal arrived
-            arrived += 1
-            if arrived == 2:
-                release.set()
-            await asyncio.wait_for(release.wait(), 10)  # both batches read before either writes
-            return await super().assess(requests)
-
-    accruer = Accruer(lambda: pool, rules_repo.RulesCache(), BothAsked(), RewardsSettings())
+    gate = MeetingGate()
+    accruer = Accruer(lambda: pool, rules_repo.RulesCache(), gate, RewardsSettings())
     first, second = await asyncio.gather(accruer.accrue(request), accruer.accrue(request))
 
     outcomes = sorted([r.outcome for r in first.results] + [r.outcome for r in second.results])
@@ -131,24 +138,13 @@ async def test_a_cap_used_up_while_risk_is_asked_is_priced_again(pool: asyncpg.P
     """Two batches of one member read an untouched daily browse cap (30) before either writes:
     each was assessed for 20 points, the one that writes second gets what is left of the cap."""
     member = f"m-{uuid.uuid4().hex[:8]}"
-    release = asyncio.Event()
-    arrived = 0
-
-    class BothAsked(RacingGate):
-        async def assess(self, requests: Sequence[risk_pb2.AssessAccrualRequest]) -> list[GateAnswer]:
-            nonlocal arrived
-            arrived += 1
-            if arrived == 2:
-                release.set()
-            await asyncio.wait_for(release.wait(), 10)
-            assert [r.points_proposed for r in requests] == [20]
-            return await super().assess(requests)
-
-    accruer = Accruer(lambda: pool, rules_repo.RulesCache(), BothAsked(), RewardsSettings())
+    gate = MeetingGate()
+    accruer = Accruer(lambda: pool, rules_repo.RulesCache(), gate, RewardsSettings())
     first, second = await asyncio.gather(
         accruer.accrue(rewards_pb2.AccrueRequest(accruals=[browse(member, 20)])),
         accruer.accrue(rewards_pb2.AccrueRequest(accruals=[browse(member, 20)])))
 
+    assert gate.proposed == [[20], [20]]  # both assessed before either wrote
     assert sorted([first.results[0].points, second.results[0].points]) == [10, 20]
     assert await posted(pool, member) == 30
     assert await pool.fetchval("SELECT sum(browse_points) FROM earning_days WHERE member_id = $1", member) == 30
