@@ -2,7 +2,7 @@
 """Bootstrap for the Loyalty suite: the README's two commands go through this file.
 
     python3 dev.py up      install what is missing, generate stubs, start everything, load demo data
-    python3 dev.py test    install what is missing, then ruff, mypy, buf lint/breaking and pytest
+    python3 dev.py test    install what is missing (Chromium too), then ruff, mypy, buf lint/breaking and pytest
 
 It only uses the standard library, because it runs before anything is installed. Each step is
 skipped when a stamp says its inputs have not changed, so a second run starts in seconds.
@@ -104,10 +104,40 @@ def ensure_stubs() -> None:
     stamp.write_text(want)
 
 
+CHROMIUM = Path("/usr/bin/chromium")
+
+
+def ensure_browser() -> None:
+    """Debian's Chromium for the console's browser tests (Playwright drives it; `playwright install`
+    would download its own build, which needs the internet)."""
+    if CHROMIUM.exists():
+        return
+    apt_get = shutil.which("apt-get")
+    if apt_get is None or os.geteuid() != 0:
+        _say(f"warning: {CHROMIUM} is missing and cannot be installed here (needs apt-get as root): "
+             "install the Debian package `chromium` for the console tests (tests/console)")
+        return
+    lists = Path("/var/lib/apt/lists")
+    if not any(lists.glob("*_Packages*")):
+        _say("apt-get update (package lists are empty)")
+        _run([apt_get, "update"])
+    install = [apt_get, "install", "-y", "--no-install-recommends", "chromium"]
+    env = dict(os.environ, DEBIAN_FRONTEND="noninteractive")
+    _say("installing Chromium for the console tests: apt-get install -y --no-install-recommends chromium")
+    try:
+        _run(install, env=env)
+    except subprocess.CalledProcessError:
+        # Stale lists (a package version the mirror no longer has): refresh them once and retry.
+        _say("apt-get install failed: apt-get update, then once more")
+        _run([apt_get, "update"], env=env)
+        _run(install, env=env)
+
+
 def ensure_all() -> None:
     ensure_python_env()
     ensure_node_tools()
     ensure_stubs()
+    ensure_browser()
 
 
 def _buf_breaking() -> int:
