@@ -1,6 +1,7 @@
 """The gateway's composition root: bindings from the upstream services' descriptors, one channel
 per upstream (libs.clients: trace context, deadlines, retries of idempotent RPCs), the transcoder
-as the catch-all route, and `/openapi.json`, `/docs`, `/healthz` beside it."""
+as the catch-all route, and `/openapi.json`, `/docs`, `/healthz` and the operator console
+(`/console/`) beside it."""
 
 from __future__ import annotations
 
@@ -20,6 +21,7 @@ from starlette.types import Receive, Scope, Send
 from libs.clients import open_channel
 from libs.contracts import package_modules, service_descriptors
 from libs.settings import SERVICE_NAMES, Settings
+from services.gateway.console_files import ConsoleFile, console_response, is_console_path, load_console
 from services.gateway.dispatch import JSON_MEDIA, Target, Transcoder
 from services.gateway.docs_page import render_docs
 from services.gateway.edge import ROUTE_KEY, EdgeMiddleware
@@ -56,6 +58,7 @@ class Gateway:
         self.spec = openapi_document(self.bindings)
         self.spec_json = json.dumps(self.spec, separators=(",", ":")).encode()
         self.docs_html = render_docs(self.spec)
+        self.console = load_console()
         self._channels: list[grpc.aio.Channel] = []
         self._targets: dict[str, Target] = {}
 
@@ -97,7 +100,7 @@ class Gateway:
         # Not Starlette routes: their patterns stop at a %0A in the path, and a method they do not
         # list gets a plain-text 405. Every request reaches our own small router instead.
         app.router.default = _Pages({"/openapi.json": self._openapi, "/docs": self._docs, "/healthz": self._healthz},
-                                    transcoder)
+                                    self.console, transcoder)
         return app
 
     def _openapi(self) -> Response:
@@ -114,17 +117,25 @@ class Gateway:
 
 
 class _Pages:
-    """GET of the gateway's own pages; everything else goes to the transcoder."""
+    """GET of the gateway's own pages and console files; everything else goes to the transcoder
+    (which answers 404 or 405 for what no annotation routes, /console/ files included)."""
 
-    def __init__(self, pages: dict[str, Callable[[], Response]], transcoder: Transcoder) -> None:
+    def __init__(self, pages: dict[str, Callable[[], Response]], console: dict[str, ConsoleFile],
+                 transcoder: Transcoder) -> None:
         self.pages = pages
+        self.console = console
         self.transcoder = transcoder
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        page = self.pages.get(scope["path"]) if scope["type"] == "http" else None
-        if page is not None and scope["method"] in ("GET", "HEAD"):
+        readable = scope["type"] == "http" and scope["method"] in ("GET", "HEAD")
+        page = self.pages.get(scope["path"]) if readable else None
+        if page is not None:
             scope[ROUTE_KEY] = scope["path"]
             await page()(scope, receive, send)
+        elif readable and is_console_path(scope["path"]):
+            scope[ROUTE_KEY] = "/console/{file}"
+            if_none_match = next((v.decode("latin-1") for k, v in scope["headers"] if k == b"if-none-match"), None)
+            await console_response(self.console, scope["method"], scope["path"], if_none_match)(scope, receive, send)
         else:
             await self.transcoder(scope, receive, send)
 
