@@ -5,8 +5,6 @@ stubs on them to set the scene, and a runner of `loyalty` as operators type it."
 from __future__ import annotations
 
 import asyncio
-import secrets
-import signal
 from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,8 +16,7 @@ from loyalty.profile.v1.profile_service_pb2_grpc import ProfileServiceStub
 from loyalty.rewards.v1.rewards_pb2_grpc import RewardsServiceStub
 from loyalty.risk.v1.risk_pb2_grpc import RiskServiceStub
 from loyalty.scoring.v1.scoring_service_pb2_grpc import ScoringServiceStub
-from tests.scoring.conftest import STACK, Stack, _started_stack
-from tests.support.database import sibling_database
+from tests.scoring.conftest import STACK, Stack, own_stack
 from tests.support.processes import free_port
 from tools.cli import main
 
@@ -33,18 +30,8 @@ async def loyalty(*argv: str) -> int:
 
 @pytest.fixture(scope="package")
 def stack(pg_dsn: str, service_env: dict[str, str], state_dir: Path) -> Iterator[Stack]:
-    with sibling_database(pg_dsn, f"loyalty_cli_{secrets.token_hex(4)}") as dsn:
-        started = _started_stack(dsn, service_env, state_dir, {service: free_port() for service in STACK})
-        running = next(started)
-        try:
-            yield running
-        finally:
-            # Every service drains at once rather than one after the other; the stack's own
-            # teardown then finds them stopped.
-            for process in running.running.values():
-                if process.process.poll() is None:
-                    process.process.send_signal(signal.SIGTERM)
-            started.close()
+    with own_stack(pg_dsn, service_env, state_dir, "loyalty_cli") as running:
+        yield running
 
 
 @pytest.fixture

@@ -5,8 +5,10 @@ run history are its alone. Pure-domain tests (kernel, learning...) never start o
 from __future__ import annotations
 
 import secrets
+import signal
 import uuid
 from collections.abc import AsyncIterator, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -57,6 +59,18 @@ class Stack:
     def address(self, name: str) -> str:
         return f"127.0.0.1:{self.ports[name]}"
 
+    def start_gateway(self) -> str:
+        """The HTTP gateway in front of this stack's services; its base URL once it answers."""
+        from tests.gateway.conftest import wait_http_ready
+
+        self.ports["gateway"] = free_port()
+        process = start_module("gateway-scoring-stack", "services.gateway", self.env, self.log_dir,
+                               port=self.ports["gateway"])
+        self.running["gateway"] = process
+        url = f"http://{self.address('gateway')}"
+        wait_http_ready(url, process)
+        return url
+
 
 @pytest.fixture(scope="module")
 def stack(pg_dsn: str, service_env: dict[str, str], state_dir: Path) -> Iterator[Stack]:
@@ -64,6 +78,24 @@ def stack(pg_dsn: str, service_env: dict[str, str], state_dir: Path) -> Iterator
     ports = {service: free_port() for service in STACK}
     with sibling_database(pg_dsn, name) as dsn:
         yield from _started_stack(dsn, service_env, state_dir, ports)
+
+
+@contextmanager
+def own_stack(pg_dsn: str, service_env: dict[str, str], state_dir: Path, prefix: str) -> Iterator[Stack]:
+    """The four services on a database of their own (named `prefix` and a random suffix), for tests
+    that activate policies and apply tiers, which the session's shared services must not see."""
+    with sibling_database(pg_dsn, f"{prefix}_{secrets.token_hex(4)}") as dsn:
+        started = _started_stack(dsn, service_env, state_dir, {service: free_port() for service in STACK})
+        running = next(started)
+        try:
+            yield running
+        finally:
+            # Every process drains at once rather than one after the other; the stack's own
+            # teardown then finds them stopped.
+            for process in running.running.values():
+                if process.process.poll() is None:
+                    process.process.send_signal(signal.SIGTERM)
+            started.close()
 
 
 def _started_stack(dsn: str, service_env: dict[str, str], state_dir: Path, ports: dict[str, int]
