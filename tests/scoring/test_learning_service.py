@@ -534,7 +534,7 @@ async def test_fairness_flags_the_group_made_worse_off(stubs: Stubs, operator: A
     assert {g.group for g in report.groups if g.dimension == E.FAIRNESS_DIMENSION_TENURE_BAND} == {"1-2y"}
     assert set(report.protected_attributes) == {"region", "gender", "age_band"}
     assert [o.feature_name for o in report.outlier_treatment] == [f.feature_name for f in tiers.features]
-    assert not any(g.HasField("average_benefit_value") for g in report.groups)
+    assert not any(g.HasField("average_benefit_value") for g in report.groups)  # the policy prices no tier
     strict = await stubs.scoring.GetFairnessReport(S.GetFairnessReportRequest(
         run_id=run.run_id, dimensions=[E.FAIRNESS_DIMENSION_REGION], reference_tier_id="gold"), metadata=analyst)
     assert {g.dimension for g in strict.report.groups} == {E.FAIRNESS_DIMENSION_REGION}
@@ -544,3 +544,48 @@ async def test_fairness_flags_the_group_made_worse_off(stubs: Stubs, operator: A
         run_id=run.run_id, reference_tier_id="platinum"), metadata=analyst))
     assert (code, reason, fields) == (grpc.StatusCode.INVALID_ARGUMENT, "UNKNOWN_TIER", ["reference_tier_id"])
 
+
+
+async def test_fairness_reports_the_benefit_value_each_group_gets(stubs: Stubs, operator: Any, analyst: Any,
+                                                                   population: Population) -> None:
+    """Benefit value by group: the mean over the group of the yearly value the policy gives each
+    member's tier (run tiers, after hysteresis), in the policy's currency."""
+    values = {"regular": 0, "silver": 30_000, "gold": 120_000}
+    message = policy(uid("fair"))
+    for tier in message.tiers:
+        tier.yearly_benefit_value.CopyFrom(types_pb2.Money(amount_minor=values[tier.tier_id], currency="CNY"))
+    tiers = await _policy(stubs, operator, message)
+    assert [t.yearly_benefit_value.amount_minor for t in tiers.tiers] == [0, 30_000, 120_000]
+    run = await _dry_run(stubs, operator, tiers)
+    placed: dict[str, str] = {}
+    token = ""
+    while True:
+        page = await stubs.scoring.ListEvaluationScores(S.ListEvaluationScoresRequest(
+            run_id=run.run_id, page_size=1000, page_token=token), metadata=analyst)
+        placed.update((s.member_id, s.tier_id) for s in page.scores)
+        token = page.next_page_token
+        if not token:
+            break
+    report = (await stubs.scoring.GetFairnessReport(S.GetFairnessReportRequest(
+        run_id=run.run_id, dimensions=[E.FAIRNESS_DIMENSION_REGION], min_group_size=10), metadata=analyst,
+        timeout=LONG_S)).report
+    by_region: dict[str, list[int]] = {}
+    for member, tier in placed.items():
+        region = "CN-WEST" if population.archetype[member] == "light" else None
+        if region is None:
+            region = "CN-EAST" if int(member.split("-")[2]) % 2 == 0 else "CN-NORTH"
+        by_region.setdefault(region, []).append(values[tier])
+    got = {g.group: g.average_benefit_value for g in report.groups}
+    assert set(got) == set(by_region)
+    for region, amounts in by_region.items():
+        assert got[region].currency == "CNY"
+        assert got[region].amount_minor == round(sum(amounts) / len(amounts)), region
+    assert got["CN-WEST"].amount_minor < min(got["CN-EAST"].amount_minor, got["CN-NORTH"].amount_minor)
+
+    partial = policy(uid("fair"))
+    partial.tiers[1].yearly_benefit_value.CopyFrom(types_pb2.Money(amount_minor=-5, currency="CNY"))
+    code, reason, fields = await rpc_error(stubs.scoring.ValidatePolicy(S.ValidatePolicyRequest(policy=partial),
+                                                                        metadata=operator))
+    assert (code, reason) == (grpc.StatusCode.INVALID_ARGUMENT, "INVALID_POLICY")
+    assert fields == ["policy.tiers[0].yearly_benefit_value", "policy.tiers[2].yearly_benefit_value",
+                      "policy.tiers[1].yearly_benefit_value.amount_minor"]

@@ -168,3 +168,22 @@ def test_scheduled_run_ids_are_valid_ids_naming_the_due_time_in_utc() -> None:
     key = schedule_key("tiers-2025", 3, datetime(2026, 3, 1, tzinfo=SHANGHAI))
     assert key == "schedule:tiers-2025:3:20260228T1600Z"
     assert _ID.fullmatch(key) and _ID.fullmatch(f"run-{key.replace(':', '-')}")
+
+
+def _priced(message: policy_pb2.Policy, *values: tuple[int, str]) -> policy_pb2.Policy:
+    for tier, (amount, currency) in zip(message.tiers, values, strict=False):
+        tier.yearly_benefit_value.amount_minor = amount
+        tier.yearly_benefit_value.currency = currency
+    return message
+
+
+def test_tier_benefit_values_are_all_or_nothing_non_negative_and_in_one_currency() -> None:
+    assert rules.benefit_values(policy("p")) is None
+    good = _priced(policy("p"), (0, "CNY"), (20_000, "CNY"), (80_000, "CNY"))
+    assert fields(good) == [] and rules.benefit_values(good) == ([0, 20_000, 80_000], "CNY")
+    partial = _priced(policy("p"), (0, "CNY"), (20_000, "CNY"))
+    assert fields(partial) == ["policy.tiers[2].yearly_benefit_value"]
+    assert rules.benefit_values(partial) is None
+    bad = _priced(policy("p"), (0, "CNY"), (-1, "CNY"), (80_000, "USD"))
+    assert fields(bad) == ["policy.tiers[1].yearly_benefit_value.amount_minor",
+                           "policy.tiers[2].yearly_benefit_value.currency"]

@@ -179,7 +179,36 @@ def violations(policy: policy_pb2.Policy, catalogue: Mapping[str, feature_pb2.Fe
         languages = [t.language_tag.lower() for t in tier.localized_names]
         if len(set(languages)) != len(languages):
             found.append(FieldViolation(f"{path}.tiers[{i}].localized_names", "has a language twice"))
-    return found + _rule_violations(policy, path) + _schedule_violations(policy, path)
+    return (found + _rule_violations(policy, path) + _schedule_violations(policy, path)
+            + _benefit_violations(policy, path))
+
+
+def _benefit_violations(policy: policy_pb2.Policy, path: str) -> list[FieldViolation]:
+    """Benefit values are all or nothing (a report cannot average a ladder priced in part), at least
+    0, in one currency."""
+    priced = [i for i, tier in enumerate(policy.tiers) if tier.HasField("yearly_benefit_value")]
+    if not priced:
+        return []
+    violations = [FieldViolation(f"{path}.tiers[{i}].yearly_benefit_value",
+                                 "must be given for every tier once one tier has it")
+                  for i in range(len(policy.tiers)) if i not in priced]
+    currency = policy.tiers[priced[0]].yearly_benefit_value.currency
+    for i in priced:
+        value = policy.tiers[i].yearly_benefit_value
+        if value.amount_minor < 0:
+            violations.append(FieldViolation(f"{path}.tiers[{i}].yearly_benefit_value.amount_minor",
+                                             "must be at least 0"))
+        if value.currency != currency:
+            violations.append(FieldViolation(f"{path}.tiers[{i}].yearly_benefit_value.currency",
+                                             f"must be {currency!r} like tiers[{priced[0]}]: one currency per ladder"))
+    return violations
+
+
+def benefit_values(policy: policy_pb2.Policy) -> tuple[list[int], str] | None:
+    """Each tier's yearly benefit value (minor units, ladder order) and the currency; None unpriced."""
+    if not policy.tiers or not all(t.HasField("yearly_benefit_value") for t in policy.tiers):
+        return None
+    return [t.yearly_benefit_value.amount_minor for t in policy.tiers], policy.tiers[0].yearly_benefit_value.currency
 
 
 def warnings(policy: policy_pb2.Policy, path: str = "policy") -> list[Warning]:

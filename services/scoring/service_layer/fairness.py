@@ -6,8 +6,11 @@ at or above the reference tier; its ratio to the best group of the dimension (be
 large enough to judge, so one tiny group cannot flag everybody) is flagged under the threshold.
 Groups are counted with bincount over group codes: no loop over members.
 
-The average benefit value per group is left unset: rewards has no price for a tier's benefits over
-a year (its benefits are percentages, free shipping, service levels), so there is nothing to average.
+The average benefit value per group is the mean, over the group's members, of the yearly benefit
+value the policy gives their tier (`Tier.yearly_benefit_value`). The policy, not rewards, is the
+source: rewards' catalogue holds percentages, free shipping and service levels, whose money value
+depends on how much each member buys and uses them; the programme's own estimate per tier is the
+figure operators decide on. Unset when the run's policy prices no tier.
 """
 
 from __future__ import annotations
@@ -75,8 +78,10 @@ def labels_of(dimension: int, groups: GroupAttributes) -> np.ndarray:
 
 
 def group_outcomes(dimension: int, labels: np.ndarray, tier: np.ndarray, score: np.ndarray, ladder: list[str],
-                   reference: int, threshold: float, min_group: int) -> list[E.GroupFairness]:
-    """One GroupFairness per distinct label, in label order."""
+                   reference: int, threshold: float, min_group: int,
+                   benefits: tuple[list[int], str] | None = None) -> list[E.GroupFairness]:
+    """One GroupFairness per distinct label, in label order; with `benefits` (each tier's yearly value
+    and the currency) the group's average value per member, rounded to the minor unit."""
     names, group = np.unique(labels.astype(str), return_inverse=True)
     g, t = names.size, len(ladder)
     counts = np.bincount(group, minlength=g).astype(np.float64)
@@ -87,11 +92,18 @@ def group_outcomes(dimension: int, labels: np.ndarray, tier: np.ndarray, score: 
     pool = rate[judged] if judged.any() else rate
     best = float(pool.max()) if pool.size else 0.0
     ratio = np.minimum(rate / best, 1.0) if best > 0 else np.ones(g)
-    return [E.GroupFairness(
+    found = [E.GroupFairness(
         dimension=dimension, group=str(names[i]), member_count=int(counts[i]),  # type: ignore[arg-type]
         tier_shares=[E.TierShare(tier_id=ladder[j], share=float(tiers[i, j] / counts[i])) for j in range(t)],
         average_score=float(mean_score[i]), reference_rate=float(rate[i]), ratio_to_best=float(ratio[i]),
         flagged=bool(judged[i] and ratio[i] < threshold), insufficient_data=not bool(judged[i])) for i in range(g)]
+    if benefits is not None:
+        values, currency = benefits
+        per_member = np.asarray(values, dtype=np.float64)[tier.astype(np.int64)]
+        mean_value = np.bincount(group, weights=per_member, minlength=g) / np.maximum(counts, 1.0)
+        for entry, value in zip(found, mean_value.tolist(), strict=True):
+            entry.average_benefit_value.CopyFrom(types_pb2.Money(amount_minor=round(value), currency=currency))
+    return found
 
 
 def outlier_treatment(policy: policy_pb2.Policy, run: E.EvaluationRun) -> list[E.OutlierTreatment]:
@@ -149,6 +161,6 @@ async def report(pool: asyncpg.Pool, learning_profile: LearningProfile, request:
     for dimension in dimensions:
         labels = labels_of(dimension, population.groups)[rows]
         found.groups.extend(group_outcomes(dimension, labels, tier, score, ladder, position[reference_id], threshold,
-                                           min_group))
+                                           min_group, rules.benefit_values(policy)))
     found.flagged_count = sum(1 for g in found.groups if g.flagged)
     return S.GetFairnessReportResponse(report=found)
