@@ -98,7 +98,7 @@ class Loader:
         summary = LoadSummary()
         await self._members(population, summary)
         await self._events(population, summary)
-        summary.pipeline_drained = await self._drain(drain_timeout_s)
+        summary.pipeline_drained = await self.drain(drain_timeout_s)
         await self._tiers_and_segments(summary)
         cases = await self.risk.ListCases(
             risk_pb2.ListCasesRequest(statuses=[cases_pb2.CASE_STATUS_OPEN], page_size=500), timeout=30)
@@ -143,7 +143,7 @@ class Loader:
         for part in (others, refunds):
             await _bounded([send(part[i:i + 1000]) for i in range(0, len(part), 1000)], at_once=2)
 
-    async def _drain(self, timeout_s: float) -> bool:
+    async def drain(self, timeout_s: float) -> bool:
         """Wait until profile's outbox has handed every purchase and refund on (rewards, risk)."""
         self.say("waiting for points and risk decisions")
         deadline = time.monotonic() + timeout_s
