@@ -396,13 +396,60 @@ async def test_qualifying_points_rule_places_members_by_the_points_rewards_poste
     placed = await scores(stubs, analyst, dry.run_id)
     assert [(placed[m].qualifying_points, placed[m].tier_id) for m in members] == [
         (105, "regular"), (305, "silver"), (605, "gold")]
-    anniversary = policy(uid("qp"))
-    anniversary.qualifying_points.min_points.extend([500, 2000])
-    anniversary.qualification_window.kind = policy_pb2.QUALIFICATION_WINDOW_KIND_ANNIVERSARY
-    code, reason, fields = await rpc_error(stubs.scoring.ValidatePolicy(S.ValidatePolicyRequest(policy=anniversary),
-                                                                        metadata=operator))
-    assert (code, reason, fields) == (grpc.StatusCode.INVALID_ARGUMENT, "INVALID_POLICY",
-                                      ["policy.qualification_window.kind"])
+
+
+async def _wait_points(stubs: Stubs, metadata: Any, expected: dict[str, int]) -> None:
+    """Until rewards has credited every purchase: each member's points over the last 800 days."""
+    deadline = time.monotonic() + WAIT_S
+    while True:
+        request = rewards_pb2.StreamQualifyingPointsRequest(member_ids=sorted(expected))
+        request.window_start.FromDatetime(long_ago(800))
+        got: dict[str, int] = {}
+        async for chunk in stubs.rewards.StreamQualifyingPoints(request, metadata=metadata):
+            got.update(zip(chunk.member_ids, chunk.points, strict=True))
+        if got == expected:
+            return
+        assert time.monotonic() < deadline, got
+        await asyncio.sleep(0.2)
+
+
+async def test_anniversary_windows_with_qualifying_points(stubs: Stubs, operator: Any, analyst: Any,
+                                                          population: list[str]) -> None:
+    """Each member's window is its own membership year (365 days from joining): the better of the
+    year so far and the last complete year, so status earned in a year holds through the next."""
+    joined = {"new": 100, "renewed": 400, "lapsed": 760}  # days ago: years began 100, 35 and 30 days ago
+    members = {k: uid(f"anv-{k}") for k in joined}
+    for kind, days in joined.items():
+        member = member_pb2.Member(member_id=members[kind])
+        member.joined_at.FromDatetime(long_ago(days))
+        await stubs.profile.CreateMember(P.CreateMemberRequest(request_id=uid("r"), member=member),
+                                         metadata=operator, timeout=30)
+    orders = {"new": [(50, 60_000)],  # 605 points this year
+              "renewed": [(100, 60_000), (10, 10_000)],  # 605 in the year that closed 35 days ago, 105 since
+              "lapsed": [(410, 60_000), (200, 10_000), (20, 30_000)]}  # before both years, 105 last year, 305 now
+    await record(stubs, operator, [purchase(members[k], amount, long_ago(days))
+                                   for k, placed in orders.items() for days, amount in placed])
+    await _wait_points(stubs, analyst, {members["new"]: 605, members["renewed"]: 710, members["lapsed"]: 1015})
+    message = policy(uid("anv"))
+    message.qualifying_points.min_points.extend([200, 500])
+    message.qualification_window.kind = policy_pb2.QUALIFICATION_WINDOW_KIND_ANNIVERSARY
+    validated = await stubs.scoring.ValidatePolicy(S.ValidatePolicyRequest(policy=message), metadata=operator)
+    assert "policy.qualification_window.kind" not in {w.field for w in validated.warnings}
+    created = await create(stubs, operator, message)
+    dry = await run(stubs, operator, policy_id=created.policy_id, version=created.version, dry_run=True)
+    assert dry.state == E.EVALUATION_STATE_SUCCEEDED, dry.error_message
+    placed = await scores(stubs, analyst, dry.run_id)
+    assert {k: (placed[m].qualifying_points, placed[m].tier_id) for k, m in members.items()} == {
+        "new": (605, "gold"), "renewed": (605, "gold"), "lapsed": (305, "silver")}
+    rolling = policy(uid("anv"))  # the same points over a rolling year, for contrast
+    rolling.qualifying_points.min_points.extend([200, 500])
+    compared = await stubs.scoring.ComparePolicies(S.ComparePoliciesRequest(
+        base=policy_pb2.PolicyRef(policy_id=created.policy_id, version=created.version),
+        candidate=policy_pb2.PolicyRef(policy_id=(await create(stubs, operator, rolling)).policy_id)),
+        metadata=analyst, timeout=60)
+    assert sum(c.count for c in compared.base_tier_counts) == dry.members_scored
+    assert [(c.tier_id, c.count) for c in compared.base_tier_counts] == [
+        (c.tier_id, c.count) for c in dry.tier_counts]
 
 
 async def _wait_state(stubs: Stubs, metadata: Any, run_id: str, states: set[int]) -> E.EvaluationRun:

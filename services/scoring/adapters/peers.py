@@ -121,7 +121,7 @@ class Profile:
                     if cancelled():
                         raise errors.failed_precondition("the run was cancelled", reason="EVALUATION_CANCELLED")
                     if message.last:
-                        return self._matrix(ids, blocks, columns, names, header, as_of)
+                        return self._matrix(ids, blocks, columns, names, header, as_of, extra)
             except grpc.aio.AioRpcError as error:
                 if error.code() not in _TRANSIENT or resumes >= _STREAM_RESUMES_MAX:
                     raise _profile_error(error, "stream the feature matrix") from None
@@ -130,10 +130,11 @@ class Profile:
 
     @staticmethod
     def _matrix(ids: list[str], blocks: list[np.ndarray], columns: list[str], names: Sequence[str],
-                header: feature_pb2.FeatureMatrixHeader | None, as_of: datetime) -> Matrix:
+                header: feature_pb2.FeatureMatrixHeader | None, as_of: datetime, wanted: Sequence[str] = ()) -> Matrix:
+        """`wanted` extra columns are kept in Matrix.extra, also when the policy's names include them."""
         values = np.concatenate(blocks) if blocks else np.empty((0, len(columns)), dtype=np.float64)
         definitions = list(header.features) if header is not None else []
-        extra = {name: values[:, j].copy() for j, name in enumerate(columns) if j >= len(names)}
+        extra = {name: values[:, columns.index(name)].copy() for name in wanted}
         policy_values = np.ascontiguousarray(values[:, :len(names)])
         return Matrix(ids, policy_values, definitions[:len(names)], as_of, extra)
 
@@ -150,7 +151,7 @@ class Profile:
             raise _profile_error(error, "read the member's features") from None
         block = _columns(response.chunk, columns)
         matrix = self._matrix(list(response.chunk.member_ids), [block], columns, names, response.header,
-                              response.header.as_of.ToDatetime())
+                              response.header.as_of.ToDatetime(), extra)
         return matrix, list(response.missing_member_ids)
 
 

@@ -152,12 +152,6 @@ def _schedule_violations(policy: policy_pb2.Policy, path: str) -> list[FieldViol
             violations.append(FieldViolation(f"{path}.schedule.time_zone",
                                              f"{schedule.time_zone!r} is not an IANA time zone"))
     window = policy.qualification_window
-    if (window.kind == P.QUALIFICATION_WINDOW_KIND_ANNIVERSARY
-            and policy.WhichOneof("threshold_rule") == "qualifying_points"):
-        violations.append(FieldViolation(f"{path}.qualification_window.kind",
-                                         "ANNIVERSARY windows are not supported with the QUALIFYING POINTS rule yet "
-                                         "(each member would need its own window): use ROLLING_MONTHS or "
-                                         "CALENDAR_YEAR"))
     if window.rolling_months and window.kind not in (P.QUALIFICATION_WINDOW_KIND_ROLLING_MONTHS,
                                                      P.QUALIFICATION_WINDOW_KIND_UNSPECIFIED):
         violations.append(FieldViolation(f"{path}.qualification_window.rolling_months",

@@ -40,7 +40,8 @@ async def compare(pool: asyncpg.Pool, profile: Profile, rewards: Rewards, reques
     names: list[str] = []
     for policy in (base, candidate):
         names.extend(f.feature_name for f in policy.features if f.feature_name not in names)
-    matrix = await profile.stream(names, as_of, chunk_size)
+    tenure = [evaluation.TENURE] if any(evaluation.needs_tenure(p) for p in (base, candidate)) else []
+    matrix = await profile.stream(names, as_of, chunk_size, tenure)
     previous = None
     if request.apply_hysteresis:
         last = await runs_repo.last_applied(pool)
@@ -48,7 +49,8 @@ async def compare(pool: asyncpg.Pool, profile: Profile, rewards: Rewards, reques
             previous = await runs_repo.previous_tiers(pool, last["run_id"])
     results = []
     for p in (base, candidate):
-        points = await evaluation.qualifying_points(rewards, p, matrix.member_ids, as_of, zone)
+        points = await evaluation.qualifying_points(rewards, p, matrix.member_ids, as_of, zone,
+                                                    matrix.extra.get(evaluation.TENURE))
         columns = [names.index(f.feature_name) for f in p.features]
         results.append(_evaluate(p, matrix.values, columns, previous, matrix.member_ids, points))
     base_ladder, candidate_ladder = rules.tier_ids(base), rules.tier_ids(candidate)

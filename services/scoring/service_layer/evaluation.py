@@ -58,6 +58,7 @@ AS_OF_SKEW = timedelta(seconds=5)
 TENURE = "tenure_days"
 ONLINE_IDS_MAX = 1000  # a smaller population is asked for by id
 DAYS_PER_YEAR = 365
+ANNIVERSARY_CALLS_IN_FLIGHT = 8
 W = policy_pb2
 DIRECTIONS = {E.TIER_CHANGE_NEW: tiers_pb2.TIER_CHANGE_DIRECTION_INITIAL,
               E.TIER_CHANGE_UPGRADE: tiers_pb2.TIER_CHANGE_DIRECTION_UPGRADE,
@@ -88,16 +89,73 @@ async def resolve_policy(conn: DbConnection | asyncpg.Pool, policy_id: str, vers
     return active
 
 
-async def qualifying_points(rewards: Rewards, policy: policy_pb2.Policy, member_ids: Sequence[str], as_of: datetime,
-                            zone: Any) -> np.ndarray | None:
-    """For the QUALIFYING POINTS rule: each member's points in the policy's window (int64, aligned
-    with `member_ids`, 0 for members with none); None for the score rules."""
-    if policy.WhichOneof("threshold_rule") != "qualifying_points":
-        return None
-    ids, points = await rewards.qualifying_points(rules.window_start(policy, as_of, zone), as_of,
-                                                  member_ids if len(member_ids) <= ONLINE_IDS_MAX else ())
+def needs_tenure(policy: policy_pb2.Policy) -> bool:
+    """Anniversary windows are the member's own: placing members needs their tenure."""
+    return policy.qualification_window.kind == W.QUALIFICATION_WINDOW_KIND_ANNIVERSARY
+
+
+async def _points_in(rewards: Rewards, start: datetime, end: datetime, member_ids: Sequence[str]) -> np.ndarray:
+    """Points of `member_ids` (aligned, 0 for none) in [start, end): asked by id up to 1,000 members,
+    else the population's stream is read and picked from."""
+    if start >= end or not member_ids:
+        return np.zeros(len(member_ids), dtype=np.int64)
+    ids, points = await rewards.qualifying_points(start, end, member_ids if len(member_ids) <= ONLINE_IDS_MAX else ())
     index = dict(zip(ids, points.tolist(), strict=True))
     return np.fromiter((index.get(m, 0) for m in member_ids), dtype=np.int64, count=len(member_ids))
+
+
+async def _anniversary_points(rewards: Rewards, member_ids: Sequence[str], as_of: datetime, tenure: np.ndarray
+                              ) -> np.ndarray:
+    """Each member's qualifying points under an anniversary window: the better of its current
+    membership year so far, [last anniversary, as_of), and its last complete one, [anniversary a
+    year before, last anniversary). Status earned in a membership year holds through the next: a
+    member is judged on the year that just closed when its year turns (when downgrade_mask lets it
+    move down), and its points so far can lift it in the meantime. Years are 365 days from the
+    joining date (tenure_days as of as_of), as downgrade_mask counts them. Tenure is whole days, so a
+    year is taken to start at the beginning of its first day: up to a day early, never late (a
+    point earned in the year is never missed).
+
+    Members whose anniversaries fall on the same day share both windows: one rewards call per
+    window and day (by id up to 1,000 members), a bounded number in flight."""
+    n = len(member_ids)
+    days = np.maximum(np.nan_to_num(np.asarray(tenure, dtype=np.float64)), 0).astype(np.int64)
+    into_year = days % DAYS_PER_YEAR
+    has_past_year = days >= DAYS_PER_YEAR
+    ids = np.array(member_ids, dtype=object)
+    best = np.zeros(n, dtype=np.int64)
+    gate = asyncio.Semaphore(ANNIVERSARY_CALLS_IN_FLIGHT)
+
+    async def window(rows: np.ndarray, start: datetime, end: datetime) -> None:
+        for first in range(0, rows.size, ONLINE_IDS_MAX):
+            part = rows[first:first + ONLINE_IDS_MAX]
+            async with gate:
+                points = await _points_in(rewards, start, end, ids[part].tolist())
+            np.maximum.at(best, part, points)
+
+    calls = []
+    for offset in np.unique(into_year).tolist():
+        rows = np.flatnonzero(into_year == offset)
+        turned = as_of - timedelta(days=offset + 1)
+        calls.append(window(rows, turned, as_of))
+        past = rows[has_past_year[rows]]
+        if past.size:
+            calls.append(window(past, turned - timedelta(days=DAYS_PER_YEAR), turned))
+    await asyncio.gather(*calls)
+    return best
+
+
+async def qualifying_points(rewards: Rewards, policy: policy_pb2.Policy, member_ids: Sequence[str], as_of: datetime,
+                            zone: Any, tenure: np.ndarray | None = None) -> np.ndarray | None:
+    """For the QUALIFYING POINTS rule: each member's points in the policy's window (int64, aligned
+    with `member_ids`, 0 for members with none); None for the score rules. Anniversary windows need
+    the members' `tenure` (days, aligned) as of `as_of`."""
+    if policy.WhichOneof("threshold_rule") != "qualifying_points":
+        return None
+    if needs_tenure(policy):
+        if tenure is None or np.shape(tenure) != (len(member_ids),):
+            raise ValueError("anniversary windows need one tenure per member")
+        return await _anniversary_points(rewards, member_ids, as_of, tenure)
+    return await _points_in(rewards, rules.window_start(policy, as_of, zone), as_of, member_ids)
 
 
 async def start(conn: DbConnection, request: S.RunEvaluationRequest, actor: str, now: datetime
@@ -346,7 +404,7 @@ class RunWorker:
         ladder = rules.tier_ids(policy)
         started = time.perf_counter()
         await self._stage(held, STREAMING)
-        extra = [TENURE] if policy.qualification_window.kind == W.QUALIFICATION_WINDOW_KIND_ANNIVERSARY else []
+        extra = [TENURE] if needs_tenure(policy) else []
         matrix = await self._profile.stream([f.name for f in spec.features], row["as_of"],
                                             self._settings.stream_chunk_size, extra, cancelled=lambda: held.lost)
         streamed = time.perf_counter()
@@ -357,7 +415,8 @@ class RunWorker:
         previous, grace, raw_previous = align_previous(matrix.member_ids, previous_rows, ladder)
         allowed = downgrade_mask(policy, matrix, baseline["as_of"] if baseline is not None else None, row["as_of"],
                                  self._settings.zone)
-        points = await qualifying_points(self._rewards, policy, matrix.member_ids, row["as_of"], self._settings.zone)
+        points = await qualifying_points(self._rewards, policy, matrix.member_ids, row["as_of"], self._settings.zone,
+                                         matrix.extra.get(TENURE))
         result = kernel.evaluate(matrix.values, spec, previous, grace, points, allowed)
         percentiles = kernel.percentiles(result.raw_scores)
         changes = change_kinds(previous, result.placement.tier)

@@ -191,10 +191,21 @@ def change_id(request_id: str) -> str:
     return "online-" + hashlib.sha256(request_id.encode()).hexdigest()[:32]
 
 
-async def _qualifying(rewards: Rewards, context: Context, member_id: str, score: float, now: datetime, zone: Any
-                      ) -> tuple[int, int]:
+async def _tenure(profile: Profile, context: Context, member_id: str, now: datetime) -> np.ndarray | None:
+    """The member's tenure in days now, for a QUALIFYING POINTS policy with anniversary windows."""
+    if context.spec.rule != kernel.Rule.QUALIFYING_POINTS or not evaluation.needs_tenure(context.policy):
+        return None
+    matrix, missing = await profile.members([member_id], [], now, [evaluation.TENURE])
+    if missing or matrix.size == 0:
+        raise errors.not_found("member", member_id, reason="MEMBER_NOT_FOUND")
+    return matrix.extra[evaluation.TENURE]
+
+
+async def _qualifying(rewards: Rewards, profile: Profile, context: Context, member_id: str, score: float,
+                      now: datetime, zone: Any) -> tuple[int, int]:
     """The tier index the member qualifies for now, and its qualifying points (0 for score rules)."""
-    points = await evaluation.qualifying_points(rewards, context.policy, [member_id], now, zone)
+    tenure = await _tenure(profile, context, member_id, now)
+    points = await evaluation.qualifying_points(rewards, context.policy, [member_id], now, zone, tenure)
     if points is None:
         return context.qualifying(score), 0
     return context.qualifying(float(points[0])), int(points[0])
@@ -219,7 +230,7 @@ async def score_member(conn: DbConnection, profile: Profile, rewards: Rewards, c
     score = kernel.score_one(x, context.spec, context.stats)
     percentile = kernel.percentile_one(score, context.stats.score_quantiles)
     ladder = rules.tier_ids(context.policy)
-    qualifying, points = await _qualifying(rewards, context, request.member_id, score, now, zone)
+    qualifying, points = await _qualifying(rewards, profile, context, request.member_id, score, now, zone)
     index = ladder.index(current.tier_id) if current.tier_id in ladder else -1
     outcome, target = S.SCORE_OUTCOME_UNCHANGED, index
     if mode == S.SCORE_MODE_PREVIEW:
@@ -294,7 +305,7 @@ async def _explained_score(pool: asyncpg.Pool, profile: Profile, rewards: Reward
         value = kernel.score_one(x, context.spec, context.stats)
         current = await current_tier(pool, request.member_id)
         ladder = rules.tier_ids(context.policy)
-        index, points = await _qualifying(rewards, context, request.member_id, value, now, zone)
+        index, points = await _qualifying(rewards, profile, context, request.member_id, value, now, zone)
         score = _score_message(request.member_id, context, value, kernel.percentile_one(
             value, context.stats.score_quantiles), ladder[index], current.tier_id or ladder[index], current.tier_id,
             E.SCORE_SOURCE_ONLINE, now)
