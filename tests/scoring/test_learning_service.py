@@ -589,3 +589,67 @@ async def test_fairness_reports_the_benefit_value_each_group_gets(stubs: Stubs, 
     assert (code, reason) == (grpc.StatusCode.INVALID_ARGUMENT, "INVALID_POLICY")
     assert fields == ["policy.tiers[0].yearly_benefit_value", "policy.tiers[2].yearly_benefit_value",
                       "policy.tiers[1].yearly_benefit_value.amount_minor"]
+
+
+# ---- the QUALIFYING POINTS rule -----------------------------------------------------------------
+
+
+async def _points_settled(stubs: Stubs, metadata: Any) -> None:
+    """Until profile's outbox has delivered every purchase to rewards (which posts the points)."""
+    deadline = asyncio.get_running_loop().time() + LONG_S
+    while True:
+        status = await stubs.profile.GetOutboxStatus(P.GetOutboxStatusRequest(), metadata=metadata, timeout=10)
+        if status.pending_count == 0 and status.retrying_count == 0:
+            return
+        assert asyncio.get_running_loop().time() < deadline, status
+        await asyncio.sleep(0.5)
+
+
+def _points_policy() -> policy_pb2.Policy:
+    """The spend policy's ladder decided by qualifying points instead (about a point a yuan over a
+    rolling year): silver from 4,000 points, gold from 7,000."""
+    message = _spend_policy()
+    message.qualifying_points.min_points[:] = [4_000, 7_000]
+    return message
+
+
+async def test_upgrade_propensity_and_upgrade_auc_under_qualifying_points(
+        stubs: Stubs, operator: Any, analyst: Any, population: Population) -> None:
+    """"Upgraded" is read off the members' qualifying points at each date, as the policy decides
+    tiers: the model learns it, predictions give the points short of the next tier (no run needed),
+    and FitWeights' upgrade AUC is measured rather than left at 0.5."""
+    await _points_settled(stubs, operator)
+    tiers = await _policy(stubs, operator, _points_policy())
+    assert tiers.WhichOneof("threshold_rule") == "qualifying_points"
+    trained = (await stubs.scoring.TrainModel(S.TrainModelRequest(
+        request_id=uid("r"), kind=L.MODEL_KIND_UPGRADE_PROPENSITY, horizon_days=45,
+        policy=policy_pb2.PolicyRef(policy_id=tiers.policy_id),
+        feature_names=["purchase_count_30d", "purchase_count_365d", "net_spend_90d"], random_seed=5),
+        metadata=operator, timeout=LONG_S)).model
+    calibration = trained.calibration
+    assert 0 < calibration.base_rate < 0.6 and calibration.validation_members > 50, calibration
+    assert calibration.auc > 0.65, calibration
+
+    risers = sorted(m for m in population.riser if m in population.consenting)
+    reply = await stubs.scoring.PredictUpgradePropensity(S.PredictUpgradePropensityRequest(
+        members=S.MemberIdList(member_ids=risers), model_id=trained.model_id), metadata=operator, timeout=LONG_S)
+    assert reply.predictions and {p.member_id for p in reply.predictions} <= set(risers)
+    balances = {}
+    request = rewards_pb2.StreamQualifyingPointsRequest(member_ids=[p.member_id for p in reply.predictions])
+    request.window_start.FromDatetime(datetime.now(UTC) - timedelta(days=366))
+    async for chunk in stubs.rewards.StreamQualifyingPoints(request, metadata=analyst):
+        balances.update(zip(chunk.member_ids, chunk.points, strict=True))
+    minimum = {"silver": 4_000, "gold": 7_000}
+    for p in reply.predictions:
+        assert p.score_gap == 0 and 0 <= p.probability <= 1
+        points = balances.get(p.member_id, 0)
+        # The window is a rolling year in the time zone: a day's points at its edge may differ.
+        assert abs(p.points_gap - (minimum[p.next_tier_id] - points)) <= 400, (p, points)
+        assert p.points_gap > 0
+    top = await stubs.scoring.PredictUpgradePropensity(S.PredictUpgradePropensityRequest(
+        top=S.TopMembers(n=5), model_id=trained.model_id), metadata=operator, timeout=LONG_S)
+    assert len(top.predictions) == 5 and all(p.current_tier_id != "gold" for p in top.predictions)
+
+    fit = (await stubs.scoring.FitWeights(_fit_request(tiers, population.now), metadata=operator,
+                                          timeout=LONG_S)).fit
+    assert fit.proposed_metrics.upgrade_auc != 0.5 and 0.5 < fit.proposed_metrics.upgrade_auc <= 1, fit

@@ -37,8 +37,8 @@ class LearningApi:
         caller, now = actor(), datetime.now(UTC)
 
         async def fit(conn: DbConnection) -> S.FitWeightsResponse:
-            return await fitting.fit_weights(conn, self.profile, self.learning_profile, request, caller, now,
-                                             self.settings.stream_chunk_size)
+            return await fitting.fit_weights(conn, self.profile, self.learning_profile, self.rewards, request, caller,
+                                             now, self.settings.stream_chunk_size, self.settings.zone)
 
         return await run_once_in_transaction(self.runtime.pool, "FitWeights", request, S.FitWeightsResponse, fit)
 
@@ -75,8 +75,8 @@ class LearningApi:
         caller, now = actor(), datetime.now(UTC)
 
         async def train(conn: DbConnection) -> S.TrainModelResponse:
-            return await models.train(conn, self.profile, self.learning_profile, request, caller, now,
-                                      self.settings.stream_chunk_size)
+            return await models.train(conn, self.profile, self.learning_profile, self.rewards, request, caller, now,
+                                      self.settings.stream_chunk_size, self.settings.zone)
 
         return await run_once_in_transaction(self.runtime.pool, "TrainModel", request, S.TrainModelResponse, train)
 
@@ -88,8 +88,9 @@ class LearningApi:
 
     async def PredictUpgradePropensity(self, request: S.PredictUpgradePropensityRequest, context: Any
                                        ) -> S.PredictUpgradePropensityResponse:
-        return await predictions.predict(self.runtime.pool, self.learning_profile, self.contexts, request,
-                                         datetime.now(UTC), self.settings.stream_chunk_size)
+        return await predictions.predict(self.runtime.pool, self.learning_profile, self.rewards, self.contexts,
+                                         request, datetime.now(UTC), self.settings.stream_chunk_size,
+                                         self.settings.zone)
 
     async def RecommendCategories(self, request: S.RecommendCategoriesRequest, context: Any
                                   ) -> S.RecommendCategoriesResponse:

@@ -8,7 +8,9 @@ end of the training window, so that stream serves both):
 - V (validation_as_of): the base and the active policy's features, scored as a run at V would;
 - V + H: net_spend_<H>d (what the metrics judge) and the base features (the tier reached at V + H,
   whose rise over the tier at V is the "upgrade" of upgrade_auc; the base policy's ladder and rule,
-  without hysteresis, for every scoring compared).
+  without hysteresis, for every scoring compared). Under the QUALIFYING POINTS rule the tiers at V
+  and V + H come from each member's points in its window ending there (rewards' ledger), as a run
+  would place it.
 
 Training transforms use the kernel's population statistics at T (what a run at T would have used),
 over every member at T; the fit itself sees the members with history at T (any feature away from its
@@ -24,6 +26,7 @@ import time
 import uuid
 from dataclasses import dataclass
 from datetime import datetime, timedelta
+from typing import Any
 
 import numpy as np
 
@@ -35,10 +38,10 @@ from loyalty.scoring.v1 import policy_pb2
 from loyalty.scoring.v1 import scoring_service_pb2 as S
 from services.scoring.adapters import learning_repo, policies_repo
 from services.scoring.adapters.learning_peers import LearningProfile, Population
-from services.scoring.adapters.peers import Profile
+from services.scoring.adapters.peers import Profile, Rewards
 from services.scoring.domain import kernel, learning
 from services.scoring.domain import policy as rules
-from services.scoring.service_layer import policies
+from services.scoring.service_layer import models, policies
 from services.scoring.service_layer.learning_inputs import (
     SAMPLE_SIZE_DEFAULT,
     align,
@@ -135,18 +138,19 @@ class Inputs:
         return [f.feature_name for f in self.base.features]
 
     @property
-    def tiers_comparable(self) -> bool:
-        """Upgrades need tiers from scores: not under the QUALIFYING POINTS rule."""
-        return self.base.WhichOneof("threshold_rule") != "qualifying_points"
+    def points_rule(self) -> bool:
+        """Under the QUALIFYING POINTS rule upgrades come from the members' points, not their scores."""
+        return models.is_points_rule(self.base)
 
     def reads(self) -> dict[datetime, list[str]]:
         """Feature names to stream per date."""
         d = self.dates
         active = [f.feature_name for f in self.active.features] if self.active is not None else []
         wanted: dict[datetime, list[str]] = {}
-        tiers = self.base_names if self.tiers_comparable else []
+        tiers = models.tenure_names(self.base) if self.points_rule else self.base_names
         for at, names in ((d.training, self.base_names), (d.training + d.horizon, [self.target]),
-                          (d.validation, self.base_names + active), (d.validation + d.horizon, [self.value, *tiers])):
+                          (d.validation, self.base_names + active + tiers),
+                          (d.validation + d.horizon, [self.value, *tiers])):
             listed = wanted.setdefault(at, [])
             listed.extend(n for n in names if n not in listed)
         return wanted
@@ -196,7 +200,8 @@ def _without_constants(fit: learning.FitResult, T: np.ndarray, l1_norm: float) -
     return dataclasses.replace(fit, weights=weights * (l1_norm / total) if total > 0 else weights)
 
 
-def _validate(inputs: Inputs, fit: learning.FitResult, at_v: Population, after_v: Population
+def _validate(inputs: Inputs, fit: learning.FitResult, at_v: Population, after_v: Population,
+              points: tuple[np.ndarray | None, np.ndarray | None] = (None, None)
               ) -> tuple[learning.ValidationMetrics, learning.ValidationMetrics | None,
                          learning.ValidationMetrics | None]:
     spec = rules.spec_of(inputs.base)
@@ -209,8 +214,11 @@ def _validate(inputs: Inputs, fit: learning.FitResult, at_v: Population, after_v
     rows, value_rows = rows[picked], value_rows[picked]
     value = after_v.columns([inputs.value])[value_rows, 0]
     X = at_v.columns(names)
-    upgraded = None
-    if inputs.tiers_comparable:
+    if inputs.points_rule:  # the tiers each member's points qualify for at V and at V + H
+        before, after = (models.population_standing(p, inputs.base, q).tier for p, q in zip(
+            (at_v, after_v), points, strict=True))
+        upgraded = after[value_rows] > before[rows]
+    else:
         upgraded = _qualifying(after_v.columns(names), spec)[value_rows] > _qualifying(X, spec)[rows]
     proposed = learning.validation_metrics(_scores(X, with_weights(spec, fit.weights))[rows], value, upgraded)
     current = None
@@ -225,12 +233,14 @@ def _validate(inputs: Inputs, fit: learning.FitResult, at_v: Population, after_v
     return proposed, current, ranker
 
 
-def learn(inputs: Inputs, populations: dict[datetime, Population]) -> Outcome:
-    """The CPU part (numpy, scikit-learn), run off the event loop."""
+def learn(inputs: Inputs, populations: dict[datetime, Population],
+          points: tuple[np.ndarray | None, np.ndarray | None] = (None, None)) -> Outcome:
+    """The CPU part (numpy, scikit-learn), run off the event loop. `points`: the members' qualifying
+    points at V and V + H under the QUALIFYING POINTS rule."""
     d = inputs.dates
     fit, trained = _train(inputs, populations[d.training], populations[d.training + d.horizon])
     proposed, current, ranker = _validate(inputs, fit, populations[d.validation],
-                                          populations[d.validation + d.horizon])
+                                          populations[d.validation + d.horizon], points)
     return Outcome(fit, trained, proposed, current, ranker)
 
 
@@ -248,8 +258,8 @@ def _proposal(inputs: Inputs, weights: np.ndarray, request: S.FitWeightsRequest,
     return proposed
 
 
-async def fit_weights(conn: DbConnection, profile: Profile, learning_profile: LearningProfile,
-                      request: S.FitWeightsRequest, actor: str, now: datetime, chunk_size: int
+async def fit_weights(conn: DbConnection, profile: Profile, learning_profile: LearningProfile, rewards: Rewards,
+                      request: S.FitWeightsRequest, actor: str, now: datetime, chunk_size: int, zone: Any
                       ) -> S.FitWeightsResponse:
     """Inside the request-id transaction: learn, store the DRAFT proposal and the fit."""
     started = time.perf_counter()
@@ -261,7 +271,11 @@ async def fit_weights(conn: DbConnection, profile: Profile, learning_profile: Le
                     method=request.method, alpha=request.ridge_alpha or RIDGE_ALPHA_DEFAULT,
                     sample_size=request.sample_size or SAMPLE_SIZE_DEFAULT, seed=seed_of(request.random_seed))
     populations = {at: await learning_profile.stream(names, at, chunk_size) for at, names in inputs.reads().items()}
-    outcome = await asyncio.to_thread(learn, inputs, populations)
+    points: tuple[np.ndarray | None, np.ndarray | None] = (None, None)
+    if inputs.points_rule:
+        points = (await models.population_points(rewards, base, populations[dates.validation], zone),
+                  await models.population_points(rewards, base, populations[dates.validation + dates.horizon], zone))
+    outcome = await asyncio.to_thread(learn, inputs, populations, points)
 
     fit_id = f"fit-{uuid.uuid4().hex}"
     proposal = _proposal(inputs, outcome.fit.weights, request, fit_id)

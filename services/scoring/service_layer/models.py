@@ -3,10 +3,12 @@
 Upgrade propensity, out of time. With H the horizon and A the request's as_of, three feature streams:
 features at A − 2H against the tier reached at A − H train the model; features at A − H against the
 tier reached at A validate it (the calibration report). "Reached a higher tier" compares the policy's
-qualifying tiers (its rule and thresholds over the population of each date, no hysteresis). The
-inputs are the requested features and, always, the member's score gap to the next tier (how far
-above the score is a threshold: the strongest sign of an upgrade to come). Members at the top tier
-(nothing to reach) and without profiling consent are left out.
+qualifying tiers, decided as the policy decides them: its score rule and thresholds over the
+population of each date, or under the QUALIFYING POINTS rule each member's points in its window
+ending at that date (rewards' ledger) against the minimum points; no hysteresis. The inputs are the
+requested features and, always, the member's gap to the next tier (score, or points short: the
+strongest sign of an upgrade to come). Members at the top tier (nothing to reach) and without
+profiling consent are left out.
 
 Category recommender: item-based collaborative filtering on the member × category spend matrix.
 Profile exports that matrix as lifetime totals (it is not kept per day, so no earlier matrix can be
@@ -22,6 +24,7 @@ import time
 import uuid
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
+from typing import Any
 
 import asyncpg
 import numpy as np
@@ -36,7 +39,7 @@ from loyalty.scoring.v1 import policy_pb2
 from loyalty.scoring.v1 import scoring_service_pb2 as S
 from services.scoring.adapters import learning_repo
 from services.scoring.adapters.learning_peers import LearningProfile, Population
-from services.scoring.adapters.peers import Profile
+from services.scoring.adapters.peers import Profile, Rewards
 from services.scoring.domain import kernel, propensity, recommend
 from services.scoring.domain import policy as rules
 from services.scoring.service_layer import evaluation
@@ -98,8 +101,37 @@ def standing(scores: np.ndarray, thresholds: np.ndarray, ladder: list[str]) -> S
     return Standing(tier, gap, ladder)
 
 
-def _population_standing(population: Population, policy: policy_pb2.Policy) -> Standing:
-    """Tiers as a run over this population would qualify them (its own statistics and thresholds)."""
+def is_points_rule(policy: policy_pb2.Policy) -> bool:
+    return policy.WhichOneof("threshold_rule") == "qualifying_points"
+
+
+def points_standing(points: np.ndarray, policy: policy_pb2.Policy) -> Standing:
+    """Tiers and points gaps under the QUALIFYING POINTS rule."""
+    return standing(points.astype(np.float64), np.array(policy.qualifying_points.min_points, dtype=np.float64),
+                    rules.tier_ids(policy))
+
+
+def tenure_names(policy: policy_pb2.Policy) -> list[str]:
+    """The column a population needs beside the policy's features to place members by points."""
+    return [evaluation.TENURE] if is_points_rule(policy) and evaluation.needs_tenure(policy) else []
+
+
+async def population_points(rewards: Rewards, policy: policy_pb2.Policy, population: Population, zone: Any,
+                            as_of: datetime | None = None) -> np.ndarray | None:
+    """Each member's qualifying points at `as_of` (default the population's date; None for the
+    score rules)."""
+    tenure = population.columns(tenure_names(policy))[:, 0] if tenure_names(policy) else None
+    return await evaluation.qualifying_points(rewards, policy, population.member_ids, as_of or population.as_of, zone,
+                                              tenure)
+
+
+def population_standing(population: Population, policy: policy_pb2.Policy, points: np.ndarray | None = None
+                        ) -> Standing:
+    """Tiers as a run over this population would qualify them: its own statistics and thresholds, or
+    under the QUALIFYING POINTS rule the members' `points` at that date."""
+    if is_points_rule(policy):
+        assert points is not None, "the QUALIFYING POINTS rule places members by their points"
+        return points_standing(points, policy)
     spec = rules.spec_of(policy)
     X = population.columns([f.feature_name for f in policy.features])
     n = X.shape[0]
@@ -107,10 +139,9 @@ def _population_standing(population: Population, policy: policy_pb2.Policy) -> S
     return standing(result.raw_scores, result.thresholds, rules.tier_ids(policy))
 
 
-def _upgrade_set(at: Population, after: Population, policy: policy_pb2.Policy, names: list[str], size: int,
+def _upgrade_set(at: Population, after: Population, before: Standing, later: Standing, names: list[str], size: int,
                  seed: int) -> tuple[np.ndarray, np.ndarray]:
     """(inputs, reached a higher tier) of the consenting members below the top tier at `at`."""
-    before, later = _population_standing(at, policy), _population_standing(after, policy)
     rows, later_rows = align(at.member_ids, after.member_ids)
     keep = (at.consent & before.can_rise)[rows]
     rows, later_rows = rows[keep], later_rows[keep]
@@ -126,10 +157,12 @@ class Trained:
     arrays: dict[str, np.ndarray]
 
 
-def _learn_propensity(policy: policy_pb2.Policy, names: list[str], streams: list[Population], method: int,
-                      size: int, seed: int) -> tuple[propensity.PropensityFit, int]:
-    X_train, y_train = _upgrade_set(streams[0], streams[1], policy, names, size, seed)
-    X_valid, y_valid = _upgrade_set(streams[1], streams[2], policy, names, size, seed + 1)
+def _learn_propensity(policy: policy_pb2.Policy, names: list[str], streams: list[Population],
+                      points: list[np.ndarray | None], method: int, size: int, seed: int
+                      ) -> tuple[propensity.PropensityFit, int]:
+    standings = [population_standing(s, policy, p) for s, p in zip(streams, points, strict=True)]
+    X_train, y_train = _upgrade_set(streams[0], streams[1], standings[0], standings[1], names, size, seed)
+    X_valid, y_valid = _upgrade_set(streams[1], streams[2], standings[1], standings[2], names, size, seed + 1)
     if y_train.size < PROPENSITY_MEMBERS_MIN or y_valid.size < PROPENSITY_MEMBERS_MIN:
         raise not_enough_history(
             f"{y_train.size} members to train on and {y_valid.size} to validate on below the top tier with profiling "
@@ -151,23 +184,21 @@ def _calibration(report: propensity.CalibrationReport) -> L.CalibrationReport:
                                observed_rate=b.observed_rate, count=b.count) for b in report.bins])
 
 
-async def _train_propensity(conn: DbConnection, profile: Profile, learning_profile: LearningProfile,
-                            request: S.TrainModelRequest, method: int, as_of: datetime, chunk_size: int
+async def _train_propensity(conn: DbConnection, profile: Profile, learning_profile: LearningProfile, rewards: Rewards,
+                            request: S.TrainModelRequest, method: int, as_of: datetime, chunk_size: int, zone: Any
                             ) -> Trained:
     policy = await evaluation.resolve_policy(conn, request.policy.policy_id, request.policy.version)
-    if policy.WhichOneof("threshold_rule") == "qualifying_points":
-        raise errors.failed_precondition(
-            f"policy {policy.policy_id} v{policy.version} places members by qualifying points, not by score: "
-            "upgrade propensity is learned for the score rules only", reason="QUALIFYING_POINTS_NOT_SUPPORTED")
     policy_names = [f.feature_name for f in policy.features]
     names = list(request.feature_names) or policy_names
     if request.feature_names:
         await check_feature_names(profile, names, "feature_names")
     horizon = timedelta(days=request.horizon_days or HORIZON_DAYS_DEFAULT)
-    wanted = [*names, *(n for n in policy_names if n not in names)]
-    streams = [await learning_profile.stream(wanted if i < 2 else policy_names, as_of - (2 - i) * horizon, chunk_size)
+    placing = [*policy_names, *(n for n in tenure_names(policy) if n not in policy_names)]
+    wanted = [*names, *(n for n in placing if n not in names)]
+    streams = [await learning_profile.stream(wanted if i < 2 else placing, as_of - (2 - i) * horizon, chunk_size)
                for i in range(3)]
-    fitted, trained = await asyncio.to_thread(_learn_propensity, policy, names, streams, method,
+    points = [await population_points(rewards, policy, s, zone) for s in streams]
+    fitted, trained = await asyncio.to_thread(_learn_propensity, policy, names, streams, points, method,
                                               request.sample_size or SAMPLE_SIZE_DEFAULT, seed_of(request.random_seed))
     model = L.Model(kind=PROPENSITY, method=method, training_as_of=timestamp(as_of - horizon),  # type: ignore[arg-type]
                     horizon_days=horizon.days, policy=policy_pb2.PolicyRef(policy_id=policy.policy_id,
@@ -228,14 +259,16 @@ async def _train_recommender(learning_profile: LearningProfile, request: S.Train
 # ---- use cases ------------------------------------------------------------------------------------
 
 
-async def train(conn: DbConnection, profile: Profile, learning_profile: LearningProfile, request: S.TrainModelRequest,
-                actor: str, now: datetime, chunk_size: int) -> S.TrainModelResponse:
+async def train(conn: DbConnection, profile: Profile, learning_profile: LearningProfile, rewards: Rewards,
+                request: S.TrainModelRequest, actor: str, now: datetime, chunk_size: int, zone: Any
+                ) -> S.TrainModelResponse:
     """Inside the request-id transaction: train, store, make the model the latest of its kind."""
     started = time.perf_counter()
     method = method_of(request)
     as_of = evaluation.as_of_of(request, "as_of", now)
     if request.kind == PROPENSITY:
-        trained = await _train_propensity(conn, profile, learning_profile, request, method, as_of, chunk_size)
+        trained = await _train_propensity(conn, profile, learning_profile, rewards, request, method, as_of,
+                                          chunk_size, zone)
     else:
         trained = await _train_recommender(learning_profile, request, as_of, chunk_size)
     model = trained.model

@@ -3,13 +3,16 @@
 A member's current tier and score gap, the propensity model's last input, come from the model
 policy's latest successful run: its statistics and thresholds score the members now, as online
 scoring does (FAILED_PRECONDITION NO_EVALUATION_STATISTICS before any run of that policy). The tier
-is the qualifying one, before hysteresis: the tier the member would reach at the next cycle.
+is the qualifying one, before hysteresis: the tier the member would reach at the next cycle. Under
+the QUALIFYING POINTS rule the tier and the gap come from the member's points now, as a run would
+count them (rewards' ledger, the policy's window), and no run is needed.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 from datetime import datetime
+from typing import Any
 
 import asyncpg
 import numpy as np
@@ -20,10 +23,22 @@ from loyalty.scoring.v1 import learning_pb2 as L
 from loyalty.scoring.v1 import scoring_service_pb2 as S
 from services.scoring.adapters import learning_repo, policies_repo, runs_repo
 from services.scoring.adapters.learning_peers import LearningProfile, Population
+from services.scoring.adapters.peers import Rewards
 from services.scoring.domain import kernel, propensity, recommend
 from services.scoring.domain import policy as rules
 from services.scoring.service_layer import online
-from services.scoring.service_layer.models import PROBE_FEATURE, PROPENSITY, RECOMMENDER, SPEND, model_for, standing
+from services.scoring.service_layer.models import (
+    PROBE_FEATURE,
+    PROPENSITY,
+    RECOMMENDER,
+    SPEND,
+    is_points_rule,
+    model_for,
+    points_standing,
+    population_points,
+    standing,
+    tenure_names,
+)
 
 TOP_N_DEFAULT = recommend.TOP_N_DEFAULT
 
@@ -47,22 +62,30 @@ def _scores(population: Population, context: online.Context, one_by_one: bool) -
     return kernel.scores(kernel.transform(X, context.spec, context.stats), context.spec)
 
 
-async def predict(pool: asyncpg.Pool, learning_profile: LearningProfile, contexts: online.Contexts,
-                  request: S.PredictUpgradePropensityRequest, now: datetime, chunk_size: int
+async def predict(pool: asyncpg.Pool, learning_profile: LearningProfile, rewards: Rewards, contexts: online.Contexts,
+                  request: S.PredictUpgradePropensityRequest, now: datetime, chunk_size: int, zone: Any
                   ) -> S.PredictUpgradePropensityResponse:
     row = await model_for(pool, request.model_id, PROPENSITY)
     message = learning_repo.model_message(row)
     model = propensity.PropensityModel.from_arrays(learning_repo.unpack_arrays(bytes(row["arrays"])))
-    context = await _context(pool, contexts, message)
+    policy = await policies_repo.get(pool, message.policy.policy_id, message.policy.version)
+    points_rule = is_points_rule(policy)
+    context = None if points_rule else await _context(pool, contexts, message)
     names = list(message.feature_names)
-    wanted = [*names, *(f.feature_name for f in context.policy.features if f.feature_name not in names)]
+    placing = [f.feature_name for f in policy.features] if context is not None else tenure_names(policy)
+    wanted = [*names, *(n for n in placing if n not in names)]
     asked = request.WhichOneof("target") == "members"
     if asked:
         population, _ = await learning_profile.members(list(request.members.member_ids), wanted, now)
     else:
         population = await learning_profile.stream(wanted, now, chunk_size)
-    place = standing(_scores(population, context, one_by_one=asked), context.thresholds,
-                     rules.tier_ids(context.policy))
+    if context is None:
+        points = await population_points(rewards, policy, population, zone, now)
+        assert points is not None
+        place = points_standing(points, policy)
+    else:
+        place = standing(_scores(population, context, one_by_one=asked), context.thresholds,
+                         rules.tier_ids(context.policy))
     eligible = np.flatnonzero(population.consent & place.can_rise)
     probability = np.zeros(population.size)
     if eligible.size:
@@ -85,7 +108,8 @@ async def predict(pool: asyncpg.Pool, learning_profile: LearningProfile, context
     response = S.PredictUpgradePropensityResponse(predictions=[
         L.UpgradePropensity(member_id=population.member_ids[i], current_tier_id=ladder[int(place.tier[i])],
                             next_tier_id=ladder[int(place.tier[i]) + 1], probability=float(probability[i]),
-                            score_gap=float(place.gap[i])) for i in chosen])
+                            score_gap=0.0 if points_rule else float(place.gap[i]),
+                            points_gap=int(place.gap[i]) if points_rule else 0) for i in chosen])
     response.model.CopyFrom(message)
     if not request.include_calibration:
         response.model.ClearField("calibration")
