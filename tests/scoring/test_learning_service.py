@@ -653,3 +653,43 @@ async def test_upgrade_propensity_and_upgrade_auc_under_qualifying_points(
     fit = (await stubs.scoring.FitWeights(_fit_request(tiers, population.now), metadata=operator,
                                           timeout=LONG_S)).fit
     assert fit.proposed_metrics.upgrade_auc != 0.5 and 0.5 < fit.proposed_metrics.upgrade_auc <= 1, fit
+
+
+# ---- exclude_purchased --------------------------------------------------------------------------
+
+
+async def _bought_since(stubs: Stubs, metadata: Any, member_id: str, days: int) -> set[str]:
+    request = P.ListMemberEventsRequest(member_id=member_id, page_size=1000)
+    request.occurred_after.FromDatetime(datetime.now(UTC) - timedelta(days=days))
+    reply = await stubs.profile.ListMemberEvents(request, metadata=metadata)
+    return {i.category for e in reply.events if e.event.HasField("purchase") for i in e.event.purchase.items}
+
+
+async def test_exclude_purchased_leaves_out_only_what_was_bought_in_the_window(
+        stubs: Stubs, operator: Any, analyst: Any, population: Population) -> None:
+    """exclude_purchased follows the purchases of the last `purchased_within_days` days (365 by
+    default): a category bought only before that may be recommended again."""
+    model = (await stubs.scoring.TrainModel(S.TrainModelRequest(
+        request_id=uid("r"), kind=L.MODEL_KIND_CATEGORY_RECOMMENDER, random_seed=2), metadata=operator,
+        timeout=LONG_S)).model
+    big = [m for m in population.of("big") if m in population.consenting]
+    for days in (30, 0):
+        reply = await stubs.scoring.RecommendCategories(S.RecommendCategoriesRequest(
+            member_ids=big, top_n=8, exclude_purchased=True, purchased_within_days=days, model_id=model.model_id),
+            metadata=operator, timeout=LONG_S)
+        for entry in reply.recommendations:
+            recent = await _bought_since(stubs, operator, entry.member_id, days or 365)
+            assert {r.category for r in entry.recommendations} == set(WORLDS[0] + WORLDS[1]) - recent, entry
+    # Big buyers order every ~100 days: some bought a category of theirs only before the last 30 days.
+    window = await stubs.scoring.RecommendCategories(S.RecommendCategoriesRequest(
+        member_ids=big, top_n=8, exclude_purchased=True, purchased_within_days=30, model_id=model.model_id),
+        metadata=operator, timeout=LONG_S)
+    again = [e for e in window.recommendations
+             if {r.category for r in e.recommendations} & set(population.categories[e.member_id])]
+    assert again, "a category bought long ago was never recommended again"
+
+    for fields, wrong in (({"purchased_within_days": 30}, "purchased_within_days"),
+                          ({"purchased_within_days": 731, "exclude_purchased": True}, "purchased_within_days")):
+        code, _, violations = await rpc_error(stubs.scoring.RecommendCategories(S.RecommendCategoriesRequest(
+            member_ids=big[:1], **fields), metadata=operator))
+        assert (code, violations) == (grpc.StatusCode.INVALID_ARGUMENT, [wrong])

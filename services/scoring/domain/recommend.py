@@ -118,7 +118,7 @@ def _popularity_key(model: ItemCfModel) -> np.ndarray:
 
 
 def _rank(model: ItemCfModel, rows: sparse.csr_matrix, top_n: int, exclude_purchased: bool, popular_fallback: bool,
-          collaborative: bool = True) -> tuple[np.ndarray, np.ndarray]:
+          collaborative: bool = True, exclude: sparse.csr_matrix | None = None) -> tuple[np.ndarray, np.ndarray]:
     """(categories, scores), each (members, top_n), best first, -1 / 0 where fewer are left.
 
     Categories with a positive similarity score come first, by score; then (when popular_fallback)
@@ -136,6 +136,8 @@ def _rank(model: ItemCfModel, rows: sparse.csr_matrix, top_n: int, exclude_purch
         key[scores <= 0] = -np.inf
     if exclude_purchased:
         key[interest.nonzero()] = -np.inf
+    if exclude is not None:
+        key[sparse.csr_matrix(exclude).nonzero()] = -np.inf
     n = min(top_n, model.categories)
     if n <= 0 or m == 0:
         return np.full((m, 0), -1, dtype=np.int64), np.zeros((m, 0))
@@ -146,16 +148,19 @@ def _rank(model: ItemCfModel, rows: sparse.csr_matrix, top_n: int, exclude_purch
 
 
 def recommend(model: ItemCfModel, member_rows: sparse.csr_matrix, top_n: int = TOP_N_DEFAULT,
-              exclude_purchased: bool = False, popular_fallback: bool = True) -> list[list[tuple[int, float]]]:
+              exclude_purchased: bool = False, popular_fallback: bool = True,
+              exclude: sparse.csr_matrix | None = None) -> list[list[tuple[int, float]]]:
     """Top-N (category index, score) per member row, best first.
 
     Categories similar to what the member bought come first, by similarity-weighted score. When those
     run out, or the row is empty (no category history), the most popular categories fill the list
     with score 0 — unless popular_fallback is False, in which case an empty row gets an empty list
     (the caller reports RECOMMENDATION_EXCLUSION_NO_HISTORY). exclude_purchased leaves out the
-    categories the row already holds.
+    categories the row already holds; `exclude` (same shape, non-zero = leave out) names the categories
+    to leave out instead, e.g. those bought recently.
     """
-    categories, scores = _rank(model, sparse.csr_matrix(member_rows), top_n, exclude_purchased, popular_fallback)
+    categories, scores = _rank(model, sparse.csr_matrix(member_rows), top_n, exclude_purchased, popular_fallback,
+                               exclude=exclude)
     return [[(c, s) for c, s in zip(row_c, row_s, strict=True) if c >= 0]
             for row_c, row_s in zip(categories.tolist(), scores.tolist(), strict=True)]
 

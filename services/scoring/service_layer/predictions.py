@@ -11,7 +11,7 @@ count them (rewards' ledger, the policy's window), and no run is needed.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Any
 
 import asyncpg
@@ -19,6 +19,7 @@ import numpy as np
 from scipy import sparse
 
 from libs import errors
+from libs.errors import FieldViolation
 from loyalty.scoring.v1 import learning_pb2 as L
 from loyalty.scoring.v1 import scoring_service_pb2 as S
 from services.scoring.adapters import learning_repo, policies_repo, runs_repo
@@ -41,6 +42,7 @@ from services.scoring.service_layer.models import (
 )
 
 TOP_N_DEFAULT = recommend.TOP_N_DEFAULT
+PURCHASED_WITHIN_DAYS_DEFAULT = 365  # exclude_purchased: what the member bought in the last year
 
 
 async def _context(pool: asyncpg.Pool, contexts: online.Contexts, model: L.Model) -> online.Context:
@@ -135,6 +137,9 @@ async def recommend_categories(pool: asyncpg.Pool, learning_profile: LearningPro
     arrays = learning_repo.unpack_arrays(bytes(row["arrays"]))
     vocabulary = [str(c) for c in arrays.pop("vocabulary").tolist()]
     model = recommend.ItemCfModel.from_arrays(arrays)
+    if request.purchased_within_days and not request.exclude_purchased:
+        raise errors.invalid_argument([FieldViolation("purchased_within_days",
+                                                      "is the window of exclude_purchased: set exclude_purchased")])
     ids = list(request.member_ids)
     population = await learning_profile.stream([PROBE_FEATURE], now, chunk_size, category_measure=SPEND,
                                                member_ids=ids)
@@ -155,7 +160,17 @@ async def recommend_categories(pool: asyncpg.Pool, learning_profile: LearningPro
             served.append((entry, i))
     if served:
         member_rows = rows[[i for _, i in served]]
-        found = recommend.recommend(model, member_rows, request.top_n or TOP_N_DEFAULT, request.exclude_purchased)
+        exclude = None
+        if request.exclude_purchased:
+            days = request.purchased_within_days or PURCHASED_WITHIN_DAYS_DEFAULT
+            bought = await learning_profile.purchased_categories([e.member_id for e, _ in served],
+                                                                 now - timedelta(days=days), now)
+            column = {c: j for j, c in enumerate(vocabulary)}
+            cells = [(k, column[c]) for k, (e, _) in enumerate(served) for c in bought.get(e.member_id, ())
+                     if c in column]
+            exclude = sparse.csr_matrix((np.ones(len(cells)), ([r for r, _ in cells], [c for _, c in cells])),
+                                        shape=member_rows.shape)
+        found = recommend.recommend(model, member_rows, request.top_n or TOP_N_DEFAULT, exclude=exclude)
         reasons = recommend.because_of(model, member_rows, found)
         for (entry, _), picks, why in zip(served, found, reasons, strict=True):
             entry.recommendations.extend(
