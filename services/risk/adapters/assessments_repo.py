@@ -76,8 +76,8 @@ async def lock_members(conn: DbConnection, first_seen: dict[str, datetime]) -> N
 # planner only uses a partial index when the query's own predicate on that table implies the index's.
 _HISTORY_SQL = """
 WITH i AS (
-    SELECT * FROM unnest($1::int[], $2::text[], $3::timestamptz[], $4::text[], $5::text[], $6::text[], $8::text[])
-        AS i(idx, member_id, t, device_id, ip, order_id, source_event_id)
+    SELECT (p.n - 1)::int AS idx, p.member_id, p.t, p.device_id, p.ip, p.order_id, p.source_event_id
+    FROM unnest($1::accrual_probe[]) WITH ORDINALITY AS p(member_id, t, device_id, ip, order_id, source_event_id, n)
 )
 SELECT i.idx, v.*, p.*, r.*, d.device_members, n.ip_members, o.order_members,
        m.first_seen, m.member_since, m.tier_id, m.recent_points, m.version,
@@ -97,7 +97,7 @@ CROSS JOIN LATERAL (
            array_agg(DISTINCT a.ip) FILTER (WHERE a.ip <> '' AND a.occurred_at > i.t - interval '24 hours') AS ips_24h,
            coalesce(sum(a.browse_seconds) FILTER (
                WHERE a.is_browse AND a.occurred_at >= date_trunc('day', i.t, 'UTC')), 0) AS browse_seconds_today,
-           count(*) FILTER (WHERE a.is_purchase AND a.amount_minor < $7
+           count(*) FILTER (WHERE a.is_purchase AND a.amount_minor < $2
                             AND a.occurred_at > i.t - interval '24 hours') AS small_orders_24h
     FROM assessments a
     WHERE a.member_id = i.member_id AND a.occurred_at > i.t - interval '168 hours' AND a.occurred_at <= i.t
@@ -143,9 +143,9 @@ async def read(conn: DbConnection, accruals: Sequence[Accrual], small_order_mino
     if not accruals:
         return []
     rows = await conn.fetch(
-        _HISTORY_SQL, list(range(len(accruals))), [a.member_id for a in accruals],
-        [a.occurred_at for a in accruals], [a.device_id for a in accruals], [a.ip for a in accruals],
-        [a.order_id for a in accruals], small_order_minor, [a.source_event_id for a in accruals],
+        _HISTORY_SQL,
+        [(a.member_id, a.occurred_at, a.device_id, a.ip, a.order_id, a.source_event_id) for a in accruals],
+        small_order_minor,
     )
     out: list[ItemRead | None] = [None] * len(accruals)
     for row in rows:
@@ -166,39 +166,35 @@ async def read(conn: DbConnection, accruals: Sequence[Accrual], small_order_mino
 class Writes:
     """Everything one assessment call writes, sent as one statement."""
 
-    assessments: list[tuple[Any, ...]]  # ASSESSMENT_COLUMNS order, signals as a list of floats
+    assessments: list[tuple[Any, ...]]  # WRITE_COLUMNS order
+    signals: list[list[float]]  # each assessment's signals (catalogue order), all of one length
     cases: list[tuple[str, str, str, datetime, datetime]]  # case_id, assessment_id, member_id, created, sla due
     members: list[MemberWrite]
     assessed_at: datetime
 
 
-ASSESSMENT_COLUMNS = (
+# The fields of the row type assessment_write (migration 0005), in order: every assessments column
+# but assessed_at (the round's) and signals (sent apart, see write()).
+WRITE_COLUMNS = (
     "assessment_id", "source_event_id", "request_sha256", "member_id", "event_type", "is_purchase", "is_browse",
     "points", "amount_minor", "currency", "order_id", "device_id", "ip", "tier_id", "occurred_at",
     "browse_seconds", "decision", "score", "anomaly_score", "rule_set_version", "model_version", "case_id",
-    "assessed_at", "signals", "assessment", "explanation",
+    "assessment", "explanation",
 )
-_TYPES = ("text", "text", "bytea", "text", "smallint", "boolean", "boolean", "bigint", "bigint", "text", "text",
-          "text", "text", "text", "timestamptz", "integer", "smallint", "float8", "float8", "bigint", "text", "text",
-          "timestamptz", "", "bytea", "bytea")
-_SIGNALS = ASSESSMENT_COLUMNS.index("signals")
-_UNNESTED = [(name, kind) for name, kind in zip(ASSESSMENT_COLUMNS, _TYPES, strict=True) if kind]
-_N = len(_UNNESTED)
-# Arrays of arrays cannot be unnested row by row, so the signals travel flattened (one float8[] of
-# rows x width, parameter N+1, the width N+2) and each row takes its slice.
-_SELECTED = ", ".join(f"x.{name}" if name != "signals" else f"(${_N + 1}::float8[])[(x.n - 1) * ${_N + 2} + 1 :"
-                      f" x.n * ${_N + 2}]" for name in ASSESSMENT_COLUMNS)
-# The members' upsert claims each member whose stored version is still the one read (a missing row
-# being version 0); a member whose version moved is left out, and so are its assessments and cases.
-_M = _N + 2  # the members' arrays start after the assessments' and the signals'
+ASSESSMENT_COLUMNS = (*WRITE_COLUMNS[:WRITE_COLUMNS.index("case_id") + 1], "assessed_at", "signals",
+                      *WRITE_COLUMNS[WRITE_COLUMNS.index("case_id") + 1:])
+_SOURCES = {"assessed_at": "$3", "signals": "s.flat[(x.n - 1) * $10 + 1 : x.n * $10]"}
+# Rows, not columns: asyncpg checks each array element in Python (~0.2 us), so one array of rows per
+# table costs a check per row where an array per column cost one per value. The signals travel as
+# one rows x width float8[] ($9, checked per row too) that PostgreSQL flattens once; each row takes
+# its slice. The members' upsert claims each member whose stored version is still the one read (a
+# missing row being version 0); a member whose version moved is left out, and so are its
+# assessments and cases.
 _WRITE_SQL = f"""
 WITH claimed AS (
     INSERT INTO members AS m (member_id, first_seen, member_since, tier_id, recent_points, version, last_assessed_at)
-    SELECT u.member_id, u.first_seen, u.member_since, u.tier_id, u.recent_points::bigint[], u.read_version + 1,
-           ${_M + 12}
-    FROM unnest(${_M + 1}::text[], ${_M + 2}::timestamptz[], ${_M + 3}::timestamptz[], ${_M + 4}::text[],
-                ${_M + 5}::text[], ${_M + 6}::bigint[])
-        AS u(member_id, first_seen, member_since, tier_id, recent_points, read_version)
+    SELECT u.member_id, u.first_seen, u.member_since, u.tier_id, u.recent_points::bigint[], u.read_version + 1, $3
+    FROM unnest($2::member_write[]) AS u
     ORDER BY u.member_id
     ON CONFLICT (member_id) DO UPDATE SET
         first_seen = least(m.first_seen, EXCLUDED.first_seen),
@@ -209,17 +205,18 @@ WITH claimed AS (
         last_assessed_at = EXCLUDED.last_assessed_at
     WHERE m.version = EXCLUDED.version - 1
     RETURNING m.member_id
+), s AS (
+    SELECT ARRAY(SELECT unnest($9::float8[])) AS flat
 ), new_assessments AS (
     INSERT INTO assessments ({", ".join(ASSESSMENT_COLUMNS)})
-    SELECT {_SELECTED}
-    FROM unnest({", ".join(f"${i + 1}::{kind}[]" for i, (_, kind) in enumerate(_UNNESTED))})
-        WITH ORDINALITY AS x({", ".join(name for name, _ in _UNNESTED)}, n)
+    SELECT {", ".join(_SOURCES.get(name, f"x.{name}") for name in ASSESSMENT_COLUMNS)}
+    FROM unnest($1::assessment_write[]) WITH ORDINALITY AS x({", ".join(WRITE_COLUMNS)}, n) CROSS JOIN s
     WHERE x.member_id IN (SELECT member_id FROM claimed)
     RETURNING assessment_id
 ), new_cases AS (
     INSERT INTO cases (case_id, assessment_id, member_id, status, created_at, sla_due_at)
-    SELECT c, a, y.m, 1, t, s FROM unnest(${_M + 7}::text[], ${_M + 8}::text[], ${_M + 9}::text[],
-                                          ${_M + 10}::timestamptz[], ${_M + 11}::timestamptz[]) AS y(c, a, m, t, s)
+    SELECT c, a, y.m, 1, t, s FROM unnest($4::text[], $5::text[], $6::text[], $7::timestamptz[], $8::timestamptz[])
+        AS y(c, a, m, t, s)
     WHERE y.a IN (SELECT assessment_id FROM new_assessments)
     RETURNING case_id
 )
@@ -236,21 +233,14 @@ async def write(conn: DbConnection, writes: Writes) -> set[str]:
     leaves nothing behind); returns the members claimed. Only their assessments and cases are in:
     the caller reads the others again. Cases reference their assessment: the foreign key is checked
     at the end of the statement, when both are in."""
-    columns: list[list[Any]] = [[] for _ in _UNNESTED]
-    flat: list[float] = []
-    for record in writes.assessments:
-        flat.extend(record[_SIGNALS])
-        for column, value in zip(columns, record[:_SIGNALS] + record[_SIGNALS + 1:], strict=True):
-            column.append(value)
-    cases, members = writes.cases, writes.members
-    width = len(writes.assessments[0][_SIGNALS]) if writes.assessments else 0
+    cases, signals = writes.cases, writes.signals
     row = await conn.fetchrow(
-        _WRITE_SQL, *columns, flat, width,
-        [m.member_id for m in members], [m.first_seen for m in members], [m.member_since for m in members],
-        [m.tier_id for m in members], [_int_array(m.recent_points) for m in members],
-        [m.read_version for m in members],
+        _WRITE_SQL, writes.assessments,
+        [(m.member_id, m.first_seen, m.member_since, m.tier_id, _int_array(m.recent_points), m.read_version)
+         for m in writes.members],
+        writes.assessed_at,
         [c[0] for c in cases], [c[1] for c in cases], [c[2] for c in cases], [c[3] for c in cases],
-        [c[4] for c in cases], writes.assessed_at,
+        [c[4] for c in cases], signals, len(signals[0]) if signals else 0,
     )
     assert row is not None
     return set(row["claimed"])

@@ -246,7 +246,7 @@ class Assessor:
         assessed_at = timestamp_pb2.Timestamp()
         assessed_at.FromDatetime(now)
         sla = timedelta(hours=self._settings.case_sla_hours)
-        records, cases = [], []
+        records, cases, signals = [], [], []
         assessed: dict[str, assessment_pb2.Assessment] = {}
         ids = _uuid4_strings(len(items))
         for item, model, assessment_id in zip(items, models, ids, strict=True):
@@ -267,11 +267,11 @@ class Assessor:
                 item.request.amount.currency, accrual.order_id, accrual.device_id, accrual.ip, accrual.tier_id,
                 accrual.occurred_at, accrual.browse_seconds, int(decision), judgement.score,
                 model.anomaly_score if model else 0.0, snapshot.rule_set.version, model.version if model else "",
-                assessment.case_id or None, now, _signal_values(item.signals),
-                assessment.SerializeToString(), explanation,
+                assessment.case_id or None, assessment.SerializeToString(), explanation,
             ))
+            signals.append(list(_signal_values(item.signals)))
             assessed[accrual.source_event_id] = assessment
-        claimed = await repo.write(conn, repo.Writes(records, cases, list(members.values()), now))
+        claimed = await repo.write(conn, repo.Writes(records, signals, cases, list(members.values()), now))
         return claimed, {key: a for key, a in assessed.items() if a.member_id in claimed}
 
     @staticmethod
@@ -368,7 +368,7 @@ def _add_reasons(field: Any, reasons: Sequence[Reason]) -> None:
                   action=int(reason.action), mode=int(reason.mode), contribution=reason.contribution)
 
 
-_signal_values = itemgetter(*sig.NAMES)  # a signals dict's values in catalogue order, as a tuple
+_signal_values = itemgetter(*sig.NAMES)  # a signals dict's values in catalogue order
 # The version nibble is 4 and the variant bits 10 (RFC 4122), as uuid.uuid4() sets them.
 _VARIANT = {digit: "89ab"[int(digit, 16) & 3] for digit in "0123456789abcdef"}
 
