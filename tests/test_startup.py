@@ -66,7 +66,7 @@ def test_supervisor_starts_everything_from_nothing_and_stops_cleanly(tmp_path: P
         env[f"LOYALTY_{name.upper()}_ADDR"] = address
     log_path = tmp_path / "up.log"
     with log_path.open("wb") as log:
-        process = subprocess.Popen([sys.executable, "-m", "tools.cli", "up"], env=env, cwd=REPO_ROOT,
+        process = subprocess.Popen([sys.executable, "-m", "tools.cli", "up", "--no-demo"], env=env, cwd=REPO_ROOT,
                                    stdout=log, stderr=subprocess.STDOUT)
     try:
         deadline = time.monotonic() + 120

@@ -15,6 +15,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -248,7 +249,8 @@ def _print_tail(path: Path, lines: int = 30) -> None:
 
 def run_up(settings: Settings, services: Sequence[str] = SERVICE_NAMES, gateway: bool = True,
            when_ready: Callable[[], None] | None = None) -> int:
-    """Run the suite until a signal; `when_ready` runs once everything serves (the demo load)."""
+    """Run the suite until a signal; `when_ready` runs in a thread of its own once everything
+    serves (the demo load), while the supervisor goes on restarting services that die."""
     supervisor = Supervisor(settings, services, gateway)
 
     def on_signal(signum: int, _frame: object) -> None:
@@ -266,8 +268,8 @@ def run_up(settings: Settings, services: Sequence[str] = SERVICE_NAMES, gateway:
         http_children = {c.name: f"http://{c.address}" for c in supervisor.children if c.http}
         (settings.state_dir / "up.json").write_text(json.dumps(
             {"pid": os.getpid(), "services": grpc_children, **http_children}, indent=2))
-        if when_ready is not None:
-            when_ready()
+        if when_ready is not None:  # in the background: the supervisor keeps watching meanwhile
+            threading.Thread(target=when_ready, name="when-ready", daemon=True).start()
         supervisor.watch()
         return 0
     finally:

@@ -6,17 +6,20 @@ from __future__ import annotations
 
 import json
 from collections import defaultdict
+from collections.abc import Iterator
 from datetime import UTC, date, datetime, timedelta
 from pathlib import Path
 
+import grpc
 import pytest
 
-from libs.settings import get_settings
+from libs.settings import Settings, get_settings
 from libs.validation import validate
 from loyalty.risk.v1 import cases_pb2, risk_pb2
-from tests.cli.conftest import Stubs, loyalty
-from tests.scoring.conftest import Stack
-from tools.commands.demo import Loader
+from loyalty.risk.v1.risk_pb2_grpc import RiskServiceStub
+from tests.cli.conftest import loyalty
+from tests.scoring.conftest import Stack, own_stack
+from tools.commands.demo import Loader, load_on_first_start
 from tools.demo import SEGMENTS, calendar_factor, generate
 
 NOW = datetime(2026, 11, 20, 12, 0, tzinfo=UTC)
@@ -101,8 +104,16 @@ async def test_generate_writes_jsonl_and_refuses_bad_sizes(tmp_path: Path) -> No
     assert await loyalty("demo", "generate", "--members", "2", "--out", str(out)) == 2
 
 
+@pytest.fixture(scope="module")
+def demo_stack(pg_dsn: str, service_env: dict[str, str], state_dir: Path) -> Iterator[Stack]:
+    """A stack of its own: loading activates the demo policy, which the policy tests must not see."""
+    with own_stack(pg_dsn, service_env, state_dir, "loyalty_demo") as running:
+        yield running
+
+
 async def test_loading_creates_members_points_cases_tiers_and_segments_once(
-        stack: Stack, stubs: Stubs, dev_tokens: dict[str, str]) -> None:
+        demo_stack: Stack, dev_tokens: dict[str, str]) -> None:
+    stack = demo_stack
     population = generate(seed=21, members=30, days=21, rings=1)
     said: list[str] = []
     loader = Loader(get_settings(), dev_tokens["admin"], said.append, address=stack.address)
@@ -120,8 +131,34 @@ async def test_loading_creates_members_points_cases_tiers_and_segments_once(
     assert again.members == len(population.members)
     assert again.events == {"duplicate": len(population.events)}
     ring = [m.member.member_id for m in population.members if m.ring]
-    cases = await stubs.risk.ListCases(risk_pb2.ListCasesRequest(statuses=[cases_pb2.CASE_STATUS_OPEN],
-                                                                 page_size=500), metadata=(
-        ("authorization", f"Bearer {dev_tokens['admin']}"),))
+    async with grpc.aio.insecure_channel(stack.address("risk")) as channel:
+        cases = await RiskServiceStub(channel).ListCases(
+            risk_pb2.ListCasesRequest(statuses=[cases_pb2.CASE_STATUS_OPEN], page_size=500),
+            metadata=(("authorization", f"Bearer {dev_tokens['admin']}"),))
     assert {c.member_id for c in cases.cases} & set(ring), "the fraud ring opened no review case"
     assert any("recording" in line for line in said)
+
+
+def test_up_loads_the_demo_once_per_state_folder(demo_stack: Stack, dev_tokens: dict[str, str], tmp_path: Path,
+                                                 capsys: pytest.CaptureFixture[str]) -> None:
+    (tmp_path / "dev-tokens.json").write_text(json.dumps({"admin": dev_tokens["admin"]}))
+    settings = Settings(state_dir=tmp_path, **{f"{name}_addr": demo_stack.address(name)
+                                               for name in ("profile", "scoring", "rewards", "risk")})
+
+    load_on_first_start(settings, members=12, days=7)
+    first = capsys.readouterr().out
+    load_on_first_start(settings, members=12, days=7)
+    second = capsys.readouterr().out
+
+    assert "demo: recording" in first and "tiers (" in first
+    marker = json.loads((tmp_path / "demo.json").read_text())
+    assert marker["members"] >= 12 and marker["seed"] == 7
+    assert "already loaded" in second and "demo: recording" not in second
+
+
+def test_up_reports_a_demo_it_could_not_load_and_goes_on(tmp_path: Path, capsys: pytest.CaptureFixture[str]
+                                                         ) -> None:
+    settings = Settings(state_dir=tmp_path)  # no development tokens there: nothing to call with
+    load_on_first_start(settings, members=12, days=7)
+    assert "demo data: not loaded" in capsys.readouterr().err
+    assert not (tmp_path / "demo.json").exists()

@@ -133,16 +133,26 @@ def browser(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
     if not CHROMIUM.exists():
         pytest.fail(f"{CHROMIUM} is missing: `python3 dev.py setup` installs the Debian package chromium")
     profile = tmp_path_factory.mktemp("chromium-profile")
-    with sync_playwright() as playwright:
-        context = playwright.chromium.launch_persistent_context(
-            str(profile), executable_path=str(CHROMIUM), headless=True, args=CHROMIUM_ARGS,
-            viewport={"width": 1280, "height": 900})
-        context.set_default_timeout(UI_TIMEOUT_MS)
-        try:
-            yield context
-        finally:
-            context.close()
-            shutil.rmtree(profile, ignore_errors=True)
+    # Playwright's sync API leaves the main thread without a current event loop when it stops;
+    # the session's loop is put back so later synchronous tests that drive it still find it.
+    policy = asyncio.get_event_loop_policy()
+    try:
+        session_loop: asyncio.AbstractEventLoop | None = policy.get_event_loop()
+    except RuntimeError:
+        session_loop = None
+    try:
+        with sync_playwright() as playwright:
+            context = playwright.chromium.launch_persistent_context(
+                str(profile), executable_path=str(CHROMIUM), headless=True, args=CHROMIUM_ARGS,
+                viewport={"width": 1280, "height": 900})
+            context.set_default_timeout(UI_TIMEOUT_MS)
+            try:
+                yield context
+            finally:
+                context.close()
+                shutil.rmtree(profile, ignore_errors=True)
+    finally:
+        policy.set_event_loop(session_loop)
 
 
 @dataclass

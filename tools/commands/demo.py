@@ -220,14 +220,14 @@ def load_demo(settings: Settings, token: str, *, seed: int, members: int, days: 
     return summary
 
 
-def load_on_first_start(settings: Settings) -> None:
+def load_on_first_start(settings: Settings, members: int = 1000, days: int = 90) -> None:
     """`loyalty up`: load the demo once per state folder; a failure is reported, never fatal."""
     if marker_path(settings).exists():
         print(f"demo data: already loaded ({marker_path(settings)}); `loyalty demo load` loads more", flush=True)
         return
     try:
         token = resolve_token(argparse.Namespace(token=None), settings)
-        summary = load_demo(settings, token, seed=7, members=1000, days=90, rings=3,
+        summary = load_demo(settings, token, seed=7, members=members, days=days, rings=3,
                             say=lambda text: print(f"demo: {text}", flush=True))
     except (CommandError, grpc.RpcError, OSError) as error:
         print(f"demo data: not loaded ({error}); the services keep running", file=sys.stderr, flush=True)
