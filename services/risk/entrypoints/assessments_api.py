@@ -4,6 +4,7 @@ use case, protobuf out. Requests arrive authenticated and validated by the contr
 from __future__ import annotations
 
 import ipaddress
+import re
 from typing import Any
 
 from libs.auth import current_principal
@@ -24,12 +25,21 @@ def can_read_pii() -> bool:
     return principal is not None and principal.allows(PII_SCOPE)
 
 
+# A dotted quad exactly as ipaddress accepts it (ASCII digits, octets 0-255, no leading zeros): its
+# /24 is its text up to the last dot, without parsing (ipaddress took ~5 us per masked assessment).
+_OCTET = "(?:25[0-5]|2[0-4][0-9]|1[0-9][0-9]|[1-9]?[0-9])"
+_IPV4 = re.compile(rf"(?:{_OCTET}\.){{3}}{_OCTET}")
+
+
 def mask_ip(ip: str) -> str:
     """The network part only: 203.0.113.7 -> 203.0.113.0/24, 2001:db8::1 -> 2001:db8::/48."""
     if not ip:
         return ip
+    host = ip.split("/")[0]
+    if _IPV4.fullmatch(host):
+        return f"{host[:host.rindex('.')]}.0/24"
     try:
-        address = ipaddress.ip_address(ip.split("/")[0])
+        address = ipaddress.ip_address(host)
     except ValueError:
         return "***"
     prefix = 24 if address.version == 4 else 48
