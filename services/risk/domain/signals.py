@@ -190,24 +190,28 @@ def compute_signals(accrual: Accrual, stored: StoredHistory, batch: BatchMemory,
     purchase_minor, purchases = stored.purchase_minor_90d, stored.purchases_90d
     recent = list(stored.recent_points)
     today = day_start(t)
+    # Each window's start once per accrual (`_in(window, e, t)` is `t - window < e <= t`).
+    bounds = [(t - window, pair) for window, pair in counts.items()]
+    day_from, refund_from = t - DAY, t - REFUND_WINDOW
     for earlier in [*batch.by_member.get(accrual.member_id, ()), *([accrual] if include_self else [])]:
         e = earlier.occurred_at
-        for window, pair in counts.items():
-            if _in(window, e, t):
-                pair[0] += 1
-                pair[1] += earlier.points
-        if _in(DAY, e, t):
-            if earlier.device_id:
-                devices.add(earlier.device_id)
-            if earlier.ip:
-                ips.add(earlier.ip)
-            if earlier.is_purchase and earlier.amount_minor < SMALL_ORDER_MINOR:
-                small += 1
-        if earlier.is_browse and today <= e <= t:
-            browse_today += earlier.browse_seconds
-        if earlier.is_purchase and _in(REFUND_WINDOW, e, t):
-            purchase_minor += earlier.amount_minor
-            purchases += 1
+        if e <= t:
+            for start, pair in bounds:
+                if start < e:
+                    pair[0] += 1
+                    pair[1] += earlier.points
+            if day_from < e:
+                if earlier.device_id:
+                    devices.add(earlier.device_id)
+                if earlier.ip:
+                    ips.add(earlier.ip)
+                if earlier.is_purchase and earlier.amount_minor < SMALL_ORDER_MINOR:
+                    small += 1
+            if earlier.is_browse and today <= e:
+                browse_today += earlier.browse_seconds
+            if earlier.is_purchase and refund_from < e:
+                purchase_minor += earlier.amount_minor
+                purchases += 1
         if earlier is not accrual:
             recent.append(earlier.points)
     recent = recent[-OWN_HISTORY:]

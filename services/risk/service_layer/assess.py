@@ -281,8 +281,12 @@ class Assessor:
             return [None] * len(items)
         forest = active.forest
         try:
-            vectors = np.array([[i.signals[n] for n in forest.feature_names] for i in items  # type: ignore[index]
-                                ], dtype=np.float64)
+            names = forest.feature_names
+            if len(names) > 1:
+                features = itemgetter(*names)  # a tuple of the row's features (one look-up in C)
+                vectors = np.array([features(i.signals) for i in items], dtype=np.float64)  # type: ignore[arg-type]
+            else:
+                vectors = np.array([[i.signals[names[0]]] for i in items], dtype=np.float64)  # type: ignore[index]
             if len(items) == 1:
                 scores = [forest.score_one(vectors[0])]
                 tops = [forest.explain_one(vectors[0], top=TOP_SIGNALS)]
