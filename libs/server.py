@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import logging
 import signal
 from collections.abc import Awaitable, Callable, Sequence
@@ -38,6 +39,22 @@ from libs.settings import Settings, get_settings
 from libs.telemetry import configure_tracing
 
 log = logging.getLogger("loyalty.server")
+
+# Young-generation collections every GC_GEN0 net container allocations instead of CPython's 700.
+# A batch allocates a few hundred objects per item (messages, rows, signals), so the default ran the
+# collector every few items and a full collection every few batches: 20-35% of risk's batch path.
+# Memory held by garbage cycles waits a little longer; nothing else changes.
+GC_GEN0 = 10_000
+
+
+def tune_gc() -> None:
+    """Once a service has loaded what it keeps for good (modules, configuration, caches): those
+    objects move to the permanent generation, so no collection walks them again."""
+    gc.collect()
+    gc.freeze()
+    _, gen1, gen2 = gc.get_threshold()
+    gc.set_threshold(GC_GEN0, gen1, gen2)
+
 
 
 @dataclass
@@ -167,6 +184,7 @@ class ServiceProcess:
                                                        self.metrics_settings.outbox_sample_s_min))
         if self.spec.on_ready is not None:
             await self.spec.on_ready(self.runtime)
+        tune_gc()
         await self._set_health(health_pb2.HealthCheckResponse.SERVING)
         log.info("serving", extra={"port": self.bound_port})
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import gc
 from pathlib import Path
 from typing import Any
 
@@ -15,22 +14,6 @@ from services.risk.service_layer import rulesets
 from services.risk.service_layer.case_relay import start_case_relay
 
 SERVICE_DIR = Path(__file__).resolve().parent
-
-# Young-generation collections every GC_GEN0 net container allocations instead of CPython's 700.
-# An assessment round allocates a few hundred objects per accrual (signals, outcomes, messages), so
-# the default ran the collector every few accruals and a full one every few rounds; it was 20-35% of
-# the batch path's CPU. Memory held by garbage cycles waits a little longer, nothing else changes.
-GC_GEN0 = 10_000
-
-
-def tune_gc() -> None:
-    """Call once the process has loaded what it keeps for good (modules, configuration): those
-    objects move to the permanent generation, so no collection walks them again."""
-    gc.collect()
-    gc.freeze()
-    _, gen1, gen2 = gc.get_threshold()
-    gc.set_threshold(GC_GEN0, gen1, gen2)
-
 
 def build_spec() -> ServiceSpec:
     servicers: list[RiskServicer] = []
@@ -51,7 +34,6 @@ def build_spec() -> ServiceSpec:
             runtime.background.append(asyncio.create_task(servicer.config.run(asyncio.Event()),
                                                           name="risk-config"))
         runtime.background.append(start_case_relay(runtime))
-        tune_gc()
 
     return ServiceSpec(
         name="risk",
