@@ -4,6 +4,7 @@ finds what the first created."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 from collections import defaultdict
 from collections.abc import Iterator
@@ -139,15 +140,16 @@ async def test_loading_creates_members_points_cases_tiers_and_segments_once(
     assert any("recording" in line for line in said)
 
 
-def test_up_loads_the_demo_once_per_state_folder(demo_stack: Stack, dev_tokens: dict[str, str], tmp_path: Path,
-                                                 capsys: pytest.CaptureFixture[str]) -> None:
+async def test_up_loads_the_demo_once_per_state_folder(demo_stack: Stack, dev_tokens: dict[str, str],
+                                                       tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """In a thread, as `loyalty up` runs it (its asyncio.run would unset the session's loop here)."""
     (tmp_path / "dev-tokens.json").write_text(json.dumps({"admin": dev_tokens["admin"]}))
     settings = Settings(state_dir=tmp_path, **{f"{name}_addr": demo_stack.address(name)
                                                for name in ("profile", "scoring", "rewards", "risk")})
 
-    load_on_first_start(settings, members=12, days=7)
+    await asyncio.to_thread(load_on_first_start, settings, 12, 7)
     first = capsys.readouterr().out
-    load_on_first_start(settings, members=12, days=7)
+    await asyncio.to_thread(load_on_first_start, settings, 12, 7)
     second = capsys.readouterr().out
 
     assert "demo: recording" in first and "tiers (" in first
