@@ -3,6 +3,7 @@ or a fresh database on the cluster DATABASE_URL names), and real service process
 
 from __future__ import annotations
 
+import asyncio
 import json
 import shutil
 import tempfile
@@ -24,6 +25,13 @@ def pg_dsn() -> Iterator[str]:
     """A DSN to an empty database that lives for the test session."""
     with throwaway_database("loyalty_test") as dsn:
         yield dsn
+
+
+@pytest.fixture(scope="session")
+async def session_loop() -> asyncio.AbstractEventLoop:
+    """The loop the session's async fixtures run on, for synchronous tests (hypothesis) that drive
+    it themselves: the thread's "current" loop is not reliable once any code called asyncio.run."""
+    return asyncio.get_running_loop()
 
 
 @pytest.fixture(scope="session")

@@ -111,8 +111,9 @@ async def _stored(pool: asyncpg.Pool, member_id: str) -> dict[str, Any]:
 
 @settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(specs=event_specs, split=st.integers(min_value=1, max_value=7), retry=st.booleans())
-def test_aggregates_equal_a_recomputation_from_raw_events(profile_pool: asyncpg.Pool, specs: Any, split: int,
-                                                          retry: bool) -> None:
+def test_aggregates_equal_a_recomputation_from_raw_events(profile_pool: asyncpg.Pool,
+                                                          session_loop: asyncio.AbstractEventLoop, specs: Any,
+                                                          split: int, retry: bool) -> None:
     ev = Events(now=NOW)
     events = _build(ev, specs)
 
@@ -124,9 +125,7 @@ def test_aggregates_equal_a_recomputation_from_raw_events(profile_pool: asyncpg.
                 await record(profile_pool, *batch)  # a retried batch changes nothing
         return await _oracle(profile_pool, ev.member_id), await _stored(profile_pool, ev.member_id)
 
-    loop = asyncio.get_event_loop_policy().get_event_loop()
-    expected, stored = loop.run_until_complete(scenario()) if not loop.is_running() else (None, None)
-    assert expected is not None and stored is not None
+    expected, stored = session_loop.run_until_complete(scenario())
     assert stored["lifetime"] == +expected["lifetime"]
     assert stored["daily"] == {day: +counts for day, counts in expected["daily"].items() if +counts}
     assert stored["categories"] == {c: +counts for c, counts in expected["categories"].items()}
