@@ -63,14 +63,18 @@ class Snapshot:
     lot_ids: list[int]
 
 
-_SNAPSHOT_SQL = """
-WITH RECURSIVE chain(start, member_id, depth) AS (
+# WITH RECURSIVE items: `survivor` (start, member_id) maps each member of $1 to the member it was
+# merged into, followed to the end (itself when not merged).
+_SURVIVOR_CTES = """chain(start, member_id, depth) AS (
         SELECT m, m, 0 FROM unnest($1::text[]) AS m
       UNION ALL
         SELECT c.start, a.merged_into, c.depth + 1
           FROM chain c JOIN accounts a ON a.member_id = c.member_id
          WHERE a.merged_into IS NOT NULL AND c.depth < 16),
-     survivor AS (SELECT DISTINCT ON (start) start, member_id FROM chain ORDER BY start, depth DESC),
+     survivor AS (SELECT DISTINCT ON (start) start, member_id FROM chain ORDER BY start, depth DESC)"""
+
+_SNAPSHOT_SQL = """
+WITH RECURSIVE """ + _SURVIVOR_CTES + """,
      credited AS (SELECT DISTINCT member_id FROM survivor){budgets_cte}
 SELECT array(SELECT (a.member_id, a.source_event_id, a.payload_sha256, a.result)
                FROM accruals a JOIN unnest($2::text[], $3::text[]) AS k(m, s)
@@ -124,14 +128,7 @@ async def snapshot(conn: DbConnection, keys: Sequence[tuple[str, str]], members:
 async def survivors(conn: DbConnection, member_ids: Iterable[str]) -> dict[str, str]:
     """Each member's survivor: itself, or the member it was merged into (followed to the end)."""
     wanted = sorted(set(member_ids))
-    rows = await conn.fetch(
-        """WITH RECURSIVE chain(start, member_id, depth) AS (
-               SELECT m, m, 0 FROM unnest($1::text[]) AS m
-             UNION ALL
-               SELECT c.start, a.merged_into, c.depth + 1
-                 FROM chain c JOIN accounts a ON a.member_id = c.member_id
-                WHERE a.merged_into IS NOT NULL AND c.depth < 16)
-           SELECT DISTINCT ON (start) start, member_id FROM chain ORDER BY start, depth DESC""", wanted)
+    rows = await conn.fetch(f"WITH RECURSIVE {_SURVIVOR_CTES} SELECT start, member_id FROM survivor", wanted)
     return {r["start"]: r["member_id"] for r in rows}
 
 
