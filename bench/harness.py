@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable, Coroutine, Iterator
 from contextlib import AbstractContextManager, contextmanager
 from pathlib import Path
+from typing import Any
 
 import grpc
 import numpy as np
@@ -56,14 +57,42 @@ def percentile(values: list[float], q: float) -> float:
     return float(np.percentile(np.array(values), q))
 
 
+async def open_loop(start_one: Callable[[float], Coroutine[Any, Any, None]], rate: float, seconds: float,
+                    wait_s: float | None = None) -> float:
+    """Start `start_one(scheduled)` `rate` times a second for `seconds`, each at its scheduled time
+    whether or not the earlier ones have answered (open loop: a stall is not hidden), then wait
+    for those in flight (at most `wait_s`); returns the seconds elapsed."""
+    in_flight: set[asyncio.Task[None]] = set()
+    failures: list[BaseException] = []
+
+    def finished(task: asyncio.Task[None]) -> None:
+        in_flight.discard(task)
+        error = None if task.cancelled() else task.exception()
+        if error is not None:
+            failures.append(error)
+
+    start = time.perf_counter()
+    for i in range(int(rate * seconds)):
+        scheduled = start + i / rate
+        delay = scheduled - time.perf_counter()
+        if delay > 0:
+            await asyncio.sleep(delay)
+        task = asyncio.create_task(start_one(scheduled))
+        in_flight.add(task)
+        task.add_done_callback(finished)
+    if in_flight:
+        await asyncio.wait(set(in_flight), timeout=wait_s)
+    if failures:  # what the caller did not expect is not hidden
+        raise failures[0]
+    return time.perf_counter() - start
+
+
 async def paced(call: Callable[[], Awaitable[object]], rate: float, seconds: float) -> dict[str, float]:
     """Start `call` `rate` times a second for `seconds` (open loop: each latency counts from the call's
     scheduled start, so a stall is not hidden); p50 / p99 / max and the errors."""
     total = int(rate * seconds)
     latencies: list[float] = []
     errors = 0
-    in_flight: set[asyncio.Task[None]] = set()
-    start = time.perf_counter()
 
     async def one(scheduled: float) -> None:
         nonlocal errors
@@ -73,16 +102,7 @@ async def paced(call: Callable[[], Awaitable[object]], rate: float, seconds: flo
         except grpc.aio.AioRpcError:
             errors += 1
 
-    for i in range(total):
-        scheduled = start + i / rate
-        delay = scheduled - time.perf_counter()
-        if delay > 0:
-            await asyncio.sleep(delay)
-        task = asyncio.create_task(one(scheduled))
-        in_flight.add(task)
-        task.add_done_callback(in_flight.discard)
-    await asyncio.gather(*in_flight)
-    elapsed = time.perf_counter() - start
+    elapsed = await open_loop(one, rate, seconds)
     return {"calls": total, "errors": errors, "achieved_per_s": len(latencies) / elapsed,
             "p50_ms": percentile(latencies, 50), "p99_ms": percentile(latencies, 99),
             "max_ms": max(latencies) if latencies else float("nan")}

@@ -38,7 +38,7 @@ from typing import Any
 
 import grpc
 
-from bench.harness import database, percentile, service
+from bench.harness import database, open_loop, percentile, service
 from libs.auth import ensure_dev_tokens
 from libs.errors import details_from_rpc_error
 from libs.settings import SERVICE_NAMES, get_settings
@@ -236,20 +236,12 @@ class LoadRun:
                       "balance": self._balance, "score": self._score, "review": self._review}
         names = list(WEIGHTS)
         weights = [WEIGHTS[n] for n in names]
-        total = int(rate * seconds)
-        tasks: set[asyncio.Task[None]] = set()
-        start = time.perf_counter()
-        for i in range(total):
-            scheduled = start + i / rate
-            delay = scheduled - time.perf_counter()
-            if delay > 0:
-                await asyncio.sleep(delay)
-            task = asyncio.create_task(operations[self.rng.choices(names, weights)[0]](report, scheduled))
-            tasks.add(task)
-            task.add_done_callback(tasks.discard)
-        if tasks:
-            await asyncio.wait(tasks, timeout=60)
-        report.achieved = total / (time.perf_counter() - start)
+
+        async def one(scheduled: float) -> None:
+            await operations[self.rng.choices(names, weights)[0]](report, scheduled)
+
+        elapsed = await open_loop(one, rate, seconds, wait_s=60)
+        report.achieved = int(rate * seconds) / elapsed
         report.orders = len(self.orders)
         await self.check(report)
         return report
@@ -292,7 +284,7 @@ async def run_load(address: Callable[[str], str], token: str, rate: float, secon
 @contextmanager
 def suite(state_dir: Path) -> Iterator[Callable[[str], str]]:
     """The four services on a throw-away database, each knowing where the others are."""
-    ports = {name: free_port() for name in SERVICE_NAMES}
+    ports: dict[str, int] = {name: free_port() for name in SERVICE_NAMES}
     env = {f"LOYALTY_{name.upper()}_ADDR": f"127.0.0.1:{port}" for name, port in ports.items()}
     with database() as dsn, ExitStack() as stack:
         for name in ("risk", "rewards", "profile", "scoring"):
