@@ -34,11 +34,13 @@ async def test_applies_in_order_and_is_idempotent(db: asyncpg.Connection, servic
     schema = "mig_once"
     assert not await is_migrated(db, schema, service_dir)
     applied = await migrate(db, schema, service_dir)
-    assert applied == ["libs/0001_idempotency_keys", "mig_once/0001_accounts", "mig_once/0002_entries"]
-    assert await _tables(db, schema) == {"schema_migrations", "idempotency_keys", "accounts", "entries"}
+    shared = ["libs/0001_idempotency_keys", "libs/0002_audit_trail", "libs/0003_message_texts"]
+    assert applied == [*shared, "mig_once/0001_accounts", "mig_once/0002_entries"]
+    assert await _tables(db, schema) == {"schema_migrations", "idempotency_keys", "audit_events", "audit_chain_head",
+                                         "message_texts", "accounts", "entries"}
     assert await is_migrated(db, schema, service_dir)
     assert await migrate(db, schema, service_dir) == []  # second run: nothing to do
-    assert await db.fetchval(f"SELECT count(*) FROM {schema}.schema_migrations") == 3
+    assert await db.fetchval(f"SELECT count(*) FROM {schema}.schema_migrations") == len(shared) + 2
 
 
 async def test_new_file_is_pending_until_applied(db: asyncpg.Connection, service_dir: Path) -> None:
@@ -86,10 +88,10 @@ async def test_two_processes_migrating_at_once_end_with_one_schema(pg_dsn: str, 
             await connection.close()
     applied_lists = [r for r in results if r]
     assert len(applied_lists) == 1, results  # exactly one process applied the files
-    assert len(applied_lists[0]) == 3
+    assert len(applied_lists[0]) == 5  # the three shared files and the service's two
     check = await asyncpg.connect(pg_dsn)
     try:
-        assert await check.fetchval(f"SELECT count(*) FROM {schema}.schema_migrations") == 3
-        assert await _tables(check, schema) == {"schema_migrations", "idempotency_keys", "accounts", "entries"}
+        assert await check.fetchval(f"SELECT count(*) FROM {schema}.schema_migrations") == 5
+        assert {"accounts", "entries", "audit_events"} <= await _tables(check, schema)
     finally:
         await check.close()

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
+from libs.audit import AuditApi
+from libs.messages import Catalogue, MessageTexts, MessageTextsApi
 from libs.server import Runtime
-from loyalty.rewards.v1 import rewards_pb2_grpc
+from loyalty.rewards.v1 import rewards_pb2, rewards_pb2_grpc
 from services.rewards.adapters.benefits_birthdays import BirthMonths
 from services.rewards.adapters.risk_gate import RiskGate
 from services.rewards.adapters.rules_repo import RulesCache
@@ -18,11 +21,20 @@ from services.rewards.service_layer.holds import Holds
 from services.rewards.settings import get_rewards_settings
 
 PACKAGE = "loyalty.rewards.v1"
+# Member-facing texts shipped with the service; operators override them through UpdateMessageText.
+CATALOGUE = Catalogue.load(Path(__file__).resolve().parents[1] / "messages.yaml")
 
 
-class RewardsServicer(LedgerApi, RedemptionsApi, TiersApi, BenefitsApi, rewards_pb2_grpc.RewardsServiceServicer):
+class RewardsServicer(AuditApi, MessageTextsApi, LedgerApi, RedemptionsApi, TiersApi, BenefitsApi,
+                      rewards_pb2_grpc.RewardsServiceServicer):
+    audit_list_response = rewards_pb2.ListAuditEventsResponse
+    audit_verify_response = rewards_pb2.VerifyAuditChainResponse
+    texts_list_response = rewards_pb2.ListMessageTextsResponse
+    texts_update_response = rewards_pb2.UpdateMessageTextResponse
+
     def __init__(self, runtime: Runtime, gate: RiskGate, birth_months: BirthMonths) -> None:
         self.runtime = runtime
+        self.message_texts = MessageTexts(lambda: runtime.pool, CATALOGUE, "rewards")
         self.birth_months = birth_months
         self.settings = get_rewards_settings()
         self.rules = RulesCache()

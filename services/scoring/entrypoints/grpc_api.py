@@ -6,14 +6,17 @@ weights, segments, models, predictions and fairness reports from the LearningApi
 from __future__ import annotations
 
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any
 
 import asyncpg
 
 from libs import errors, paging
+from libs.audit import AuditApi
 from libs.auth import actor
 from libs.db import DbConnection
 from libs.idempotency import run_once_in_transaction
+from libs.messages import Catalogue, MessageTexts, MessageTextsApi
 from libs.server import Runtime
 from loyalty.scoring.v1 import scoring_service_pb2 as S
 from loyalty.scoring.v1 import scoring_service_pb2_grpc
@@ -26,12 +29,20 @@ from services.scoring.service_layer.evaluation import RunWorker
 from services.scoring.settings import get_scoring_settings
 
 PACKAGE = "loyalty.scoring.v1"
+# Member-facing texts shipped with the service; operators override them through UpdateMessageText.
+CATALOGUE = Catalogue.load(Path(__file__).resolve().parents[1] / "messages.yaml")
 
 
-class ScoringServicer(LearningApi, scoring_service_pb2_grpc.ScoringServiceServicer):
+class ScoringServicer(AuditApi, MessageTextsApi, LearningApi, scoring_service_pb2_grpc.ScoringServiceServicer):
+    audit_list_response = S.ListAuditEventsResponse
+    audit_verify_response = S.VerifyAuditChainResponse
+    texts_list_response = S.ListMessageTextsResponse
+    texts_update_response = S.UpdateMessageTextResponse
+
     def __init__(self, runtime: Runtime, profile: Profile, rewards: Rewards, learning_profile: LearningProfile,
                  learning_rewards: LearningRewards) -> None:
         self.runtime = runtime
+        self.message_texts = MessageTexts(lambda: runtime.pool, CATALOGUE, "scoring")
         self.profile = profile
         self.rewards = rewards
         self.learning_profile = learning_profile
