@@ -7,11 +7,17 @@ from __future__ import annotations
 import json
 import re
 
+import grpc
 import httpx
 import pytest
 from playwright.sync_api import expect
 
+from loyalty.scoring.v1 import evaluation_pb2 as E
+from loyalty.scoring.v1 import scoring_service_pb2 as S
+from loyalty.scoring.v1.scoring_service_pb2_grpc import ScoringServiceStub
+from tests.conftest import bearer
 from tests.console.conftest import POLICY_ID, Console, Seeded
+from tests.scoring.conftest import Stack, uid
 
 pytestmark = pytest.mark.e2e
 
@@ -163,4 +169,77 @@ def test_member_view_says_when_a_member_does_not_exist(console: Console) -> None
     console.open("members/nobody-here")
     expect(page.locator("#not-found")).to_contain_text("No member with id “nobody-here”.")
     console.shot("10-member-not-found")
+    assert console.errors == []
+
+
+FAIRNESS_SLUGS = {E.FAIRNESS_DIMENSION_CHANNEL: "channel", E.FAIRNESS_DIMENSION_REGION: "region",
+                  E.FAIRNESS_DIMENSION_GENDER: "gender", E.FAIRNESS_DIMENSION_AGE_BAND: "age-band",
+                  E.FAIRNESS_DIMENSION_TENURE_BAND: "tenure-band"}
+
+
+def test_fairness_view_shows_the_reports_groups_and_flags(console: Console, console_stack: Stack) -> None:
+    """The three members who bought least are women of CN-SH (the first two) and CN-BJ, the three
+    who bought most men of CN-BJ: with groups of three judged, the women's share at or above silver
+    is flagged against the men's, and CN-SH's two members are too few to judge."""
+    page, seeded = console.page, console.seeded
+    with httpx.Client(base_url=seeded.url, headers={"authorization": f"Bearer {seeded.token}"}, timeout=20) as http:
+        for i, member in enumerate(seeded.members):
+            body = {"requestId": uid("rq"), "updateMask": "gender,region",
+                    "member": {"gender": "GENDER_FEMALE" if i < 3 else "GENDER_MALE",
+                               "region": "CN-SH" if i < 2 else "CN-BJ"}}
+            reply = http.patch(f"/v1/members/{member}", json=body)
+            assert reply.status_code == 200, reply.text
+        runs = http.get("/v1/evaluations", params={"pageSize": 1, "state": "EVALUATION_STATE_SUCCEEDED",
+                                                   "dryRunFilter": "DRY_RUN_FILTER_APPLIED_RUNS_ONLY"}).json()["runs"]
+    run_id = runs[0]["runId"]  # the newest applied run
+    with grpc.insecure_channel(console_stack.address("scoring")) as channel:
+        report = ScoringServiceStub(channel).GetFairnessReport(
+            S.GetFairnessReportRequest(run_id=run_id, min_group_size=3), metadata=bearer(seeded.token),
+            timeout=20).report
+    assert report.flagged_count >= 1 and any(g.insufficient_data for g in report.groups)  # the data exercise both
+
+    console.open("fairness")
+    page.get_by_label("Evaluation run").select_option(run_id)
+    expect(page.get_by_label("Reference tier")).to_have_value(report.reference_tier_id)
+    page.get_by_label("Minimum group size").fill("3")
+    page.get_by_role("button", name="Show report").click()
+    expect(page).to_have_url(re.compile(rf"#/fairness/{run_id}\?.*min=3"))
+    results = page.locator("#fairness")
+    expect(results.locator(".tile", has_text="Flagged groups").locator("dd")).to_have_text(str(report.flagged_count))
+    expect(results.locator(".tile", has_text="Reference")).to_contain_text(f"{report.reference_tier_id} or better")
+    expect(page.locator("#fairness-summary")).to_contain_text(f"{report.flagged_count} group")
+    for name in report.protected_attributes:
+        expect(page.locator(f"#protected li[data-attribute='{name}']")).to_have_count(1)
+    expect(page.locator("#protected li")).to_have_count(len(report.protected_attributes))
+
+    for dimension, slug in FAIRNESS_SLUGS.items():
+        groups = [g for g in report.groups if g.dimension == dimension]
+        section = page.locator(f"#dim-{slug}")
+        expect(section.locator("tbody tr")).to_have_count(len(groups))
+        expect(section.get_by_role("img", name=re.compile("ratio to the best group"))).to_be_visible()
+        priced = any(g.HasField("average_benefit_value") for g in groups)  # this policy prices no tier
+        expect(section.locator("th", has_text="avg benefit value")).to_have_count(1 if priced else 0)
+        for group in groups:
+            row = section.locator(f"tbody tr[data-group='{group.group}']")
+            expect(row.locator("td.members")).to_have_text(f"{group.member_count:,}")
+            expect(row.locator("td.ratio")).to_have_text(f"{group.ratio_to_best:.2f}")
+            expect(row.locator("td.rate")).to_have_text(f"{group.reference_rate * 100:.1f}%")
+            status = "flagged" if group.flagged else "insufficient data (< 3)" if group.insufficient_data else "ok"
+            expect(row.locator("td.status")).to_contain_text(status)
+            expect(row).to_have_class("group-flagged" if group.flagged else
+                                      "group-insufficient" if group.insufficient_data else "group-judged")
+    expect(page.locator("#fairness tbody tr.group-flagged")).to_have_count(report.flagged_count)
+    expect(page.locator("#dim-gender tbody tr[data-group='GENDER_FEMALE']")).to_have_class("group-flagged")
+    expect(page.locator("#dim-region tbody tr[data-group='CN-SH']")).to_have_class("group-insufficient")
+
+    outliers = page.locator("#outliers tbody tr")
+    expect(outliers).to_have_count(len(report.outlier_treatment))
+    for row, treatment in zip(outliers.all(), report.outlier_treatment, strict=True):
+        expect(row).to_contain_text(treatment.feature_name)
+    console.shot("11-fairness")
+
+    # A link to the report keeps its settings; the default minimum size judges no group here.
+    console.open(f"fairness/{run_id}")
+    expect(page.locator("#fairness .tile", has_text="Flagged groups").locator("dd")).to_have_text("0")
+    expect(page.locator("#fairness tbody tr.group-flagged")).to_have_count(0)
     assert console.errors == []

@@ -5,6 +5,7 @@
 import { clearToken, setToken, token } from "./api.js";
 import { h } from "./dom.js";
 import * as dashboard from "./pages/dashboard.js";
+import * as fairness from "./pages/fairness.js";
 import * as member from "./pages/member.js";
 import * as policyLab from "./pages/policy-lab.js";
 import * as reviewQueue from "./pages/review-queue.js";
@@ -12,6 +13,8 @@ import * as reviewQueue from "./pages/review-queue.js";
 const ROUTES = [
   [/^dashboard$/, (root) => dashboard.render(root), "dashboard"],
   [/^policies$/, (root) => policyLab.render(root), "policies"],
+  [/^fairness$/, (root) => fairness.render(root), "fairness"],
+  [/^fairness\/([^?]+)(?:\?(.*))?$/, (root, id, query) => fairness.render(root, id, query), "fairness"],
   [/^cases$/, (root) => reviewQueue.renderQueue(root), "cases"],
   [/^cases\/(.+)$/, (root, id) => reviewQueue.renderCase(root, id), "cases"],
   [/^members$/, (root) => member.renderSearch(root), "members"],
@@ -34,7 +37,8 @@ function route() {
     for (const link of document.querySelectorAll("#nav a")) {
       link.toggleAttribute("aria-current", link.dataset.section === section);
     }
-    Promise.resolve(render(root, ...match.slice(1).map(decodeURIComponent))).catch((error) => {
+    const parts = match.slice(1).map((part) => (part === undefined ? "" : decodeURIComponent(part)));
+    Promise.resolve(render(root, ...parts)).catch((error) => {
       root.append(h("div", { class: "error", role: "alert" }, h("p", {}, error.message || String(error))));
     });
     return;

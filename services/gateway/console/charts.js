@@ -1,5 +1,5 @@
-// Charts as inline SVG: lines over time, horizontal bars, a heatmap and a histogram with
-// threshold markers. Each has role="img", an aria-label and <title>s on its marks.
+// Charts as inline SVG: lines over time, horizontal bars, a heatmap, a histogram with threshold
+// markers and ratio bars against a threshold line. Each has role="img", an aria-label and <title>s on its marks.
 
 import { s } from "./dom.js";
 
@@ -131,4 +131,33 @@ export function histogram(values, markers, label, { width = 640, height = 220, b
       s("line", { x1: x(m.value), x2: x(m.value), y1: top - 4, y2: top + plotHeight, stroke: color(i + 1),
         "stroke-width": 2, "stroke-dasharray": "4 3" }),
       s("text", { x: x(m.value) + 3, y: top - 8 - (i % 2) * 10, class: "legend" }, `${m.label} ≥ ${m.value.toFixed(2)}`))));
+}
+
+// items: [{label, value (0..1), state: "ok" | "flagged" | "insufficient", text?}]; a dashed line at
+// `threshold`. Flagged bars are red (a sliver even at 0), groups too small to judge grey.
+const RATIO_FILLS = { ok: "#4e79a7", flagged: "#e15759", insufficient: "#bab0ac" };
+
+export function ratioBars(items, threshold, label, { width = 460 } = {}) {
+  const left = Math.min(width / 3, 12 + 7 * Math.max(4, ...items.map((item) => String(item.label).length)));
+  const right = 60, top = 18, rowHeight = 24;
+  const height = top + items.length * rowHeight + 6;
+  const plotWidth = width - left - right;
+  const x = (v) => left + Math.max(0, Math.min(1, v)) * plotWidth;
+  return chart(width, height, label,
+    [0, 0.5, 1].map((v) => s("text", { x: x(v), y: 11, "text-anchor": "middle", class: "tick" }, v.toFixed(1))),
+    items.map((item, i) => {
+      const y = top + i * rowHeight;
+      const text = item.text ?? item.value.toFixed(2);
+      return s("g", { class: `ratio-bar ${item.state}`, "data-group": item.key ?? item.label },
+        s("text", { x: left - 8, y: y + 15, "text-anchor": "end", class: "tick" }, item.label),
+        s("rect", { x: left, y: y + 3, width: Math.max(x(item.value) - left, item.value > 0 || item.state === "flagged" ? 3 : 0),
+          height: rowHeight - 8, fill: RATIO_FILLS[item.state] || RATIO_FILLS.ok },
+        s("title", {}, `${item.label}: ${text}${item.state === "flagged" ? " (flagged)" : ""}`
+          + `${item.state === "insufficient" ? " (too few members to judge)" : ""}`)),
+        s("text", { x: x(item.value) + 6, y: y + 15, class: "value" }, text));
+    }),
+    s("g", { class: "threshold" },
+      s("line", { x1: x(threshold), x2: x(threshold), y1: top - 2, y2: height - 4, stroke: "#e15759",
+        "stroke-width": 1.5, "stroke-dasharray": "4 3" }),
+      s("title", {}, `threshold ${threshold}`)));
 }
