@@ -45,7 +45,7 @@ def test_any_window_of_a_family_is_a_known_feature(name: str) -> None:
 
 
 @pytest.mark.parametrize("name", ["net_spend_731d", "net_spend_0d", "nothing_30d", "gender", "age_band",
-                                  "region_spend", "birth_month"])
+                                  "region_spend", "birth_month", "birth_year", "year_of_birth", "dob", "sex"])
 def test_unknown_and_protected_features_are_refused(name: str) -> None:
     message = policy("p")
     message.features[0].feature_name = name

@@ -159,8 +159,6 @@ async def test_a_feature_naming_a_protected_attribute_is_refused_on_its_field(st
     assert code == grpc.StatusCode.INVALID_ARGUMENT and list(violations) == ["policy.features[1].feature_name"]
 
 
-@pytest.mark.xfail(strict=True, reason="is_protected misses age by birth year: 'birth_year' is refused only as "
-                                        "unknown to the catalogue, not as a protected attribute")
 async def test_a_birth_year_feature_is_refused_as_protected(stubs: Stubs, operator: Any) -> None:
     bad = policy(uid("p"))
     bad.features[0].feature_name = "birth_year"

@@ -28,8 +28,8 @@ DEFAULT_ROLLING_MONTHS = 12
 
 # Attributes a tier must never be decided on (fairness): a feature named after one, or built from
 # one, is refused whatever the catalogue says.
-PROTECTED_ATTRIBUTES = ("gender", "age", "age_band", "birth_date", "birth_month", "birthday", "region", "ethnicity",
-                        "religion", "nationality", "marital_status")
+PROTECTED_ATTRIBUTES = ("gender", "sex", "age", "age_band", "birth", "birth_date", "birth_month", "birth_year",
+                        "birthday", "dob", "region", "ethnicity", "religion", "nationality", "marital_status")
 _WINDOWED = re.compile(r"([a-z][a-z0-9_]*?)_(\d+)d")
 
 
