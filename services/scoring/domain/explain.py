@@ -9,20 +9,28 @@ would close the gap. Each delta is inverted from the policy's transform, rounded
 member can do (whole orders, days, minutes, whole yuan), then checked by rescoring the member with
 it; a delta that does not check out is never shown. Features where "more" is not something to ask
 of a member get no hint: ratios and booleans, refunds, and "days since ..." (lower is better).
+
+The words are not here: every name, hint, currency name and summary sentence is a key of the
+service's catalogue (services/scoring/messages.yaml), rendered through a `TextLookup` the caller
+passes (the snapshot with the operators' overrides; the shipped wording when none is given). This
+module decides which key, which plural form and how numbers are written, never the wording.
 """
 
 from __future__ import annotations
 
+import functools
 import math
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from enum import IntEnum
-from typing import Any
+from pathlib import Path
+from typing import Any, Protocol
 
 import numpy as np
 import numpy.typing as npt
 
+from libs.messages import Catalogue, Texts, language_of
 from services.scoring.domain.kernel import PolicySpec, Statistics, Transform, percentile_one, score_one, transform_one
 
 HINT_CHECKS_MAX = 4  # rounding fix-ups tried before a hint is dropped as not reachable
@@ -60,103 +68,95 @@ class Hint:
     money_minor: int | None  # the same delta as money, for AMOUNT features
 
 
+class TextLookup(Protocol):
+    """Where member-facing wording comes from: a libs.messages.Texts snapshot (the shipped catalogue,
+    services/scoring/messages.yaml, with the operators' overrides in force), read by the caller."""
+
+    def render(self, key: str, language_tag: str, /, **params: Any) -> str: ...
+
+
+CATALOGUE_PATH = Path(__file__).resolve().parents[1] / "messages.yaml"
+
+
+@functools.cache
+def shipped_texts() -> Texts:
+    """The catalogue's own wording, no overrides: what a caller without a snapshot gets."""
+    return Texts(Catalogue.load(CATALOGUE_PATH), {})
+
+
 @dataclass(frozen=True)
-class _Wording:
-    """How members read a feature family: names, and a hint template ({n} = the rounded delta,
-    {money} = the currency's name) or None when the family is never advised."""
+class _Family:
+    """A feature family as members read it: its wording is the catalogue's `feature.<family>.name`
+    and, when advised, `hint.<family>.one` / `.other`."""
 
     kind: FeatureType  # the catalogue's type, used when the caller passes none
-    en: str
-    zh: str
-    hint_en: tuple[str, str] | None = None  # (one, many)
-    hint_zh: str | None = None
+    advised: bool = True  # False: never the subject of a hint
 
 
-_SPEND_EN = ("about {n} {money} more spend", "about {n} {money} more spend")
-_FAMILIES: dict[str, _Wording] = {
-    "purchase_count": _Wording(FeatureType.COUNT, "orders", "订单数",
-                               ("about {n} more order", "about {n} more orders"), "约再下 {n} 单"),
-    "gross_spend": _Wording(FeatureType.AMOUNT, "gross spend", "消费总额", _SPEND_EN, "约再消费 {n} {money}"),
-    "net_spend": _Wording(FeatureType.AMOUNT, "net spend", "净消费", _SPEND_EN, "约再消费 {n} {money}"),
-    "items_purchased": _Wording(FeatureType.COUNT, "items bought", "购买件数",
-                                ("about {n} more item", "about {n} more items"), "约再购买 {n} 件"),
-    "refund_count": _Wording(FeatureType.COUNT, "refunds", "退款次数"),
-    "refund_amount": _Wording(FeatureType.AMOUNT, "refunded amount", "退款金额"),
-    "refund_ratio": _Wording(FeatureType.RATIO, "refund ratio", "退款率"),
-    "average_order_value": _Wording(FeatureType.AMOUNT, "average order value", "客单价",
-                                    ("about {n} {money} higher average order value",) * 2,
-                                    "客单价约再提高 {n} {money}"),
-    "visit_count": _Wording(FeatureType.COUNT, "visits", "访问次数",
-                            ("about {n} more visit", "about {n} more visits"), "约再访问 {n} 次"),
-    "browse_minutes": _Wording(FeatureType.DURATION, "browsing time", "浏览时长",
-                               ("about {n} more minute of browsing", "about {n} more minutes of browsing"),
-                               "约再浏览 {n} 分钟"),
-    "view_count": _Wording(FeatureType.COUNT, "product views", "商品浏览量",
-                           ("about {n} more product view", "about {n} more product views"), "约再浏览 {n} 件商品"),
-    "search_count": _Wording(FeatureType.COUNT, "searches", "搜索次数",
-                             ("about {n} more search", "about {n} more searches"), "约再搜索 {n} 次"),
-    "click_count": _Wording(FeatureType.COUNT, "clicks", "点击次数",
-                            ("about {n} more click", "about {n} more clicks"), "约再点击 {n} 次"),
-    "cart_add_count": _Wording(FeatureType.COUNT, "add-to-carts", "加购次数",
-                               ("about {n} more add-to-cart", "about {n} more add-to-carts"), "约再加购 {n} 次"),
-    "active_days": _Wording(FeatureType.DAYS, "active days", "活跃天数",
-                            ("about {n} more active day", "about {n} more active days"), "约再活跃 {n} 天"),
+_FAMILIES: dict[str, _Family] = {
+    "purchase_count": _Family(FeatureType.COUNT),
+    "gross_spend": _Family(FeatureType.AMOUNT),
+    "net_spend": _Family(FeatureType.AMOUNT),
+    "items_purchased": _Family(FeatureType.COUNT),
+    "refund_count": _Family(FeatureType.COUNT, advised=False),
+    "refund_amount": _Family(FeatureType.AMOUNT, advised=False),
+    "refund_ratio": _Family(FeatureType.RATIO, advised=False),
+    "average_order_value": _Family(FeatureType.AMOUNT),
+    "visit_count": _Family(FeatureType.COUNT),
+    "browse_minutes": _Family(FeatureType.DURATION),
+    "view_count": _Family(FeatureType.COUNT),
+    "search_count": _Family(FeatureType.COUNT),
+    "click_count": _Family(FeatureType.COUNT),
+    "cart_add_count": _Family(FeatureType.COUNT),
+    "active_days": _Family(FeatureType.DAYS),
 }
-_POINTS: dict[str, _Wording] = {
-    "tenure_days": _Wording(FeatureType.DAYS, "membership tenure", "会员时长",
-                            ("about {n} more day of membership", "about {n} more days of membership"),
-                            "会员时长约再增加 {n} 天"),
-    "days_since_last_purchase": _Wording(FeatureType.DAYS, "days since last purchase", "距上次购买天数"),
-    "days_since_last_activity": _Wording(FeatureType.DAYS, "days since last activity", "距上次活跃天数"),
+_POINTS: dict[str, _Family] = {
+    "tenure_days": _Family(FeatureType.DAYS),
+    "days_since_last_purchase": _Family(FeatureType.DAYS, advised=False),
+    "days_since_last_activity": _Family(FeatureType.DAYS, advised=False),
 }
 _WINDOWED = re.compile(r"(?P<base>[a-z_]+?)(?:_(?P<days>\d+)d)?")
 
-# ISO 4217 code → (minor digits, English one, English many, Chinese). Others: 2 digits, the code.
-_CURRENCIES: dict[str, tuple[int, str, str, str]] = {
-    "CNY": (2, "yuan", "yuan", "元"),
-    "HKD": (2, "Hong Kong dollar", "Hong Kong dollars", "港元"),
-    "USD": (2, "dollar", "dollars", "美元"),
-    "EUR": (2, "euro", "euros", "欧元"),
-    "GBP": (2, "pound", "pounds", "英镑"),
-    "JPY": (0, "yen", "yen", "日元"),
-    "KRW": (0, "won", "won", "韩元"),
-}
+# ISO 4217 code → minor digits (others: 2). Names are the catalogue's `currency.<code>.one/.other`;
+# a code without them is shown as the code.
+_MINOR_DIGITS: dict[str, int] = {"CNY": 2, "HKD": 2, "USD": 2, "EUR": 2, "GBP": 2, "JPY": 0, "KRW": 0}
+_NAMED_CURRENCIES = frozenset(_MINOR_DIGITS)
 
 
-def _is_chinese(locale: str) -> bool:
-    """zh, zh-CN, zh-Hans-CN, zh_SG...: Simplified Chinese. Traditional tags (zh-Hant, zh-TW, zh-HK,
-    zh-MO) fall back to English like any unsupported locale: Simplified text would be the wrong
-    script for them."""
-    parts = locale.replace("_", "-").lower().split("-")
-    if parts[0] != "zh":
-        return False
-    return not ({"hant", "tw", "hk", "mo"} & set(parts[1:]))
+def _form(n: int) -> str:
+    """The plural form's key suffix: `one` for exactly 1, `other` otherwise (every language)."""
+    return "one" if n == 1 else "other"
 
 
-def _lookup(feature_name: str) -> tuple[_Wording | None, int]:
-    """The wording of a catalogue name and its window in days (0 for lifetime or point features)."""
+def _lookup(feature_name: str) -> tuple[str | None, int]:
+    """The family of a catalogue name and its window in days (0 for lifetime or point features)."""
     if feature_name in _POINTS:
-        return _POINTS[feature_name], 0
+        return feature_name, 0
     match = _WINDOWED.fullmatch(feature_name)
     if match and match["base"] in _FAMILIES:
-        return _FAMILIES[match["base"]], int(match["days"] or 0)
+        return match["base"], int(match["days"] or 0)
     return None, 0
 
 
-def display_name(feature_name: str, locale: str) -> str:
+def _family(name: str | None) -> _Family | None:
+    return None if name is None else _POINTS.get(name) or _FAMILIES.get(name)
+
+
+def display_name(feature_name: str, locale: str, texts: TextLookup | None = None) -> str:
     """Member-facing name: "net spend (365 days)" / "净消费（365天）"; unknown names as they are."""
-    wording, days = _lookup(feature_name)
-    if wording is None:
+    family, days = _lookup(feature_name)
+    if family is None:
         return feature_name
-    if _is_chinese(locale):
-        return f"{wording.zh}（{days}天）" if days else wording.zh
+    texts = texts or shipped_texts()
+    name = texts.render(f"feature.{family}.name", locale)
     if days:
-        return f"{wording.en} ({days} {'day' if days == 1 else 'days'})"
-    return wording.en
+        return texts.render(f"feature.windowed_name.{_form(days)}", locale, feature=name, days=days)
+    return name
 
 
 def contributions(x: npt.NDArray[np.floating[Any]], spec: PolicySpec, stats: Statistics,
-                  feature_types: Mapping[str, int], locale: str) -> list[Contribution]:
+                  feature_types: Mapping[str, int], locale: str, texts: TextLookup | None = None
+                  ) -> list[Contribution]:
     """Each feature's part of the score, largest |contribution| first (policy order among equals).
     ``feature_types`` does not change a contribution; it is taken so that every explain call gets the
     same inputs."""
@@ -164,7 +164,7 @@ def contributions(x: npt.NDArray[np.floating[Any]], spec: PolicySpec, stats: Sta
     values = np.asarray(x, dtype=np.float64)
     transformed = transform_one(values, spec, stats)
     parts = [
-        Contribution(feature_name=f.name, display_name=display_name(f.name, locale), raw_value=float(values[j]),
+        Contribution(feature_name=f.name, display_name=display_name(f.name, locale, texts), raw_value=float(values[j]),
                      transformed_value=float(transformed[j]), weight=f.weight,
                      contribution=f.weight * float(transformed[j]),
                      population_percentile=percentile_one(float(values[j]), fs.quantiles))
@@ -202,42 +202,40 @@ def _next_rank_value(x: float, grid: npt.NDArray[np.float64]) -> float | None:
     return float(above[0]) if above.size else None
 
 
-def _feature_type(given: int | None, wording: _Wording | None) -> FeatureType:
+def _feature_type(given: int | None, family: _Family | None) -> FeatureType:
     """The caller's type, else the catalogue family's; a number this module does not know (a newer
     catalogue) reads as UNSPECIFIED, which gets no hint rather than a wrongly worded one."""
     if given is None or given == FeatureType.UNSPECIFIED:
-        return wording.kind if wording is not None else FeatureType.UNSPECIFIED
+        return family.kind if family is not None else FeatureType.UNSPECIFIED
     try:
         return FeatureType(given)
     except ValueError:
         return FeatureType.UNSPECIFIED
 
 
-def _money(currency: str) -> tuple[int, str, str, str]:
-    return _CURRENCIES.get(currency.upper(), (2, currency, currency, currency))
+def _minor_digits(currency: str) -> int:
+    return _MINOR_DIGITS.get(currency.upper(), 2)
 
 
-def _hint_text(wording: _Wording | None, kind: FeatureType, name: str, amount: int, locale: str,
-               currency: str) -> str:
-    chinese = _is_chinese(locale)
-    _, money_one, money_many, money_zh = _money(currency)
-    if chinese:
-        number = str(amount)
-        if wording is not None and wording.hint_zh is not None:
-            return wording.hint_zh.format(n=number, money=money_zh)
-        unit = f" {money_zh}" if kind is FeatureType.AMOUNT else ""
-        return f"{display_name(name, locale)}约再增加 {number}{unit}"
-    number = f"{amount:,}"
-    money = money_one if amount == 1 else money_many
-    if wording is not None and wording.hint_en is not None:
-        return wording.hint_en[0 if amount == 1 else 1].format(n=number, money=money)
-    if kind is FeatureType.AMOUNT:
-        return f"about {number} {money} more {display_name(name, locale)}"
-    return f"about {number} more {display_name(name, locale)}"
+def _currency_name(currency: str, amount: int, locale: str, texts: TextLookup) -> str:
+    code = currency.upper()
+    return texts.render(f"currency.{code}.{_form(amount)}", locale) if code in _NAMED_CURRENCIES else currency
+
+
+def _hint_text(family: str | None, kind: FeatureType, name: str, amount: int, locale: str, currency: str,
+               texts: TextLookup) -> str:
+    # Chinese writes the number bare ("约再消费 34000 元"), English groups thousands ("34,000 yuan").
+    number = str(amount) if language_of(locale) == "zh-CN" else f"{amount:,}"
+    money = _currency_name(currency, amount, locale, texts)
+    if family is not None:
+        return texts.render(f"hint.{family}.{_form(amount)}", locale, n=number, money=money)
+    generic = "hint.generic.amount" if kind is FeatureType.AMOUNT else "hint.generic.count"
+    return texts.render(generic, locale, n=number, money=money, feature=display_name(name, locale, texts))
 
 
 def hints(x: npt.NDArray[np.floating[Any]], spec: PolicySpec, stats: Statistics, gap: float,
-          feature_types: Mapping[str, int], locale: str, currency: str = "CNY", max_hints: int = 3) -> list[Hint]:
+          feature_types: Mapping[str, int], locale: str, currency: str = "CNY", max_hints: int = 3,
+          texts: TextLookup | None = None) -> list[Hint]:
     """Ways to close a score gap (> 0) by moving one feature, least effort first, at most ``max_hints``.
 
     Effort is the delta relative to what the member already has, or to the population mean when
@@ -246,15 +244,17 @@ def hints(x: npt.NDArray[np.floating[Any]], spec: PolicySpec, stats: Statistics,
     1,000 yuan) comparable although their units are not."""
     if not (gap > 0 and math.isfinite(gap)):
         return []
+    texts = texts or shipped_texts()
     values = np.asarray(x, dtype=np.float64)
     score = score_one(values, spec, stats)
     target = score + gap
     now = transform_one(values, spec, stats)
     found: list[tuple[float, int, Hint]] = []
     for j, (feature, fs) in enumerate(zip(spec.features, stats.features, strict=True)):
-        wording, _ = _lookup(feature.name)
-        kind = _feature_type(feature_types.get(feature.name), wording)
-        never_advised = wording is not None and wording.hint_en is None
+        family_name, _ = _lookup(feature.name)
+        family = _family(family_name)
+        kind = _feature_type(feature_types.get(feature.name), family)
+        never_advised = family is not None and not family.advised
         if (feature.weight <= 0 or never_advised or feature.name.startswith("days_since_")
                 or kind not in (FeatureType.COUNT, FeatureType.AMOUNT, FeatureType.DURATION, FeatureType.DAYS)):
             continue
@@ -262,7 +262,7 @@ def hints(x: npt.NDArray[np.floating[Any]], spec: PolicySpec, stats: Statistics,
         delta = _exact_delta(x_j, j, gap / feature.weight, spec, stats, float(now[j]))
         if delta is None:
             continue
-        digits = _money(currency)[0] if kind is FeatureType.AMOUNT else 0
+        digits = _minor_digits(currency) if kind is FeatureType.AMOUNT else 0
         unit = float(10**digits)
         # Round up to whole units; the tolerance keeps an exact 4.0 from becoming 5 through float noise.
         delta = max(unit, math.ceil(delta / unit - 1e-9) * unit)
@@ -283,34 +283,30 @@ def hints(x: npt.NDArray[np.floating[Any]], spec: PolicySpec, stats: Statistics,
         if not math.isfinite(delta):
             continue
         amount = round(delta / unit)
-        hint = Hint(feature_name=feature.name, text=_hint_text(wording, kind, feature.name, amount, locale, currency),
-                    raw_delta=delta, money_minor=int(delta) if kind is FeatureType.AMOUNT else None)
+        text = _hint_text(family_name, kind, feature.name, amount, locale, currency, texts)
+        hint = Hint(feature_name=feature.name, text=text, raw_delta=delta,
+                    money_minor=int(delta) if kind is FeatureType.AMOUNT else None)
         effort = delta / max(abs(x_j), abs(fs.mean), unit)
         found.append((effort, j, hint))
     found.sort(key=lambda item: (item[0], item[1]))
     return [hint for _, _, hint in found[:max_hints]]
 
 
-def _join(texts: list[str], chinese: bool) -> str:
-    if chinese:
-        return "或".join(texts)
+def _join(texts: list[str], locale: str, lookup: TextLookup) -> str:
+    """"a, b or c" / "a或b或c": the catalogue's separators between the hints."""
     if len(texts) <= 1:
         return "".join(texts)
-    return ", ".join(texts[:-1]) + " or " + texts[-1]
+    separator = lookup.render("summary.hints_separator", locale)
+    return separator.join(texts[:-1]) + lookup.render("summary.hints_last_separator", locale) + texts[-1]
 
 
-def summary(tier_name: str, next_tier_name: str | None, hints: list[Hint], locale: str) -> str:
+def summary(tier_name: str, next_tier_name: str | None, hints: list[Hint], locale: str,
+            texts: TextLookup | None = None) -> str:
     """One sentence for the member: where they are and, below the top, what would get them higher."""
-    chinese = _is_chinese(locale)
-    texts = [h.text for h in hints]
-    if chinese:
-        if next_tier_name is None:
-            return f"您已是最高等级{tier_name}。"
-        if not texts:
-            return f"您当前是{tier_name}，继续加油即可升级为{next_tier_name}。"
-        return f"您当前是{tier_name}，{_join(texts, True)}即可升级为{next_tier_name}。"
+    lookup = texts or shipped_texts()
     if next_tier_name is None:
-        return f"You are {tier_name}, the top tier."
-    if not texts:
-        return f"You are {tier_name}; keep going to reach {next_tier_name}."
-    return f"You are {tier_name}; {_join(texts, False)} would take you to {next_tier_name}."
+        return lookup.render("summary.top_tier", locale, tier=tier_name)
+    if not hints:
+        return lookup.render("summary.keep_going", locale, tier=tier_name, next_tier=next_tier_name)
+    return lookup.render("summary.with_hints", locale, tier=tier_name, next_tier=next_tier_name,
+                         hints=_join([h.text for h in hints], locale, lookup))

@@ -188,5 +188,6 @@ class ScoringServicer(AuditApi, MessageTextsApi, LearningApi, scoring_service_pb
 
     async def ExplainScore(self, request: S.ExplainScoreRequest, context: Any) -> S.ExplainScoreResponse:
         return await online.explain_score(self.pool, self.profile, self.rewards, self.contexts, request,
-                                          self.settings.default_locale, self.settings.zone, datetime.now(UTC))
+                                          self.settings.default_locale, self.settings.zone, datetime.now(UTC),
+                                          self.message_texts)
 

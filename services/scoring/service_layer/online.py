@@ -24,6 +24,7 @@ import numpy as np
 
 from libs import errors
 from libs.db import DbConnection
+from libs.messages import MessageTexts, Texts
 from loyalty.rewards.v1 import tiers_pb2
 from loyalty.scoring.v1 import evaluation_pb2 as E
 from loyalty.scoring.v1 import policy_pb2
@@ -274,8 +275,10 @@ async def score_member(conn: DbConnection, profile: Profile, rewards: Rewards, c
 
 
 async def explain_score(pool: asyncpg.Pool, profile: Profile, rewards: Rewards, contexts: Contexts,
-                        request: S.ExplainScoreRequest, default_locale: str, zone: Any, now: datetime
-                        ) -> S.ExplainScoreResponse:
+                        request: S.ExplainScoreRequest, default_locale: str, zone: Any, now: datetime,
+                        message_texts: MessageTexts) -> S.ExplainScoreResponse:
+    """The explanation in the member's language, worded by the catalogue with the operators'
+    overrides (a snapshot at most `message_texts.ttl_s` old)."""
     # Empty: the member's own language from profile, asked while the rest is computed.
     member_locale = None if request.locale else asyncio.create_task(profile.locale(request.member_id))
     try:
@@ -284,7 +287,7 @@ async def explain_score(pool: asyncpg.Pool, profile: Profile, rewards: Rewards, 
     finally:
         if member_locale is not None and not member_locale.done():
             member_locale.cancel()
-    return _explanation(context, x, types, score, locale)
+    return _explanation(context, x, types, score, locale, await message_texts.current())
 
 
 async def _explained_score(pool: asyncpg.Pool, profile: Profile, rewards: Rewards, contexts: Contexts,
@@ -313,10 +316,10 @@ async def _explained_score(pool: asyncpg.Pool, profile: Profile, rewards: Reward
     return context, x, types, score
 
 
-def _explanation(context: Context, x: np.ndarray, types: Mapping[str, int], score: E.MemberScore, locale: str
-                 ) -> S.ExplainScoreResponse:
+def _explanation(context: Context, x: np.ndarray, types: Mapping[str, int], score: E.MemberScore, locale: str,
+                 texts: Texts) -> S.ExplainScoreResponse:
     response = S.ExplainScoreResponse(score=score, locale=locale)
-    for c in explain.contributions(x, context.spec, context.stats, types, locale):
+    for c in explain.contributions(x, context.spec, context.stats, types, locale, texts):
         response.contributions.add(feature_name=c.feature_name, display_name=c.display_name, raw_value=c.raw_value,
                                    transformed_value=c.transformed_value, weight=c.weight,
                                    contribution=c.contribution, population_percentile=c.population_percentile)
@@ -338,11 +341,11 @@ def _explanation(context: Context, x: np.ndarray, types: Mapping[str, int], scor
             gap.min_score = float(context.thresholds[at])
             gap.score_gap = max(gap.min_score - score.score, 0.0)
             if gap.score_gap > 0:
-                hints = explain.hints(x, context.spec, context.stats, gap.score_gap, types, locale)
+                hints = explain.hints(x, context.spec, context.stats, gap.score_gap, types, locale, texts=texts)
         for hint in hints:
             added = gap.hints.add(feature_name=hint.feature_name, text=hint.text, raw_delta=hint.raw_delta)
             if hint.money_minor is not None:
                 added.amount.amount_minor = hint.money_minor
                 added.amount.currency = "CNY"
-    response.summary = explain.summary(response.tier_display_name, next_name, hints, locale)
+    response.summary = explain.summary(response.tier_display_name, next_name, hints, locale, texts)
     return response
