@@ -1,7 +1,12 @@
 """Member use cases: each opens one transaction, applies the domain rules, and commits.
 
 PII is sealed on the way in and opened on the way out; what a caller sees is decided here (masked
-without `pii.read`) and every disclosure of unmasked PII is written to the audit log (ids only).
+without `pii.read`). Every response that carries unmasked PII (or, for `pii.birth_month`, a birth
+month) is written to the audit trail (libs.audit): one `pii.read` record per member disclosed, with
+the RPC and the names of the fields shown, never their values. A mutation's own response is recorded
+in the mutation's transaction; a read opens a short transaction for its records, before the answer
+leaves. Erasure, merges, key rotation and consent or PII changes (UpdateMember) are recorded inside
+the request-id callback, so a replay adds no second record of the change.
 
 Request ids (AIP-155) never store PII: libs.idempotency keeps the first response of a request id,
 so the mutations record a receipt (the member id) and the response is rebuilt from the database for
@@ -36,7 +41,7 @@ import grpc
 from google.protobuf.message import Message
 from opentelemetry import propagate
 
-from libs import errors
+from libs import audit, errors
 from libs.db import DbConnection
 from libs.errors import FieldViolation
 from libs.idempotency import payload_digest, run_once
@@ -66,7 +71,10 @@ from services.profile.domain.pii import (
 from services.profile.service_layer.merge import merge_members
 
 log = logging.getLogger(__name__)
-audit = logging.getLogger("loyalty.audit")
+# The trail (libs.audit) is the record; the `loyalty.audit` log lines of disclosures stay for log
+# pipelines (ids only, never values).
+audit_log = logging.getLogger("loyalty.audit")
+AUDIT_SERVICE = "profile"
 
 SERVICE = "/loyalty.profile.v1.ProfileService"
 STATUS = member_pb2.MemberStatus
@@ -124,7 +132,7 @@ class MembersService:
             stored = await repo.fetch_member(connection, member_id)
         if stored is None:
             raise _member_not_found(member_id)
-        return self._present([self._open(stored)], reader, "GetMember")[0]
+        return (await self._present([self._open(stored)], reader, "GetMember"))[0]
 
     async def get_unmerged(self, member_id: str, reader: Reader, rpc: str) -> Member:
         """A member that still holds its own behaviour. A merged member's events and aggregates live
@@ -139,7 +147,7 @@ class MembersService:
                 f"the member was merged into {stored.merged_into_member_id!r}: ask for the survivor",
                 reason="MEMBER_MERGED", member_id=member_id,
                 merged_into_member_id=stored.merged_into_member_id or "")
-        return self._present([self._open(stored)], reader, rpc)[0]
+        return (await self._present([self._open(stored)], reader, rpc))[0]
 
     async def batch_get(self, member_ids: Sequence[str], reader: Reader) -> tuple[list[Member], list[str]]:
         """Found members in request order, and the ids that do not exist."""
@@ -147,7 +155,7 @@ class MembersService:
             found = await repo.fetch_members(connection, member_ids)
         members = [self._open(found[member_id]) for member_id in member_ids if member_id in found]
         missing = [member_id for member_id in member_ids if member_id not in found]
-        return self._present(members, reader, "BatchGetMembers"), missing
+        return await self._present(members, reader, "BatchGetMembers"), missing
 
     async def list_page(self, where: MemberFilter, page_size: int, page_token: str, reader: Reader
                         ) -> tuple[list[Member], str]:
@@ -162,7 +170,7 @@ class MembersService:
             rows = await repo.list_members(connection, where, after, limit + 1)
         page = rows[:limit]
         next_token = encode_page_token(where, page[-1]) if len(rows) > limit else ""
-        return self._present([self._open(stored) for stored in page], reader, "ListMembers"), next_token
+        return await self._present([self._open(stored) for stored in page], reader, "ListMembers"), next_token
 
     async def lookup(self, kind: LookupKind, value: str, reader: Reader) -> Member:
         ring = self.keys.current()
@@ -175,7 +183,7 @@ class MembersService:
             metadata = {"key": what} | ({"external_id": value} if kind is LookupKind.EXTERNAL_ID else {})
             raise errors.LoyaltyError(grpc.StatusCode.NOT_FOUND, "MEMBER_NOT_FOUND",
                                       f"no member holds this {what.replace('_', ' ')}", metadata=metadata)
-        return self._present([self._open(stored)], reader, "LookupMember")[0]
+        return (await self._present([self._open(stored)], reader, "LookupMember"))[0]
 
     # ---- writing -------------------------------------------------------------------------------
 
@@ -202,7 +210,7 @@ class MembersService:
             receipt = await run_once(connection, self._method("CreateMember", reader), request.request_id,
                                      _without_pii(request, ring), profile_service_pb2.CreateMemberResponse, mutate)
             member = created[0] if created else await self._reread(connection, receipt.member.member_id)
-        return self._present([member], reader, "CreateMember")[0]
+            return (await self._present([member], reader, "CreateMember", connection))[0]
 
     async def update(self, request: profile_service_pb2.UpdateMemberRequest, changes: MemberFields,
                      paths: Sequence[str], reader: Reader) -> Member:
@@ -235,12 +243,17 @@ class MembersService:
                                else (stored.pii, stored.dek))
                 await repo.update_member(connection, _stored(after, sealed, dek, keys_after), stored.version)
                 updated.append(after)
+                if rules.touches_pii(paths) or any(p == "consents" or p.startswith("consents.") for p in paths):
+                    await audit.record(connection, AUDIT_SERVICE, audit.Change(
+                        action="member.update", resource_type="member", resource_id=member_id, member_id=member_id,
+                        request_id=request.request_id, before=_update_summary(before, paths),
+                        after=_update_summary(after, paths)))
                 return _receipt(profile_service_pb2.UpdateMemberResponse, member_id)
 
             receipt = await run_once(connection, self._method("UpdateMember", reader), request.request_id,
                                      _without_pii(request, ring), profile_service_pb2.UpdateMemberResponse, mutate)
             member = updated[0] if updated else await self._reread(connection, receipt.member.member_id)
-        return self._present([member], reader, "UpdateMember")[0]
+            return (await self._present([member], reader, "UpdateMember", connection))[0]
 
     async def erase(self, request: profile_service_pb2.EraseMemberRequest, reader: Reader) -> tuple[Member, int]:
         """Crypto-shred a member's PII; returns the erased member and how many events lost their
@@ -276,16 +289,25 @@ class MembersService:
                 merged_erased.append(len(to_shred) - (member_id in to_shred))
                 response = _receipt(profile_service_pb2.EraseMemberResponse, member_id)
                 response.events_anonymised = anonymised
+                await audit.record(connection, AUDIT_SERVICE, audit.Change(
+                    action="member.erase", resource_type="member", resource_id=member_id, member_id=member_id,
+                    request_id=request.request_id,
+                    before={"status": _status_name(stored.status), "version": stored.version},
+                    after={"status": STATUS.Name(STATUS.MEMBER_STATUS_ERASED),
+                           "reason": profile_service_pb2.ErasureReason.Name(request.reason),
+                           "events_anonymised": anonymised, "outbox_rows_scrubbed": scrubbed[-1],
+                           "merged_members_erased": sorted(other for other in to_shred if other != member_id)}))
                 return response
 
             receipt = await run_once(connection, self._method("EraseMember", reader), request.request_id, request,
                                      profile_service_pb2.EraseMemberResponse, mutate)
             member = await self._reread(connection, member_id)
+            shown = (await self._present([member], reader, "EraseMember", connection))[0]
         log.info("member erased", extra={"member_id": member_id, "erasure_reason": request.reason,
                                          "events_anonymised": receipt.events_anonymised,
                                          "outbox_rows_scrubbed": sum(scrubbed),
                                          "merged_members_erased": sum(merged_erased)})
-        return self._present([member], reader, "EraseMember")[0], receipt.events_anonymised
+        return shown, receipt.events_anonymised
 
     async def merge(self, request: profile_service_pb2.MergeMembersRequest, reader: Reader) -> MergeResult:
         """Fold the duplicate into the survivor in one transaction (service_layer.merge moves the
@@ -306,6 +328,15 @@ class MembersService:
                 # survivor (by another request id) was folded then.
                 if before[duplicate_id].status != STATUS.MEMBER_STATUS_MERGED:
                     await self._fold_records(connection, before[survivor_id], before[duplicate_id], now)
+                await audit.record(connection, AUDIT_SERVICE, audit.Change(
+                    action="member.merge", resource_type="member", resource_id=duplicate_id, member_id=survivor_id,
+                    request_id=request.request_id,
+                    before={"survivor_member_id": survivor_id, "duplicate_member_id": duplicate_id,
+                            "duplicate_status": _status_name(before[duplicate_id].status),
+                            "duplicate_merged_into": before[duplicate_id].merged_into_member_id or ""},
+                    after={"survivor_member_id": survivor_id, "duplicate_member_id": duplicate_id,
+                           "duplicate_status": STATUS.Name(STATUS.MEMBER_STATUS_MERGED),
+                           "events_moved": outcome.events_moved, "conflicting_orders": outcome.conflicting_orders}))
                 return profile_service_pb2.MergeMembersResponse(
                     survivor=member_pb2.Member(member_id=survivor_id),
                     duplicate=member_pb2.Member(member_id=duplicate_id),
@@ -315,10 +346,10 @@ class MembersService:
                                       profile_service_pb2.MergeMembersResponse, mutate)
             survivor = await self._reread(connection, receipt.survivor.member_id)
             duplicate = await self._reread(connection, receipt.duplicate.member_id)
+            shown = await self._present([survivor, duplicate], reader, "MergeMembers", connection)
         log.info("members merged", extra={"survivor_member_id": survivor_id, "duplicate_member_id": duplicate_id,
                                           "events_moved": receipt.events_moved,
                                           "conflicting_orders": receipt.conflicting_orders})
-        shown = self._present([survivor, duplicate], reader, "MergeMembers")
         return MergeResult(shown[0], shown[1], receipt.events_moved, receipt.conflicting_orders)
 
     async def _fold_records(self, connection: DbConnection, survivor: StoredMember, duplicate: StoredMember,
@@ -379,6 +410,14 @@ class MembersService:
                 response.elapsed.FromNanoseconds(int(elapsed_s * 1e9))
 
                 async def record() -> profile_service_pb2.RotateEncryptionKeysResponse:
+                    if not request.dry_run:  # a dry run changes nothing: no record
+                        await audit.record(connection, AUDIT_SERVICE, audit.Change(
+                            action="pii_keys.rotate", resource_type="pii_key", resource_id=target,
+                            request_id=request.request_id,
+                            before={"members_not_under_key": response.members_remaining + rewrapped},
+                            after={"key_id": target, "members_reencrypted": rewrapped,
+                                   "members_remaining": response.members_remaining,
+                                   "key_usage": {u.key_id: u.members for u in response.key_usage}}))
                     return response
 
                 result = await run_once(connection, method, request.request_id, request, response_type, record)
@@ -424,23 +463,55 @@ class MembersService:
             dek = unwrap_data_key(self.keys.containing(stored.dek.kek_id), stored.dek, member.member_id)
         return seal_pii(dek, member.pii, member.member_id), stored.dek
 
-    def _present(self, members: list[Member], reader: Reader, rpc: str) -> list[Member]:
+    async def _present(self, members: list[Member], reader: Reader, rpc: str,
+                       connection: DbConnection | None = None) -> list[Member]:
+        """Members as `reader` may see them. Each member whose unmasked PII (or birth month) the
+        answer carries gets one audit record, in `connection`'s transaction when the answer is a
+        mutation's, else in a short one of its own: the answer never leaves unrecorded."""
         shown = [rules.presented(member, reader.can_read_pii, reader.can_read_birth_month) for member in members]
-        disclosed = [member.member_id for member in shown if not member.pii_masked and not member.pii.is_empty()]
-        if disclosed:
-            # member.proto: every response carrying unmasked PII is recorded. Ids only, never values.
-            audit.info("pii disclosed", extra={"audit_action": "pii.read", "principal": reader.principal,
-                                               "rpc": rpc, "member_ids": disclosed})
-        months = [] if reader.can_read_pii or not reader.can_read_birth_month else [
-            member.member_id for member in shown if member.pii.birth_date]
-        if months:
-            audit.info("birth month disclosed", extra={"audit_action": "pii.birth_month",
-                                                       "principal": reader.principal, "rpc": rpc,
-                                                       "member_ids": months})
+        disclosures = [_disclosure(member, rpc, "pii.read", [name for name in PII_FIELDS if getattr(member.pii, name)])
+                       for member in shown if not member.pii_masked and not member.pii.is_empty()]
+        if not reader.can_read_pii and reader.can_read_birth_month:
+            disclosures += [_disclosure(member, rpc, "pii.birth_month", ["birth_month"])
+                            for member in shown if member.pii.birth_date]
+        if disclosures:
+            for action, line in (("pii.read", "pii disclosed"), ("pii.birth_month", "birth month disclosed")):
+                ids = [change.member_id for change in disclosures if change.action == action]
+                if ids:
+                    audit_log.info(line, extra={"audit_action": action, "principal": reader.principal, "rpc": rpc,
+                                                "member_ids": ids})
+            if connection is not None:
+                await _record_all(connection, disclosures)
+            else:
+                async with self._pool().acquire() as own, own.transaction():
+                    await _record_all(own, disclosures)
         return shown
 
 
 # ---- module helpers ----------------------------------------------------------------------------
+
+
+def _status_name(status: int) -> str:
+    return STATUS.Name(status)  # type: ignore[arg-type]
+
+
+def _update_summary(member: Member, paths: Sequence[str]) -> dict[str, Any]:
+    """An UpdateMember's side of the audit record: the version, the consent flags, and which PII
+    fields hold a value (names only: the trail never holds PII)."""
+    return {"version": member.version, "paths": sorted(paths),
+            "consents": {flag: getattr(member.consents, flag) for flag in rules.CONSENT_FLAGS},
+            "pii_fields_set": [name for name in PII_FIELDS if getattr(member.pii, name)]}
+
+
+def _disclosure(member: Member, rpc: str, action: str, fields: list[str]) -> audit.Change:
+    """What the trail keeps of one member's PII in an answer: who, which RPC, which fields (names)."""
+    return audit.Change(action=action, resource_type="member", resource_id=member.member_id,
+                        member_id=member.member_id, after={"rpc": rpc, "fields": fields})
+
+
+async def _record_all(connection: DbConnection, changes: Sequence[audit.Change]) -> None:
+    for change in changes:
+        await audit.record(connection, AUDIT_SERVICE, change)
 
 
 def _member_not_found(member_id: str) -> errors.LoyaltyError:
