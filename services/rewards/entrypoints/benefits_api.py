@@ -6,7 +6,6 @@ nothing, not even its request id."""
 
 from __future__ import annotations
 
-import logging
 from datetime import UTC, datetime
 from typing import Any
 
@@ -15,13 +14,13 @@ from libs.auth import actor
 from libs.db import DbConnection
 from libs.idempotency import run_once_in_transaction
 from libs.server import Runtime
-from loyalty.rewards.v1 import rewards_pb2
+from loyalty.rewards.v1 import benefits_pb2, rewards_pb2
 from services.rewards.adapters.benefits_birthdays import BirthMonths
 from services.rewards.adapters.rules_repo import RulesCache
-from services.rewards.service_layer import benefits, coupons
+from services.rewards.service_layer import audit_trail, benefits, coupons
 from services.rewards.settings import get_rewards_settings
 
-audit = logging.getLogger("loyalty.audit")
+RETIRED = benefits_pb2.BENEFIT_STATE_RETIRED
 
 
 def _now() -> datetime:
@@ -48,8 +47,8 @@ class BenefitsApi:
 
         async def create(conn: DbConnection) -> rewards_pb2.CreateBenefitResponse:
             benefit = await benefits.create_benefit(conn, request, actor(), now)
-            audit.info("benefit created", extra={"actor": actor(), "request_id": request.request_id,
-                                                 "after": benefits.audit_fields(benefit)})
+            await audit_trail.record(conn, "benefit.create", "benefit", benefit.benefit_id,
+                                     request_id=request.request_id, after=benefits.audit_fields(benefit))
             return rewards_pb2.CreateBenefitResponse(benefit=benefit)
 
         return await run_once_in_transaction(self.runtime.pool, "CreateBenefit", request,
@@ -61,9 +60,10 @@ class BenefitsApi:
 
         async def update(conn: DbConnection) -> rewards_pb2.UpdateBenefitResponse:
             before, after = await benefits.update_benefit(conn, request, actor(), _now())
-            audit.info("benefit updated", extra={"actor": actor(), "request_id": request.request_id,
-                                                 "before": benefits.audit_fields(before),
-                                                 "after": benefits.audit_fields(after)})
+            retired = after.state == RETIRED and before.state != RETIRED
+            await audit_trail.record(conn, "benefit.retire" if retired else "benefit.update", "benefit",
+                                     after.benefit_id, request_id=request.request_id,
+                                     before=benefits.audit_fields(before), after=benefits.audit_fields(after))
             return rewards_pb2.UpdateBenefitResponse(benefit=after)
 
         return await run_once_in_transaction(self.runtime.pool, "UpdateBenefit", request,
@@ -107,9 +107,21 @@ class BenefitsApi:
                            ) -> rewards_pb2.IssueCouponsResponse:
         now = _now()
         coupons.check_template(request.template, now, "template.")
+
+        async def issue(conn: DbConnection) -> rewards_pb2.IssueCouponsResponse:
+            response = await coupons.issue_coupons(conn, request, actor(), now)
+            if response.coupons:  # a chunk whose members all hold the offer already issued nothing
+                await audit_trail.record(
+                    conn, "coupons.issue", "coupon_offer", request.offer_id or request.request_id,
+                    request_id=request.request_id,
+                    after={"offer_id": request.offer_id, "segment_id": request.segment_id,
+                           "evaluation_run_id": request.evaluation_run_id, "issued": len(response.coupons),
+                           "skipped": len(response.skipped_member_ids),
+                           "template": coupons.template_summary(request.template)})
+            return response
+
         return await run_once_in_transaction(self.runtime.pool, "IssueCoupons", request,
-                                             rewards_pb2.IssueCouponsResponse,
-                                             lambda conn: coupons.issue_coupons(conn, request, actor(), now))
+                                             rewards_pb2.IssueCouponsResponse, issue)
 
     async def GetCoupon(self, request: rewards_pb2.GetCouponRequest, context: Any) -> rewards_pb2.GetCouponResponse:
         _reject(coupons.get_coupon_violations(request))

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
 from datetime import UTC, datetime
 from typing import Any, TypeVar
@@ -15,21 +14,20 @@ from libs.db import DbConnection
 from libs.errors import FieldViolation
 from libs.idempotency import payload_digest, run_once_in_transaction
 from libs.server import Runtime
-from loyalty.rewards.v1 import rewards_pb2
+from loyalty.rewards.v1 import earning_pb2, ledger_pb2, rewards_pb2
 from services.rewards.adapters import accruals_repo, rules_repo
 from services.rewards.adapters.ledger import LedgerTx
 from services.rewards.adapters.rules_repo import RulesCache
 from services.rewards.domain.earning import MemberContext, compute_points
 from services.rewards.domain.expiry import month_start, programme_day
 from services.rewards.domain.rules import accrual_violations, rule_set_violations
-from services.rewards.service_layer import operations, queries, reversals
+from services.rewards.service_layer import audit_trail, operations, queries, reversals
 from services.rewards.service_layer.accrue import Accruer, Usage
 from services.rewards.service_layer.holds import Holds
 from services.rewards.service_layer.reconcile import reconcile
 from services.rewards.settings import RewardsSettings
 from services.rewards.telemetry import record_accruals, record_reversed
 
-audit = logging.getLogger("loyalty.audit")
 ResponseT = TypeVar("ResponseT", bound=Message)
 
 
@@ -52,7 +50,8 @@ class LedgerApi:
 
         async def create(conn: DbConnection) -> rewards_pb2.CreateEarningRulesResponse:
             stored = await rules_repo.create(conn, request.rule_set, actor())
-            audit.info("earning rules created", extra={"actor": actor(), "version": stored.version})
+            await audit_trail.record(conn, "earning_rules.create", "earning_rule_set", str(stored.version),
+                                     request_id=request.request_id, after=audit_trail.rule_set(stored))
             return rewards_pb2.CreateEarningRulesResponse(rule_set=stored)
 
         return await run_once_in_transaction(self.runtime.pool, "CreateEarningRules", request,
@@ -88,8 +87,11 @@ class LedgerApi:
             if done is None:
                 raise errors.not_found("earning rules version", str(request.version), reason="EARNING_RULES_NOT_FOUND")
             rule_set, previous = done
-            audit.info("earning rules activated", extra={"actor": actor(), "version": rule_set.version,
-                                                         "previous_version": previous})
+            if previous != rule_set.version:  # activating the active version changes nothing
+                await audit_trail.record(conn, "earning_rules.activate", "earning_rule_set", str(rule_set.version),
+                                         request_id=request.request_id, before={"active_version": previous},
+                                         after={"active_version": rule_set.version,
+                                                "rule_set": audit_trail.rule_set(rule_set)})
             return rewards_pb2.ActivateEarningRulesResponse(rule_set=rule_set, previous_version=previous)
 
         response = await run_once_in_transaction(self.runtime.pool, "ActivateEarningRules", request,
@@ -138,11 +140,16 @@ class LedgerApi:
 
         async def resolve(conn: DbConnection) -> rewards_pb2.ResolveHoldResponse:
             response = await self.holds.resolve(conn, request, who)
-            if not response.resolution.already_resolved:
-                audit.info("hold resolved", extra={
-                    "actor": who, "case_id": response.resolution.case_id, "operator_id": request.operator_id,
-                    "source_event_id": response.resolution.source_event_id, "action": request.action,
-                    "points": response.resolution.points})
+            resolution = response.resolution
+            if not resolution.already_resolved:
+                await audit_trail.record(
+                    conn, "hold.resolve", "hold", resolution.case_id or resolution.source_event_id,
+                    member_id=resolution.member_id, request_id=request.request_id, on_behalf_of=request.operator_id,
+                    before={"source_event_id": resolution.source_event_id, "case_id": resolution.case_id,
+                            "state": "HELD", "points": resolution.points},
+                    after={"action": ledger_pb2.HoldAction.Name(resolution.action),
+                           "outcome": earning_pb2.AccrualOutcome.Name(resolution.outcome),
+                           "ledger_entry_id": resolution.ledger_entry_id, "points": resolution.points})
             return response
 
         return await run_once_in_transaction(self.runtime.pool, "ResolveHold", request,
@@ -198,10 +205,20 @@ class LedgerApi:
                 refunded=request.refunded_amount,
                 occurred_at=request.occurred_at.ToDatetime(UTC) if request.HasField("occurred_at") else now,
                 reason=request.reason, digest=digest), self.settings.zone)
-        points = reversal.posted_points_reversed + reversal.unposted_points_reversed
+            points = reversal.posted_points_reversed + reversal.unposted_points_reversed
+            await audit_trail.record(
+                conn, "order.reverse", "order", request.order_id, member_id=reversal.member_id,
+                request_id=request.source_event_id,
+                after={"source_event_id": request.source_event_id,
+                       "refunded_minor": request.refunded_amount.amount_minor,
+                       "currency": request.refunded_amount.currency,
+                       "posted_points_reversed": reversal.posted_points_reversed,
+                       "unposted_points_reversed": reversal.unposted_points_reversed,
+                       "qualifying_points_reversed": reversal.qualifying_points_reversed,
+                       "debt_points_created": reversal.debt_points_created,
+                       "order_fully_reversed": reversal.order_fully_reversed,
+                       "ledger_entry_ids": list(reversal.ledger_entry_ids)})
         record_reversed(points)
-        audit.info("order reversed", extra={"actor": actor(), "member_id": reversal.member_id,
-                                            "order_id": request.order_id, "points": points})
         return rewards_pb2.ReverseOrderResponse(reversal=reversal)
 
     async def RunExpiry(self, request: rewards_pb2.RunExpiryRequest, context: Any) -> rewards_pb2.RunExpiryResponse:
@@ -213,17 +230,16 @@ class LedgerApi:
         async with pool.acquire() as conn:
             rules = await self.rules.active(conn)
         run = await operations.run_expiry(pool, request.request_id, as_of, rules, now)
-        audit.info("expiry run", extra={"actor": actor(), "request_id": request.request_id,
-                                        "lots_expired": run.lots_expired, "points_expired": run.points_expired})
         return rewards_pb2.RunExpiryResponse(run=run)
 
     async def _ledger_mutation(self, method: str, request: Any, response_type: type[ResponseT],
                                mutate: Callable[[DbConnection, LedgerTx], Awaitable[ResponseT]],
-                               audit_message: str, audit_fields: Callable[[ResponseT], dict[str, Any]]) -> ResponseT:
-        """An operator mutation of the ledger: once per request id, in one transaction, audited."""
+                               audited: Callable[[DbConnection, ResponseT], Awaitable[object]]) -> ResponseT:
+        """An operator mutation of the ledger: once per request id, in one transaction with its
+        audit record (`audited`, which may skip a request that changed nothing)."""
         async def run(conn: DbConnection) -> ResponseT:
             response = await mutate(conn, LedgerTx(conn, datetime.now(UTC), actor()))
-            audit.info(audit_message, extra={"actor": actor(), **audit_fields(response)})
+            await audited(conn, response)
             return response
 
         return await run_once_in_transaction(self.runtime.pool, method, request, response_type, run)
@@ -236,27 +252,52 @@ class LedgerApi:
         async def adjust(conn: DbConnection, tx: LedgerTx) -> rewards_pb2.AdjustPointsResponse:
             return await operations.adjust(conn, tx, request, await self.rules.active(conn), self.settings.zone)
 
-        return await self._ledger_mutation(
-            "AdjustPoints", request, rewards_pb2.AdjustPointsResponse, adjust, "points adjusted",
-            lambda _: {"member_id": request.member_id, "points": request.points, "operator_id": request.operator_id,
-                       "reason_code": request.reason_code})
+        async def audited(conn: DbConnection, response: rewards_pb2.AdjustPointsResponse) -> object:
+            posted = response.entry.posted_balance_after
+            return await audit_trail.record(
+                conn, "points.adjust", "ledger_entry", response.entry.entry_id, member_id=request.member_id,
+                request_id=request.request_id, on_behalf_of=request.operator_id,
+                before={"posted": posted - response.entry.points},
+                after={"posted": posted, "entry": audit_trail.entry(response.entry),
+                       "allow_debt": request.allow_debt, "adjust_qualifying": request.adjust_qualifying})
+
+        return await self._ledger_mutation("AdjustPoints", request, rewards_pb2.AdjustPointsResponse, adjust, audited)
 
     async def TransferPoints(self, request: rewards_pb2.TransferPointsRequest, context: Any
                              ) -> rewards_pb2.TransferPointsResponse:
+        async def audited(conn: DbConnection, response: rewards_pb2.TransferPointsResponse) -> object:
+            out, into = response.transfer_out_entry, response.transfer_in_entry
+            return await audit_trail.record(
+                conn, "points.transfer", "transfer", out.entry_id, member_id=request.from_member_id,
+                request_id=request.request_id, on_behalf_of=request.operator_id,
+                before={"from_posted": out.posted_balance_after - out.points,
+                        "to_posted": into.posted_balance_after - into.points},
+                after={"from_member_id": request.from_member_id, "to_member_id": request.to_member_id,
+                       "points": request.points, "from_posted": out.posted_balance_after,
+                       "to_posted": into.posted_balance_after, "transfer_out_entry_id": out.entry_id,
+                       "transfer_in_entry_id": into.entry_id})
+
         return await self._ledger_mutation(
             "TransferPoints", request, rewards_pb2.TransferPointsResponse,
-            lambda conn, tx: operations.transfer(conn, tx, request), "points transferred",
-            lambda _: {"from_member_id": request.from_member_id, "to_member_id": request.to_member_id,
-                       "points": request.points, "operator_id": request.operator_id})
+            lambda conn, tx: operations.transfer(conn, tx, request), audited)
 
     async def MergeMemberLedgers(self, request: rewards_pb2.MergeMemberLedgersRequest, context: Any
                                  ) -> rewards_pb2.MergeMemberLedgersResponse:
+        async def audited(conn: DbConnection, response: rewards_pb2.MergeMemberLedgersResponse) -> object:
+            merge = response.merge
+            if not merge.ledger_entry_ids:  # merged before under another request id: nothing moved
+                return None
+            return await audit_trail.record(
+                conn, "member_ledgers.merge", "member", merge.duplicate_member_id,
+                member_id=merge.duplicate_member_id, request_id=request.request_id, on_behalf_of=request.operator_id,
+                before={"merged_into": ""},
+                after={"merged_into": merge.survivor_member_id, "lots_moved": merge.lots_moved,
+                       "points_moved": merge.points_moved, "unposted_points_moved": merge.unposted_points_moved,
+                       "debt_points_moved": merge.debt_points_moved, "ledger_entry_ids": list(merge.ledger_entry_ids)})
+
         return await self._ledger_mutation(
             "MergeMemberLedgers", request, rewards_pb2.MergeMemberLedgersResponse,
-            lambda conn, tx: operations.merge(conn, tx, request), "member ledgers merged",
-            lambda response: {"survivor_member_id": request.survivor_member_id,
-                              "duplicate_member_id": request.duplicate_member_id,
-                              "points": response.merge.points_moved})
+            lambda conn, tx: operations.merge(conn, tx, request), audited)
 
     async def Reconcile(self, request: rewards_pb2.ReconcileRequest, context: Any) -> rewards_pb2.ReconcileResponse:
         pool = self.runtime.pool

@@ -131,6 +131,22 @@ async def issue(conn: DbConnection, member_ids: Sequence[str], template: benefit
     return [by_member[c.member_id] for c in kept], [m for m in member_ids if m not in issued]
 
 
+def template_summary(template: benefits_pb2.CouponTemplate) -> dict[str, Any]:
+    """What the audit trail keeps of a coupon template: its value and limits, not its texts."""
+    summary: dict[str, Any] = {"template_id": template.template_id, "max_uses": template.max_uses,
+                               "discount": template.WhichOneof("discount") or ""}
+    if template.HasField("amount_off"):
+        summary["amount_off_minor"] = template.amount_off.amount_minor
+        summary["currency"] = template.amount_off.currency
+    if template.percent_off_bps:
+        summary["percent_off_bps"] = template.percent_off_bps
+    if template.HasField("max_discount"):
+        summary["max_discount_minor"] = template.max_discount.amount_minor
+    if template.HasField("min_spend"):
+        summary["min_spend_minor"] = template.min_spend.amount_minor
+    return summary
+
+
 async def issue_coupons(conn: DbConnection, request: rewards_pb2.IssueCouponsRequest, actor: str, now: datetime
                         ) -> rewards_pb2.IssueCouponsResponse:
     origin = Origin(request_id=request.request_id, actor=actor, segment_id=request.segment_id,

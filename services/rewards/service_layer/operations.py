@@ -18,7 +18,7 @@ from loyalty.rewards.v1 import earning_pb2, ledger_pb2, rewards_pb2
 from services.rewards.adapters import accruals_repo
 from services.rewards.adapters.ledger import Account, Entry, LedgerTx
 from services.rewards.domain.expiry import expires_at, expiring_soon_notice
-from services.rewards.service_layer import notices, queries
+from services.rewards.service_layer import audit_trail, notices, queries
 from services.rewards.telemetry import record_expired
 
 T = ledger_pb2.LedgerEntryType
@@ -253,6 +253,14 @@ async def run_expiry(pool: asyncpg.Pool, request_id: str, as_of: datetime, rules
     run.as_of.FromDatetime(as_of)
     run.started_at.FromDatetime(now)
     run.finished_at.FromDatetime(datetime.now(now.tzinfo))
-    await pool.execute("INSERT INTO expiry_runs (request_id, as_of, run) VALUES ($1, $2, $3)"
-                       " ON CONFLICT (request_id) DO NOTHING", request_id, as_of, run.SerializeToString())
+    async with pool.acquire() as conn, conn.transaction():
+        stored_now = await conn.fetchval(
+            "INSERT INTO expiry_runs (request_id, as_of, run) VALUES ($1, $2, $3)"
+            " ON CONFLICT (request_id) DO NOTHING RETURNING true", request_id, as_of, run.SerializeToString())
+        if stored_now:  # a concurrent run under the same request id recorded (and audited) it first
+            await audit_trail.record(conn, "expiry.run", "expiry_run", request_id, request_id=request_id,
+                                     after={"as_of": as_of.isoformat(), "lots_expired": run.lots_expired,
+                                            "points_expired": run.points_expired,
+                                            "members_affected": run.members_affected,
+                                            "notifications_queued": run.notifications_queued})
     return run
