@@ -111,3 +111,17 @@ async def test_two_replicas_serialise_one_members_accruals(
     batch = responses[-1]
     ids = [r.source_event_id for r in requests] + [r.source_event_id for r in batch.results]
     assert await velocities(risk_pool, ids) == list(range(1, 21))
+
+
+async def test_only_purchases_enter_a_members_own_history(risk_pool: asyncpg.Pool, config: ConfigCache) -> None:
+    """Browse credits, in the same batch as purchases or in later rounds, never join the recent
+    points that points_vs_own_median compares a purchase with."""
+    a = Accruals()
+    gate = assessor(risk_pool, config, 3)
+    buys = [a.purchase(20_000), a.purchase(30_000)]
+    await gate.assess([buys[0], a.browse(600), buys[1], a.browse(900)])
+    await gate.assess([a.browse(300)])
+    third = a.purchase(25_000)
+    await gate.assess([third])
+    recent = await risk_pool.fetchval("SELECT recent_points FROM members WHERE member_id = $1", a.member_id)
+    assert list(recent) == [b.points_proposed for b in [*buys, third]]

@@ -76,6 +76,23 @@ def test_own_and_peer_medians() -> None:
     assert fresh["points_vs_own_median"] == 1 and fresh["points_vs_peer_median"] == 1
 
 
+def test_own_history_is_purchases_only_so_browse_credits_do_not_drag_the_median_down() -> None:
+    """A member who browses a lot and buys normally: twenty 2-point browse credits in the batch must
+    not make an ordinary 300-point purchase look 150 times their norm."""
+    memory = sig.BatchMemory()
+    for minute in range(20):
+        memory.add(accrual(points=2, is_purchase=False, is_browse=True, browse_seconds=600,
+                           at=T - timedelta(minutes=30 - minute)))
+    stored = sig.StoredHistory(recent_points=(250, 300, 280, 320, 310))
+    values = sig.compute_signals(accrual(points=300), stored, memory, {})
+    assert values["own_history_count"] == 5 and values["points_vs_own_median"] == 300 / 300
+    inflated = sig.compute_signals(accrual(points=16_000), stored, memory, {})
+    assert inflated["points_vs_own_median"] > 50  # a purchase far above their own purchases still shows
+    browse = sig.compute_signals(accrual(points=2, is_purchase=False, is_browse=True, browse_seconds=600),
+                                 sig.StoredHistory(recent_points=(1, 1, 1, 1, 1)), memory, {})
+    assert browse["points_vs_own_median"] == 1  # only purchases are compared with the member's purchases
+
+
 def test_a_probe_without_itself_reports_the_member_now() -> None:
     stored = sig.StoredHistory(count_1h=4)
     values = sig.compute_signals(accrual(points=0), stored, sig.BatchMemory(), {}, include_self=False)

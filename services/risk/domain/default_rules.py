@@ -43,7 +43,7 @@ DEFAULT_RULES: tuple[RuleSpec, ...] = (
              "refund_ratio > 0.5 and refunds_90d >= 2", Action.REVIEW, 0.5),
     RuleSpec("new_account_large", "an account younger than 3 days accruing more than 2,000 points",
              "points > 2000 and account_age_days < 3", Action.REVIEW, 0.6),
-    RuleSpec("above_own_history", "more than 50 times the member's own median accrual (5+ accruals known)",
+    RuleSpec("above_own_history", "a purchase over 50 times the member's own median purchase accrual (5+ known)",
              "points_vs_own_median > 50 and own_history_count >= 5", Action.REVIEW, 0.4),
     RuleSpec("long_browse_day", "more than 4 hours of browsing credited in one day",
              "browse_minutes_today > 240", Action.REVIEW, 0.6),

@@ -60,10 +60,10 @@ CATALOGUE: tuple[SignalDef, ...] = (
     SignalDef("velocity_7d_points", "points of the member's accruals in the last 7 days", "points", Scope.MEMBER),
     SignalDef("account_age_days", "days since registration (or since risk first saw the member)", "days",
               Scope.MEMBER, True),
-    SignalDef("own_history_count", "earlier accruals in the member's own history (at most 50 kept)", "count",
-              Scope.MEMBER),
-    SignalDef("points_vs_own_median", "points over the median of the member's last 50 accruals (1 without "
-              "history)", "ratio", Scope.MEMBER, True),
+    SignalDef("own_history_count", "earlier purchase accruals in the member's own history (at most 50 kept)",
+              "count", Scope.MEMBER),
+    SignalDef("points_vs_own_median", "a purchase's points over the median of the member's last 50 purchase "
+              "accruals (1 without history, and for browse or other credits)", "ratio", Scope.MEMBER, True),
     SignalDef("points_vs_peer_median", "points over the median accrual of the member's tier (1 when unknown)",
               "ratio", Scope.MEMBER, True),
     SignalDef("refund_ratio", "refunded over purchased amount in the last 90 days, in [0, 1]", "ratio",
@@ -212,7 +212,7 @@ def compute_signals(accrual: Accrual, stored: StoredHistory, batch: BatchMemory,
             if earlier.is_purchase and refund_from < e:
                 purchase_minor += earlier.amount_minor
                 purchases += 1
-        if earlier is not accrual:
+        if earlier is not accrual and earlier.is_purchase:
             recent.append(earlier.points)
     recent = recent[-OWN_HISTORY:]
     own_median = median(recent)
@@ -234,7 +234,7 @@ def compute_signals(accrual: Accrual, stored: StoredHistory, batch: BatchMemory,
         "velocity_7d_points": float(counts[WEEK][1]),
         "account_age_days": max(0.0, (t - since).total_seconds() / 86400.0),
         "own_history_count": float(len(recent)),
-        "points_vs_own_median": accrual.points / own_median if own_median > 0 else 1.0,
+        "points_vs_own_median": accrual.points / own_median if accrual.is_purchase and own_median > 0 else 1.0,
         "points_vs_peer_median": accrual.points / peer_median if peer_median > 0 else 1.0,
         "refund_ratio": refund_ratio,
         "purchases_90d": float(purchases),

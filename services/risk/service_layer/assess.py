@@ -304,7 +304,8 @@ class Assessor:
 
 def _member_writes(new: Sequence[tuple[_New, repo.ItemRead]]) -> dict[str, repo.MemberWrite]:
     """Each member's row after this round: first seen at its earliest accrual, member since and
-    tier as the latest item that says them, the new points appended to its recent points."""
+    tier as the latest item that says them, a purchase's points appended to its recent purchase points
+    (browse and other credits are small by rule and would drag the member's median down)."""
     out: dict[str, repo.MemberWrite] = {}
     for item, read in new:
         accrual, row = item.accrual, read.member
@@ -313,15 +314,20 @@ def _member_writes(new: Sequence[tuple[_New, repo.ItemRead]]) -> dict[str, repo.
             first_seen = accrual.occurred_at if row.first_seen is None else min(row.first_seen, accrual.occurred_at)
             out[accrual.member_id] = repo.MemberWrite(
                 accrual.member_id, first_seen, accrual.member_since or row.member_since, accrual.tier_id or row.tier_id,
-                [*row.recent_points, accrual.points][-sig.OWN_HISTORY:], row.version)
+                _remember(row.recent_points, accrual), row.version)
             continue
         said = accrual.member_since is not None or bool(accrual.tier_id)
         out[accrual.member_id] = repo.MemberWrite(
             accrual.member_id, min(before.first_seen, accrual.occurred_at),
             (accrual.member_since or row.member_since) if said else before.member_since,
             (accrual.tier_id or row.tier_id) if said else before.tier_id,
-            [*before.recent_points, accrual.points][-sig.OWN_HISTORY:], row.version)
+            _remember(before.recent_points, accrual), row.version)
     return out
+
+
+def _remember(recent: Sequence[int], accrual: sig.Accrual) -> list[int]:
+    """The member's recent purchase points after `accrual` (unchanged unless it is a purchase)."""
+    return [*recent, accrual.points][-sig.OWN_HISTORY:] if accrual.is_purchase else list(recent)
 
 
 def _assessment(item: _New, assessment_id: str, judgement: Judgement, model: ModelResult | None,

@@ -153,7 +153,7 @@ async def member_signals(pool: asyncpg.Pool, member_id: str, peer_medians: dict[
         velocity.accrual_count = int(values[f"velocity_{label}_count"])
         velocity.points = int(values[f"velocity_{label}_points"])
     message.account_age.CopyFrom(_duration(values["account_age_days"] * 86400))
-    # The probe proposes no points: the ratios describe the member's latest accrual instead.
+    # The probe proposes no points: the ratios describe the member's latest purchase accrual instead.
     latest = history.recent_points[-1] if history.recent_points else 0
     own = sig.median(history.recent_points[:-1])
     peer = peer_medians.get(row["tier_id"], 0.0)
