@@ -8,7 +8,6 @@ a worker thread, one at a time per replica, so the event loop keeps serving asse
 from __future__ import annotations
 
 import asyncio
-import logging
 from datetime import UTC
 from typing import Any
 
@@ -20,10 +19,8 @@ from libs.idempotency import run_once_in_transaction
 from libs.server import Runtime
 from loyalty.risk.v1 import risk_pb2
 from services.risk.domain.forest import MIN_TRAINING_ROWS, ModelValidationError
-from services.risk.service_layer import models
+from services.risk.service_layer import audit_trail, models
 from services.risk.service_layer.config import ConfigCache
-
-audit = logging.getLogger("loyalty.audit")
 
 
 class ModelsApi:
@@ -50,14 +47,11 @@ class ModelsApi:
                     raise models.not_enough_history(history, start, end)
                 info, content = await models.train(history, params)
                 stored = await models.insert(conn, info, content)
-                audit.info("model trained", extra={
-                    "actor": actor(), "model_version": stored.model_version, "state": stored.state,
-                    "training_rows": stored.training_rows, "threshold": stored.threshold,
-                    "failure_reason": stored.failure_reason})
+                await audit_trail.record(conn, "model.train", "model", stored.model_version,
+                                         request_id=request.request_id, after=audit_trail.model_summary(stored))
                 if request.activate and stored.state == models.READY:
                     stored, previous = await models.activate(conn, stored.model_version)
-                    audit.info("model activated", extra={"actor": actor(), "model_version": stored.model_version,
-                                                         "previous": previous})
+                    await _record_activation(conn, request.request_id, stored.model_version, previous)
                 return risk_pb2.TrainModelResponse(model=stored)
 
         async with models.training_slot:  # one training at a time per replica
@@ -83,12 +77,11 @@ class ModelsApi:
         async def store(conn: DbConnection) -> risk_pb2.ImportModelResponse:
             info = models.imported_info(request.model_version, forest, content, request.description, actor())
             stored = await models.insert(conn, info, content)
-            audit.info("model imported", extra={"actor": actor(), "model_version": stored.model_version,
-                                                "checksum_sha256": stored.checksum_sha256})
+            await audit_trail.record(conn, "model.import", "model", stored.model_version,
+                                     request_id=request.request_id, after=audit_trail.model_summary(stored))
             if request.activate:
                 stored, previous = await models.activate(conn, stored.model_version)
-                audit.info("model activated", extra={"actor": actor(), "model_version": stored.model_version,
-                                                     "previous": previous})
+                await _record_activation(conn, request.request_id, stored.model_version, previous)
             return risk_pb2.ImportModelResponse(model=stored)
 
         response = await run_once_in_transaction(
@@ -115,11 +108,17 @@ class ModelsApi:
         async def activate(conn: DbConnection) -> risk_pb2.ActivateModelResponse:
             model, previous = await models.activate(conn, request.model_version)
             if previous != model.model_version:
-                audit.info("model activated", extra={"actor": actor(), "model_version": model.model_version,
-                                                     "previous": previous})
+                await _record_activation(conn, request.request_id, model.model_version, previous)
             return risk_pb2.ActivateModelResponse(model=model, previous_model_version=previous)
 
         response = await run_once_in_transaction(
             self.runtime.pool, "ActivateModel", request, risk_pb2.ActivateModelResponse, activate)
         await self.config.reload()  # this replica at once; the others on NOTIFY
         return response
+
+
+async def _record_activation(conn: DbConnection, request_id: str, version: str, previous: str) -> None:
+    """One record per change of the active model, whichever RPC made it (TrainModel and ImportModel
+    with `activate` write their model.train / model.import record and this one)."""
+    await audit_trail.record(conn, "model.activate", "model", version, request_id=request_id,
+                             before={"active_model_version": previous}, after={"active_model_version": version})

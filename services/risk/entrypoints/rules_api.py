@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import logging
 import uuid
 from datetime import UTC
 from typing import Any
@@ -15,10 +14,8 @@ from libs.idempotency import run_once_in_transaction
 from libs.server import Runtime
 from loyalty.risk.v1 import risk_pb2, rules_pb2
 from services.risk.domain.lists import Subject, normalise
-from services.risk.service_layer import backtest, rulesets
+from services.risk.service_layer import audit_trail, backtest, rulesets
 from services.risk.service_layer.config import ConfigCache, bump
-
-audit = logging.getLogger("loyalty.audit")
 
 
 class RulesApi:
@@ -38,7 +35,8 @@ class RulesApi:
 
         async def create(conn: DbConnection) -> risk_pb2.CreateRuleSetResponse:
             stored = await rulesets.insert(conn, request.rule_set, actor())
-            audit.info("rule set created", extra={"actor": actor(), "version": stored.version})
+            await audit_trail.record(conn, "rule_set.create", "rule_set", str(stored.version),
+                                     request_id=request.request_id, after=audit_trail.rule_set_summary(stored))
             return risk_pb2.CreateRuleSetResponse(rule_set=stored)
 
         return await run_once_in_transaction(
@@ -64,8 +62,9 @@ class RulesApi:
             rule_set, previous = await rulesets.activate(conn, request.version)
             if previous != rule_set.version:
                 await bump(conn)
-                audit.info("rule set activated", extra={"actor": actor(), "version": rule_set.version,
-                                                        "previous": previous})
+                await audit_trail.record(conn, "rule_set.activate", "rule_set", str(rule_set.version),
+                                         request_id=request.request_id, before={"active_version": previous},
+                                         after={"active_version": rule_set.version})
             return risk_pb2.ActivateRuleSetResponse(rule_set=rule_set, previous_version=previous)
 
         response = await run_once_in_transaction(
@@ -113,7 +112,9 @@ class RulesApi:
                 )
                 response.entries.append(_entry(row))
             await bump(conn)
-            audit.info("list entries added", extra={"actor": actor(), "count": len(response.entries)})
+            summary, member = audit_trail.list_entries_summary(list(response.entries))
+            await audit_trail.record(conn, "list_entries.add", "list_entry", _ids(response.entries),
+                                     request_id=request.request_id, member_id=member, after=summary)
             return response
 
         response = await run_once_in_transaction(
@@ -124,13 +125,18 @@ class RulesApi:
     async def RemoveListEntries(self, request: risk_pb2.RemoveListEntriesRequest, context: Any
                                 ) -> risk_pb2.RemoveListEntriesResponse:
         async def remove(conn: DbConnection) -> risk_pb2.RemoveListEntriesResponse:
-            removed = {r["entry_id"] for r in await conn.fetch(
+            rows = await conn.fetch(
                 "UPDATE list_entries SET removed_at = now(), removed_by = $2, removed_reason = $3"
-                " WHERE entry_id = ANY($1::text[]) AND removed_at IS NULL RETURNING entry_id",
-                list(request.entry_ids), actor(), request.reason)}
+                " WHERE entry_id = ANY($1::text[]) AND removed_at IS NULL RETURNING *",
+                list(request.entry_ids), actor(), request.reason)
+            removed = {r["entry_id"] for r in rows}
             if removed:
                 await bump(conn)
-                audit.info("list entries removed", extra={"actor": actor(), "count": len(removed)})
+                gone = sorted((_entry(r) for r in rows), key=lambda e: e.entry_id)
+                summary, member = audit_trail.list_entries_summary(gone)
+                await audit_trail.record(conn, "list_entries.remove", "list_entry", _ids(gone),
+                                         request_id=request.request_id, member_id=member, before=summary,
+                                         after={"removed_count": len(removed)})
             return risk_pb2.RemoveListEntriesResponse(
                 removed_count=len(removed), not_found_entry_ids=[i for i in request.entry_ids if i not in removed])
 
@@ -159,6 +165,11 @@ class RulesApi:
         if more:
             response.next_page_token = paging.encode([page[-1]["seq"]], request)
         return response
+
+
+def _ids(entries: Any) -> str:
+    """The resource id of a list change: the entry's id, or the ids of several comma-separated."""
+    return ",".join(entry.entry_id for entry in entries)
 
 
 def _entry(row: Any) -> rules_pb2.ListEntry:
