@@ -15,6 +15,7 @@ Placeholders are `{name}`; `{{` and `}}` are literal braces.
 
 from __future__ import annotations
 
+import logging
 import re
 import time
 from collections.abc import Callable, Mapping
@@ -32,6 +33,8 @@ from libs.db import DbConnection
 from libs.errors import FieldViolation
 from libs.idempotency import run_once_in_transaction
 from loyalty.common.v1 import messages_pb2
+
+log = logging.getLogger(__name__)
 
 LANGUAGES = ("zh-CN", "en")
 DEFAULT_LANGUAGE = "en"
@@ -161,9 +164,25 @@ class MessageTexts:
             rows = await self.pool.fetch(
                 "SELECT key, language_tag, template, updated_at, updated_by FROM message_texts")
             overrides = {(r["key"], r["language_tag"]): Override(r["template"], r["updated_at"], r["updated_by"])
-                         for r in rows if r["key"] in self.catalogue.entries}
+                         for r in rows if self._fits(r["key"], r["language_tag"], r["template"])}
             self._snapshot, self._read_at = Texts(self.catalogue, overrides), time.monotonic()
         return self._snapshot
+
+    def _fits(self, key: str, language: str, template: str) -> bool:
+        """Whether a stored override can still be rendered: a release may drop a key or a placeholder
+        an override uses (or a language); such an override is ignored, the shipped text serves, and
+        the operator sees the key as not customized until updating it again."""
+        entry = self.catalogue.entries.get(key)
+        if entry is None or language not in LANGUAGES:
+            return False
+        try:
+            fits = set(placeholders(template)) <= set(entry.params)
+        except ValueError:
+            fits = False
+        if not fits:
+            log.warning("ignoring the override of %s [%s]: it uses placeholders this release does not provide",
+                        key, language)
+        return fits
 
     def invalidate(self) -> None:
         self._snapshot = None
@@ -173,10 +192,13 @@ class MessageTexts:
         languages = (language_of(request.language_tag),) if request.language_tag else LANGUAGES
         texts = await self.current()
         after = paging.decode(request, 2)
+        if after is not None and not (isinstance(after[0], str) and after[1] in range(len(LANGUAGES))):
+            raise errors.invalid_argument([FieldViolation("page_token", "is not a page token of this list")],
+                                          reason="INVALID_PAGE_TOKEN")  # a forged key, never a TypeError
         found = [(key, language) for key in self.catalogue.entries if key.startswith(request.key_prefix)
                  for language in languages]
         if after is not None:
-            found = [item for item in found if [item[0], LANGUAGES.index(item[1])] > [after[0], int(after[1])]]
+            found = [item for item in found if (item[0], LANGUAGES.index(item[1])) > (after[0], after[1])]
         size = paging.page_size(request.page_size)
         page, more = paging.split(found, size)
         token = paging.encode([page[-1][0], LANGUAGES.index(page[-1][1])], request) if more and page else ""
