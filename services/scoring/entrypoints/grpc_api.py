@@ -145,7 +145,7 @@ class ScoringServicer(AuditApi, MessageTextsApi, LearningApi, scoring_service_pb
     async def CancelEvaluation(self, request: S.CancelEvaluationRequest, context: Any
                                ) -> S.CancelEvaluationResponse:
         async def cancel(conn: DbConnection) -> S.CancelEvaluationResponse:
-            return S.CancelEvaluationResponse(run=runs_repo.run_message(await runs_repo.cancel(conn, request.run_id)))
+            return await evaluation.cancel(conn, request)
 
         return await run_once_in_transaction(self.pool, "CancelEvaluation", request, S.CancelEvaluationResponse,
                                              cancel)

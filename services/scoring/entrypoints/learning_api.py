@@ -3,6 +3,8 @@ and the fairness report. A mixin of ScoringServicer, which provides the runtime,
 
 The mutating RPCs (FitWeights, BuildSegments unless a dry run, TrainModel) learn inside the request-id
 transaction: a duplicate waits for the first call and gets its answer, and a failure stores nothing.
+FitWeights' proposed DRAFT version and an applied segmentation are recorded in the audit trail in
+that transaction (service_layer.audit_trail says why TrainModel is not).
 They are synchronous and bounded by their sample sizes; the CPU-heavy parts run off the event loop.
 """
 
@@ -18,7 +20,7 @@ from libs.server import Runtime
 from loyalty.scoring.v1 import scoring_service_pb2 as S
 from services.scoring.adapters.learning_peers import LearningProfile, LearningRewards
 from services.scoring.adapters.peers import Profile, Rewards
-from services.scoring.service_layer import fairness, fitting, models, online, predictions, segmentation
+from services.scoring.service_layer import audit_trail, fairness, fitting, models, online, predictions, segmentation
 from services.scoring.settings import ScoringSettings
 
 
@@ -37,8 +39,12 @@ class LearningApi:
         caller, now = actor(), datetime.now(UTC)
 
         async def fit(conn: DbConnection) -> S.FitWeightsResponse:
-            return await fitting.fit_weights(conn, self.profile, self.learning_profile, self.rewards, request, caller,
-                                             now, self.settings.stream_chunk_size, self.settings.zone)
+            response = await fitting.fit_weights(conn, self.profile, self.learning_profile, self.rewards, request,
+                                                 caller, now, self.settings.stream_chunk_size, self.settings.zone)
+            proposed = response.proposed_policy
+            await audit_trail.record(conn, "policy.create", "policy", proposed.policy_id, request_id=request.request_id,
+                                     after=audit_trail.policy_summary(proposed) | {"fit_id": response.fit.fit_id})
+            return response
 
         return await run_once_in_transaction(self.runtime.pool, "FitWeights", request, S.FitWeightsResponse, fit)
 
@@ -54,6 +60,9 @@ class LearningApi:
             built = await segmentation.build(self.profile, self.learning_profile, request, caller, now,
                                              self.settings.stream_chunk_size)
             await segmentation.store(conn, self.learning_rewards, built, self.settings.apply_concurrency)
+            await audit_trail.record(conn, "segments.build", "segmentation", built.segmentation.segmentation_id,
+                                     request_id=request.request_id,
+                                     after=audit_trail.segmentation_summary(built.segmentation))
             return segmentation.response_of(built)
 
         return await run_once_in_transaction(self.runtime.pool, "BuildSegments", request, S.BuildSegmentsResponse,

@@ -50,6 +50,7 @@ from services.scoring.adapters.runs_repo import (
 )
 from services.scoring.domain import kernel
 from services.scoring.domain import policy as rules
+from services.scoring.service_layer import audit_trail
 from services.scoring.settings import ScoringSettings
 from services.scoring.telemetry import record_evaluation
 
@@ -175,7 +176,22 @@ async def start(conn: DbConnection, request: S.RunEvaluationRequest, actor: str,
                 reason="AS_OF_BEFORE_LAST_RUN", run_id=last["run_id"])
     row = await runs_repo.insert_run(conn, f"run-{uuid.uuid4().hex}", policy.policy_id, policy.version, as_of,
                                      request.dry_run, E.EVALUATION_TRIGGER_REQUEST, request.request_id, actor)
+    if not request.dry_run:  # a dry run changes nothing for members: no record
+        await audit_trail.record(conn, "evaluation.run", "evaluation_run", row["run_id"],
+                                 request_id=request.request_id, after=audit_trail.run_summary(row))
     return S.RunEvaluationResponse(run=runs_repo.run_message(row))
+
+
+async def cancel(conn: DbConnection, request: S.CancelEvaluationRequest) -> S.CancelEvaluationResponse:
+    """Cancel a run that is not applying yet (inside the request-id transaction); cancelling an
+    applied run is recorded in the audit trail, a dry run's or a repeat is not."""
+    before = await conn.fetchrow("SELECT * FROM evaluation_runs WHERE run_id = $1 FOR UPDATE", request.run_id)
+    row = await runs_repo.cancel(conn, request.run_id)
+    if before is not None and not before["dry_run"] and before["state"] != CANCELLED:
+        await audit_trail.record(conn, "evaluation.cancel", "evaluation_run", request.run_id,
+                                 request_id=request.request_id, before=audit_trail.run_summary(before),
+                                 after=audit_trail.run_summary(row))
+    return S.CancelEvaluationResponse(run=runs_repo.run_message(row))
 
 
 async def wait_finished(pool: asyncpg.Pool, run_id: str, time_remaining: Callable[[], float | None]) -> E.EvaluationRun:

@@ -1,5 +1,6 @@
 """Policy life-cycle: create (checked against profile's catalogue), validate, read, list, activate
-(optimistic check, never during an applying run) and retire."""
+(optimistic check, never during an applying run) and retire. Each change writes its audit record
+(service_layer.audit_trail) in the caller's request-id transaction."""
 
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ from services.scoring.adapters import policies_repo
 from services.scoring.adapters.peers import Profile
 from services.scoring.adapters.policies_repo import ACTIVE, DRAFT, RETIRED
 from services.scoring.domain import policy as rules
+from services.scoring.service_layer import audit_trail
 
 APPLYING = 4  # EvaluationStage.EVALUATION_STAGE_APPLYING
 
@@ -35,6 +37,8 @@ async def create(conn: DbConnection, profile: Profile, request: S.CreatePolicyRe
                  ) -> S.CreatePolicyResponse:
     warnings, version = await check(profile, request.policy)
     stored = await policies_repo.insert(conn, request.policy, actor, version)
+    await audit_trail.record(conn, "policy.create", "policy", stored.policy_id, request_id=request.request_id,
+                             after=audit_trail.policy_summary(stored))
     return S.CreatePolicyResponse(policy=stored, warnings=warnings)
 
 
@@ -82,6 +86,9 @@ async def activate(conn: DbConnection, request: S.ActivatePolicyRequest, actor: 
     if current is not None:
         response.previous_policy.policy_id = current.policy_id
         response.previous_policy.version = current.version
+    await audit_trail.record(conn, "policy.activate", "policy", target.policy_id, request_id=request.request_id,
+                             before={"active": audit_trail.policy_ref(current)},
+                             after={"active": audit_trail.policy_ref(response.policy)})
     return response
 
 
@@ -93,6 +100,9 @@ async def retire(conn: DbConnection, request: S.RetirePolicyRequest) -> S.Retire
             reason="POLICY_ACTIVE")
     if target.state == DRAFT:
         await policies_repo.set_retired(conn, target.policy_id, target.version)
-        target = await policies_repo.get(conn, target.policy_id, target.version)
+        retired = await policies_repo.get(conn, target.policy_id, target.version)
+        await audit_trail.record(conn, "policy.retire", "policy", target.policy_id, request_id=request.request_id,
+                                 before=audit_trail.policy_summary(target), after=audit_trail.policy_summary(retired))
+        target = retired
     assert target.state == RETIRED
     return S.RetirePolicyResponse(policy=target)

@@ -2,7 +2,8 @@
 
 The run's request id names the policy version and the due time, so each due time starts at most
 one run whatever the number of scoring processes; a due time before the policy's activation, or
-not after the last applied run, starts nothing.
+not after the last applied run, starts nothing. A started run is recorded in the audit trail
+(evaluation.run) with the scheduler as its actor, in the transaction that inserts it.
 """
 
 from __future__ import annotations
@@ -11,10 +12,12 @@ from datetime import UTC, datetime
 
 import asyncpg
 
+from libs.auth import Principal, current_principal
 from libs.errors import LoyaltyError
 from loyalty.scoring.v1 import evaluation_pb2 as E
 from services.scoring.adapters import policies_repo, runs_repo
 from services.scoring.domain.schedule import last_due
+from services.scoring.service_layer import audit_trail
 from services.scoring.settings import ScoringSettings
 
 SCHEDULER = "scheduler"
@@ -41,11 +44,18 @@ async def schedule_once(pool: asyncpg.Pool, settings: ScoringSettings, now: date
         if await conn.fetchval("SELECT 1 FROM evaluation_runs WHERE trigger = $1 AND request_id = $2",
                                E.EVALUATION_TRIGGER_SCHEDULE, key):
             return None
+        acting = current_principal.set(Principal(SCHEDULER, frozenset()))  # the audit record's actor
         try:
-            row = await runs_repo.insert_run(conn, f"run-{key.replace(':', '-')}"[:128], policy.policy_id,
-                                             policy.version, due, False, E.EVALUATION_TRIGGER_SCHEDULE, key, SCHEDULER)
+            async with conn.transaction():
+                row = await runs_repo.insert_run(conn, f"run-{key.replace(':', '-')}"[:128], policy.policy_id,
+                                                 policy.version, due, False, E.EVALUATION_TRIGGER_SCHEDULE, key,
+                                                 SCHEDULER)
+                await audit_trail.record(conn, "evaluation.run", "evaluation_run", row["run_id"], request_id=key,
+                                         after=audit_trail.run_summary(row))
         except LoyaltyError:
             return None  # another run is in flight; the next round tries again
         except asyncpg.UniqueViolationError:
             return None  # another process started it
+        finally:
+            current_principal.reset(acting)
     return str(row["run_id"])
