@@ -80,6 +80,30 @@ _FORMATS: dict[int, tuple[Callable[[str], bool], str]] = {
 }
 
 
+# Well-known types whose values have a valid range of their own (RFC 3339 years 1-9999; durations
+# of ±10,000 years with nanos of the same sign): checked wherever they appear, rules or not, so a
+# handler never converts an impossible instant or span.
+_TS_MIN, _TS_MAX, _DURATION_MAX = -62_135_596_800, 253_402_300_799, 315_576_000_000
+
+
+def _timestamp_ok(value: Any) -> bool:
+    return _TS_MIN <= value.seconds <= _TS_MAX and 0 <= value.nanos <= 999_999_999
+
+
+def _duration_ok(value: Any) -> bool:
+    seconds, nanos = value.seconds, value.nanos
+    return (-_DURATION_MAX <= seconds <= _DURATION_MAX and -999_999_999 <= nanos <= 999_999_999
+            and (seconds == 0 or nanos == 0 or (seconds > 0) == (nanos > 0)))
+
+
+_WELL_KNOWN: dict[str, tuple[str, str]] = {
+    "google.protobuf.Timestamp": ("_timestamp_ok",
+                                  "must be a valid timestamp: years 1 to 9999, nanos 0 to 999,999,999"),
+    "google.protobuf.Duration": ("_duration_ok",
+                                 "must be a valid duration: at most 10,000 years, nanos of the seconds' sign"),
+}
+
+
 class _CodeGen:
     """Writes one plain Python function per message type from its rules and compiles it.
 
@@ -88,7 +112,8 @@ class _CodeGen:
     """
 
     def __init__(self) -> None:
-        self.namespace: dict[str, Any] = {"FV": FieldViolation, "isfinite": math.isfinite}
+        self.namespace: dict[str, Any] = {"FV": FieldViolation, "isfinite": math.isfinite,
+                                          "_timestamp_ok": _timestamp_ok, "_duration_ok": _duration_ok}
         self.functions: dict[str, Callable[[Message, str, Violations], None] | None] = {}
         self._names: dict[str, str] = {}
         self._constants = 0
@@ -110,6 +135,8 @@ class _CodeGen:
             if rules.ListFields():
                 return True
             nested: Any = fd.message_type
+            if nested is not None and nested.full_name in _WELL_KNOWN:
+                return True
             if nested is not None and not nested.GetOptions().map_entry and self.has_rules(nested, visiting):
                 return True
         return False
@@ -205,8 +232,15 @@ class _CodeGen:
     def _message(self, fd: descriptor.FieldDescriptor, rules: Any) -> list[str]:
         name = fd.name
         message_type: Any = fd.message_type
-        nested = self.function_name(message_type)
         lines: list[str] = []
+        if message_type.full_name in _WELL_KNOWN:
+            check, text = _WELL_KNOWN[message_type.full_name]
+            lines.append(f"if msg.HasField({name!r}) and not {check}(msg.{name}): "
+                         f"out.append(FV(path + {name!r}, {text!r}))")
+            if rules.required:
+                lines.append(f"if not msg.HasField({name!r}): out.append(FV(path + {name!r}, 'is required'))")
+            return lines
+        nested = self.function_name(message_type)
         if nested is not None:
             lines.append(f"if msg.HasField({name!r}): {nested}(msg.{name}, path + {name + '.'!r}, out)")
             if rules.required:
@@ -222,10 +256,13 @@ class _CodeGen:
         message_type: Any = fd.message_type if fd.type == _FD.TYPE_MESSAGE else None
         is_map = message_type is not None and message_type.GetOptions().map_entry
         nested = None
-        if message_type is not None and not is_map and not rules.items_checked_by_handler:
+        well_known = _WELL_KNOWN.get(message_type.full_name) if message_type is not None else None
+        if message_type is not None and not is_map and not rules.items_checked_by_handler and well_known is None:
             nested = self.function_name(message_type)
         item_where = f"f'{{path}}{name}[{{i}}]'"
         item_checks = self._scalar(fd, rules.items, "v", item_where) if rules.HasField("items") else []
+        if well_known is not None:
+            item_checks.append(f"if not {well_known[0]}(v): out.append(FV({item_where}, {well_known[1]!r}))")
         item_required = rules.HasField("items") and rules.items.required
         if not (low or high is not None or rules.unique or item_checks or item_required or nested):
             return []

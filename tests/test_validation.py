@@ -138,3 +138,26 @@ def test_oneof_required(rules: ModuleType) -> None:
     message.item.sku = "S"
     message.item.quantity = 1
     assert "payload" not in _fields(message)
+
+
+@pytest.mark.parametrize(("seconds", "nanos", "valid"), [
+    (0, 0, True), (1_700_000_000, 999_999_999, True), (-62_135_596_800, 0, True), (253_402_300_799, 0, True),
+    (0, -1, False), (0, 1_000_000_000, False), (-62_135_596_801, 0, False), (253_402_300_800, 0, False)])
+def test_every_timestamp_must_be_a_real_instant(rules: ModuleType, seconds: int, nanos: int, valid: bool) -> None:
+    """Checked wherever a Timestamp appears, declared rules or not: a handler converting it to a
+    datetime must never meet year 0 or negative nanos (found by tests/reliability/test_grpc_fuzz.py)."""
+    message = _valid(rules)
+    message.at.seconds, message.at.nanos = seconds, nanos
+    assert ("at" not in _fields(message)) is valid
+
+
+@pytest.mark.parametrize(("seconds", "nanos", "valid"), [
+    (5, 1, True), (-5, -1, True), (0, -3, True), (315_576_000_000, 0, True),
+    (5, -1, False), (-5, 1, False), (315_576_000_001, 0, False), (0, 1_000_000_000, False)])
+def test_every_duration_must_be_well_formed(seconds: int, nanos: int, valid: bool) -> None:
+    from loyalty.rewards.v1 import earning_pb2
+
+    rules_message = earning_pb2.EarningRuleSet()
+    rules_message.pending_period.seconds, rules_message.pending_period.nanos = seconds, nanos
+    found = {v.field for v in validate(rules_message)}
+    assert ("pending_period" not in found) is valid

@@ -119,6 +119,8 @@ def test_localised_tier_names_fall_back_by_language_then_default() -> None:
     message = policy("p")
     assert rules.tier_name(message, "gold", "zh-CN") == "黄金会员"
     assert rules.tier_name(message, "gold", "zh") == "黄金会员"
+    assert rules.tier_name(message, "gold", "zh-Hans-SG") == "黄金会员"
+    assert rules.tier_name(message, "gold", "zh-TW") == "Gold"  # never the Simplified script for Traditional
     assert rules.tier_name(message, "gold", "fr") == "Gold"
     assert rules.tier_name(message, "missing", "en") == "missing"
 

@@ -15,6 +15,7 @@ from datetime import datetime
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from libs.errors import FieldViolation
+from libs.messages import language_of
 from loyalty.profile.v1 import feature_pb2
 from loyalty.scoring.v1 import policy_pb2
 from services.scoring.domain import kernel
@@ -255,7 +256,8 @@ def tier_ids(policy: policy_pb2.Policy) -> list[str]:
 
 
 def tier_name(policy: policy_pb2.Policy, tier_id: str, locale: str) -> str:
-    """The tier's name in `locale` (exact tag, then its language), else its default name."""
+    """The tier's name in `locale` (exact tag, then its language), else its default name. Chinese
+    falls back only within one script: a zh-TW member never gets a Simplified name (nor the reverse)."""
     for tier in policy.tiers:
         if tier.tier_id != tier_id:
             continue
@@ -265,7 +267,7 @@ def tier_name(policy: policy_pb2.Policy, tier_id: str, locale: str) -> str:
             return names[wanted]
         language = wanted.split("-")[0]
         for tag, text in names.items():
-            if tag.split("-")[0] == language:
+            if tag.split("-")[0] == language and (language != "zh" or language_of(tag) == language_of(wanted)):
                 return text
         return tier.display_name
     return tier_id
