@@ -107,7 +107,8 @@ DEV_CALLERS: dict[str, list[str]] = {
     "gateway": [],
     "analyst": ["profile.read", "scoring.read", "scoring.run", "rewards.read", "risk.read", "risk.review",
                 "audit.read"],
-    "storefront": ["profile.write", "profile.read", "rewards.read", "rewards.write", "scoring.read"],
+    # disputes.write: members submit disputes through the storefront; resolving them is an operator's (admin).
+    "storefront": ["profile.write", "profile.read", "rewards.read", "rewards.write", "scoring.read", "disputes.write"],
     "readonly": ["profile.read", "scoring.read", "rewards.read", "risk.read"],
 }
 

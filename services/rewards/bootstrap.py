@@ -61,9 +61,7 @@ def build_spec() -> ServiceSpec:
                                service_descriptors([profile_service_pb2]), token=runtime.client_token)
         channels.append(profile)
         birth_months = ProfileBirthMonths(profile_service_pb2_grpc.ProfileServiceStub(profile))
-        # The governance RPCs (audit trail, disputes) are not built yet: the generated base answers
-        # them UNIMPLEMENTED, which is why the class still has abstract methods for mypy.
-        servicer = RewardsServicer(runtime, gate, birth_months)  # type: ignore[abstract]
+        servicer = RewardsServicer(runtime, gate, birth_months)
         servicers.append(servicer)
         scoring = open_channel(runtime.settings.addr_for("scoring"), runtime.settings,
                                service_descriptors([scoring_service_pb2]), token=runtime.client_token)

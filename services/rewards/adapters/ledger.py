@@ -295,7 +295,7 @@ class LedgerTx:
                    reason_code: str = "", request_id: str = "", operator_id: str = "",
                    source_event_id: str | None = None, order_id: str | None = None,
                    related_entry_id: int | None = None, earning_rules_version: int = 0,
-                   case_id: str | None = None) -> tuple[int, int]:
+                   case_id: str | None = None, dispute_id: str | None = None) -> tuple[int, int]:
         """Post `points` to a member as a new lot (a credit, a release, a grant, an adjustment...);
         returns (entry id, lot id). Needs one entry id and one lot id reserved."""
         entry = self.entry(Entry(
@@ -303,7 +303,7 @@ class LedgerTx:
             qualifying_delta=qualifying_points, lifetime_delta=points, issued=points if issued else 0,
             source_event_id=source_event_id, order_id=order_id, related_entry_id=related_entry_id, reason=reason,
             reason_code=reason_code, request_id=request_id, operator_id=operator_id,
-            earning_rules_version=earning_rules_version, case_id=case_id,
+            earning_rules_version=earning_rules_version, case_id=case_id, dispute_id=dispute_id,
             qualifying_at=earned_at if qualifying_points else None))
         lot_id = self.new_lot(entry, points, earned_at, expires_at)
         return entry.entry_id, lot_id

@@ -1,4 +1,5 @@
-"""The RewardsService servicer: one class composed of the ledger, redemption, tier and benefit APIs."""
+"""The RewardsService servicer: one class composed of the ledger, redemption, tier, benefit and dispute
+APIs, the audit trail and the member-facing texts."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ from services.rewards.adapters.benefits_birthdays import BirthMonths
 from services.rewards.adapters.risk_gate import RiskGate
 from services.rewards.adapters.rules_repo import RulesCache
 from services.rewards.entrypoints.benefits_api import BenefitsApi
+from services.rewards.entrypoints.disputes_api import DisputesApi
 from services.rewards.entrypoints.ledger_api import LedgerApi
 from services.rewards.entrypoints.redemptions_api import RedemptionsApi
 from services.rewards.entrypoints.tiers_api import TiersApi
@@ -25,7 +27,7 @@ PACKAGE = "loyalty.rewards.v1"
 CATALOGUE = Catalogue.load(Path(__file__).resolve().parents[1] / "messages.yaml")
 
 
-class RewardsServicer(AuditApi, MessageTextsApi, LedgerApi, RedemptionsApi, TiersApi, BenefitsApi,
+class RewardsServicer(AuditApi, MessageTextsApi, LedgerApi, RedemptionsApi, TiersApi, BenefitsApi, DisputesApi,
                       rewards_pb2_grpc.RewardsServiceServicer):
     audit_list_response = rewards_pb2.ListAuditEventsResponse
     audit_verify_response = rewards_pb2.VerifyAuditChainResponse

@@ -9,6 +9,14 @@ delivered by the outbox relay (outbox_relay.py):
   right after accrual); the payload is a loyalty.risk.v1.Activity in proto3 JSON.
 - POINTS_EXPIRING_SOON (operations.queue_expiring_soon): for a member-messaging system; until one
   is configured the relay marks them delivered with the note NO_RECEIVER.
+- DISPUTE_TIER_REEVALUATION: an operator resolving a dispute asked for the member's tier to be
+  re-evaluated. Scoring has no RPC that re-runs one member's placement both ways; its online
+  check ScoreMember is the one that re-scores one member with the active policy and applies the
+  result to rewards. So the relay sends ScoreMember with trigger_event_id = the dispute id, in
+  UPGRADE_ONLY mode (lift the member if it now qualifies higher: the usual remedy of an upheld
+  tier dispute, after points were credited), or in REFUND_RECHECK mode when the resolution took
+  points away (undo an online upgrade those points no longer support). A lower placement than the
+  last run's is left to the next evaluation run, as for every online check.
 """
 
 from __future__ import annotations
@@ -27,6 +35,8 @@ UPGRADE_CHECK = "TIER_UPGRADE_CHECK"
 REFUND_RECHECK = "QUALIFYING_POINTS_REVERSED"
 RISK_ACTIVITY = "RISK_ACTIVITY"
 EXPIRING_SOON = "POINTS_EXPIRING_SOON"
+DISPUTE_REEVALUATION = "DISPUTE_TIER_REEVALUATION"
+UPGRADE_ONLY, REFUND_RECHECK_MODE = "UPGRADE_ONLY", "REFUND_RECHECK"
 
 _ID_MAX = 128
 
@@ -84,3 +94,13 @@ def transfer_activity(tx: LedgerTx, member_id: str, entry_id: int, points: int, 
         kind=assessment_pb2.ACTIVITY_KIND_TRANSFER_OUT, points=points)
     activity.occurred_at.FromDatetime(occurred_at)
     _activity(tx, activity, f"transfer:{entry_id}")
+
+
+def dispute_reevaluation(tx: LedgerTx, member_id: str, dispute_id: str, points_adjusted: int) -> str:
+    """Ask scoring to re-check the member's tier after a dispute's resolution (once per dispute);
+    returns the ScoreMember mode asked for."""
+    mode = REFUND_RECHECK_MODE if points_adjusted < 0 else UPGRADE_ONLY
+    tx.notify(Notice(member_id, DISPUTE_REEVALUATION,
+                     {"member_id": member_id, "trigger_event_id": dispute_id, "mode": mode,
+                      "points_adjusted": points_adjusted}, dispute_id))
+    return mode

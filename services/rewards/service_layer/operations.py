@@ -48,34 +48,60 @@ def _same_member(a: str, b: str, field: str) -> None:
         raise errors.invalid_argument([errors.FieldViolation(field, "must name another member")], reason="SAME_MEMBER")
 
 
-async def adjust(conn: DbConnection, tx: LedgerTx, request: rewards_pb2.AdjustPointsRequest,
-                 rules: earning_pb2.EarningRuleSet, zone: ZoneInfo) -> rewards_pb2.AdjustPointsResponse:
-    member = request.member_id
+@dataclass(frozen=True, slots=True)
+class Adjustment:
+    """A signed manual correction of a member's posted points (AdjustPoints, ResolveDispute)."""
+
+    member_id: str
+    points: int
+    reason: str
+    reason_code: str = ""
+    request_id: str = ""
+    operator_id: str = ""
+    adjust_qualifying: bool = False
+    allow_debt: bool = False
+    source: int = S.LEDGER_SOURCE_MANUAL
+    dispute_id: str | None = None
+
+
+async def stage_adjustment(tx: LedgerTx, adjustment: Adjustment, rules: earning_pb2.EarningRuleSet,
+                           zone: ZoneInfo) -> int:
+    """Lock the member and stage one ADJUSTMENT entry (a credit becomes a lot; a debit takes lots
+    FIFO and, unless allow_debt, is refused INSUFFICIENT_POINTS / POINTS_DEBT before anything is
+    staged); returns its entry id. The caller flushes."""
+    member, points = adjustment.member_id, adjustment.points
     account = (await tx.lock([member]))[member]
     _not_merged(account)
-    points = request.points
-    common = dict(reason=request.reason, reason_code=request.reason_code, request_id=request.request_id,
-                  operator_id=request.operator_id)
+    qualifying = adjustment.adjust_qualifying
+    common = dict(reason=adjustment.reason, reason_code=adjustment.reason_code, request_id=adjustment.request_id,
+                  operator_id=adjustment.operator_id)
+    if points < 0 and not adjustment.allow_debt:
+        _can_spend(account, -points)
     await tx.reserve_ids(entries=1, lots=1)
     if points > 0:
         entry_id, _ = tx.credit_lot(member, points, entry_type=T.LEDGER_ENTRY_TYPE_ADJUSTMENT,
-                                    source=S.LEDGER_SOURCE_MANUAL, earned_at=tx.now,
+                                    source=adjustment.source, earned_at=tx.now,
                                     expires_at=expires_at(tx.now, rules.expiry, zone),
-                                    qualifying_points=points if request.adjust_qualifying else 0,
-                                    reason=request.reason, reason_code=request.reason_code,
-                                    request_id=request.request_id, operator_id=request.operator_id)
-    else:
-        debit = -points
-        if not request.allow_debt:
-            _can_spend(account, debit)
-        taken = await tx.take_from_lots(member, debit)
-        entry = tx.entry(Entry(member_id=member, type=T.LEDGER_ENTRY_TYPE_ADJUSTMENT, points=points,
-                               posted_delta=points, source=S.LEDGER_SOURCE_MANUAL,
-                               qualifying_delta=points if request.adjust_qualifying else 0,
-                               qualifying_at=tx.now if request.adjust_qualifying else None,
-                               lot_ids=[t[0] for t in taken], lot_points=[-t[1] for t in taken],
-                               **common))  # type: ignore[arg-type]
-        entry_id = entry.entry_id
+                                    qualifying_points=points if qualifying else 0, dispute_id=adjustment.dispute_id,
+                                    **common)  # type: ignore[arg-type]
+        return entry_id
+    taken = await tx.take_from_lots(member, -points)
+    entry = tx.entry(Entry(member_id=member, type=T.LEDGER_ENTRY_TYPE_ADJUSTMENT, points=points,
+                           posted_delta=points, source=adjustment.source,
+                           qualifying_delta=points if qualifying else 0,
+                           qualifying_at=tx.now if qualifying else None, dispute_id=adjustment.dispute_id,
+                           lot_ids=[t[0] for t in taken], lot_points=[-t[1] for t in taken],
+                           **common))  # type: ignore[arg-type]
+    return entry.entry_id
+
+
+async def adjust(conn: DbConnection, tx: LedgerTx, request: rewards_pb2.AdjustPointsRequest,
+                 rules: earning_pb2.EarningRuleSet, zone: ZoneInfo) -> rewards_pb2.AdjustPointsResponse:
+    member = request.member_id
+    entry_id = await stage_adjustment(tx, Adjustment(
+        member_id=member, points=request.points, reason=request.reason, reason_code=request.reason_code,
+        request_id=request.request_id, operator_id=request.operator_id,
+        adjust_qualifying=request.adjust_qualifying, allow_debt=request.allow_debt), rules, zone)
     await tx.flush()
     [stored] = await queries.entries_by_id(conn, member, [entry_id])
     return rewards_pb2.AdjustPointsResponse(entry=stored, balance=await queries.balance(conn, member, rules, zone,

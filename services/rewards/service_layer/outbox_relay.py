@@ -1,8 +1,9 @@
 """The rewards outbox relay: delivers what rewards owes other services (notices.py) at least once,
 with back-off, safe with several replicas (the shared rules are in libs/outbox.py).
 
-- Upgrade checks and refund re-checks go to scoring's ScoreMember (UPGRADE_ONLY, REFUND_RECHECK),
-  one call per member and mode in a batch (several large credits of one member need one check).
+- Upgrade checks, refund re-checks and disputes' tier re-evaluations go to scoring's ScoreMember
+  (UPGRADE_ONLY, REFUND_RECHECK), one call per member and mode in a batch (several large credits
+  of one member need one check).
   The request id is derived from the outbox row, so a re-sent row is answered from scoring's
   idempotency record. Order between a member's checks does not matter: each scores the member's
   features as they are when it runs, never as they were when it was queued.
@@ -48,6 +49,10 @@ SEND_DEADLINE_S = 10.0
 NOTHING_TO_CHECK = frozenset({"NO_ACTIVE_POLICY", "NO_EVALUATION_STATISTICS", "MEMBER_NOT_FOUND"})
 MODES = {notices.UPGRADE_CHECK: scoring_service_pb2.SCORE_MODE_UPGRADE_ONLY,
          notices.REFUND_RECHECK: scoring_service_pb2.SCORE_MODE_REFUND_RECHECK}
+# A dispute's re-evaluation names its mode in the payload (notices.dispute_reevaluation).
+DISPUTE_MODES = {notices.UPGRADE_ONLY: scoring_service_pb2.SCORE_MODE_UPGRADE_ONLY,
+                 notices.REFUND_RECHECK_MODE: scoring_service_pb2.SCORE_MODE_REFUND_RECHECK}
+CHECKS = (*MODES, notices.DISPUTE_REEVALUATION)
 NO_RECEIVER = "NO_RECEIVER: no member-messaging system is configured"
 
 _CLAIM_SQL = outbox.claim_due_sql("id, member_id, kind, payload::text AS payload, traceparent, attempts")
@@ -61,6 +66,12 @@ class OutboxRow:
     payload: dict[str, Any]
     traceparent: str
     attempts: int
+
+
+def _mode(row: OutboxRow) -> scoring_service_pb2.ScoreMode.ValueType:
+    if row.kind == notices.DISPUTE_REEVALUATION:
+        return DISPUTE_MODES.get(str(row.payload.get("mode", "")), scoring_service_pb2.SCORE_MODE_UPGRADE_ONLY)
+    return MODES[row.kind]
 
 
 class ScoringPort(Protocol):
@@ -122,7 +133,7 @@ class RewardsRelay:
             if not rows:
                 return 0
             outcomes = _Outcomes({r.id: NO_RECEIVER for r in rows if r.kind == notices.EXPIRING_SOON}, {})
-            checks = [r for r in rows if r.kind in MODES]
+            checks = [r for r in rows if r.kind in CHECKS]
             activities = [r for r in rows if r.kind == notices.RISK_ACTIVITY]
             await asyncio.gather(self._send_checks(checks, outcomes), self._send_activities(activities, outcomes))
             if self._after_send is not None:
@@ -144,9 +155,9 @@ class RewardsRelay:
 
     async def _send_checks(self, rows: Sequence[OutboxRow], outcomes: _Outcomes) -> None:
         """One ScoreMember per (member, mode); its answer stands for every row it covers."""
-        groups: dict[tuple[str, str], list[OutboxRow]] = {}
+        groups: dict[tuple[str, int], list[OutboxRow]] = {}
         for row in rows:
-            groups.setdefault((row.member_id, row.kind), []).append(row)
+            groups.setdefault((row.member_id, _mode(row)), []).append(row)
         gate = asyncio.Semaphore(SEND_CONCURRENCY)
 
         async def check(group: list[OutboxRow]) -> None:
@@ -162,7 +173,7 @@ class RewardsRelay:
 
     async def _check(self, row: OutboxRow) -> tuple[str, outbox.Failure | None]:
         request = scoring_service_pb2.ScoreMemberRequest(
-            request_id=f"rewards-outbox-{row.id}", member_id=row.member_id, mode=MODES[row.kind],
+            request_id=f"rewards-outbox-{row.id}", member_id=row.member_id, mode=_mode(row),
             trigger_event_id=str(row.payload.get("trigger_event_id", "")))
         with outbox.continued(_tracer, "outbox.deliver", self._carrier(row)) as span:
             span.set_attribute("loyalty.outbox.kind", row.kind)
