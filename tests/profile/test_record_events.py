@@ -109,7 +109,10 @@ def _bad_events(ev: Events, now: datetime) -> list[tuple[event_pb2.BehaviourEven
     missing_order = ev.purchase(100)
     missing_order.purchase.order_id = ""
     no_payload = ev.base()
+    impossible_instant = ev.view()
+    impossible_instant.occurred_at.nanos = -1
     return [
+        (impossible_instant, R.EVENT_REJECT_REASON_INVALID_FIELD, "events[0].occurred_at"),
         (missing_order, R.EVENT_REJECT_REASON_INVALID_FIELD, "events[0].purchase.order_id"),
         (no_payload, R.EVENT_REJECT_REASON_INVALID_FIELD, "events[0].payload"),
         (ev.view(at=now + timedelta(seconds=rules.CLOCK_SKEW_S_MAX + 60)), R.EVENT_REJECT_REASON_FUTURE_TIMESTAMP,

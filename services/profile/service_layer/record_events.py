@@ -55,13 +55,17 @@ class Item:
                                             field=field_path, message=message, member_id=self.sent_member_id)
 
 
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)  # the time of an event refused before its own was read
+
+
 def _prepare(index: int, event: event_pb2.BehaviourEvent, now: datetime, currency: str) -> Item:
-    """Stateless checks: field rules, clock, money. Cleaning happens here too."""
-    occurred_at = event.occurred_at.ToDatetime(tzinfo=UTC)
+    """Stateless checks: field rules, clock, money. Cleaning happens here too. The field rules run
+    first: an impossible timestamp (nanos -1, year 0) is a rejected event, not a failed batch."""
+    violations = validate(event)
+    occurred_at = _EPOCH if violations else event.occurred_at.ToDatetime(tzinfo=UTC)
     item = Item(index=index, event=event, request_hash=rules.payload_sha256(event), occurred_at=occurred_at,
                 event_type=rules.event_type(event), sent_member_id=event.member_id,
                 key=(event.member_id, event.event_id))
-    violations = validate(event)
     if violations:
         first = violations[0]
         item.reject(event_pb2.EVENT_REJECT_REASON_INVALID_FIELD, f"events[{index}].{first.field}",
