@@ -11,12 +11,15 @@
     loyalty members show|portrait|ledger|tier MEMBER_ID
                                             one member as profile, rewards and scoring see it
     loyalty cases list|show|approve|reject  the risk review queue
+    loyalty disputes list|show|resolve      members' disputes of a tier, an entry or a blocked credit
     loyalty policies create|validate|list|dry-run|compare|activate
                                             tier policies (create from YAML; activate asks first)
     loyalty evaluations run|status|report|list
                                             tier evaluation runs
     loyalty events import FILE.csv|FILE.jsonl
                                             load behaviour events, report rejections by reason
+    loyalty texts list|set|reset --service rewards|scoring
+                                            member-facing texts (zh-CN, en) and operators' wording
     loyalty demo load|generate              the demo population (`up` loads it on a fresh state folder)
 
 Commands that call a service take --addr, --token and --json (tools/ops.py); each group's

@@ -1,13 +1,13 @@
-"""Command groups of `loyalty` over the running services (members, cases, policies, evaluations,
-events, demo), on the operator-command layer of tools/ops.py."""
+"""Command groups of `loyalty` over the running services (members, cases, disputes, policies,
+evaluations, events, texts, demo), on the operator-command layer of tools/ops.py."""
 
 from __future__ import annotations
 
 import argparse
 
-from tools.commands import cases, demo, evaluations, events, members, policies
+from tools.commands import cases, demo, disputes, evaluations, events, members, policies, texts
 
 
 def add_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    for module in (members, cases, policies, evaluations, events, demo):
+    for module in (members, cases, disputes, policies, evaluations, events, texts, demo):
         module.add_commands(sub)
