@@ -303,6 +303,10 @@ async def test_subjects_must_be_the_members(rewards: RewardsServiceStub, storefr
     for owner, subject in cases:
         code, reason, _ = await rpc_error(rewards.SubmitDispute(submit_request(owner, **subject), metadata=storefront))
         assert (code, reason) == (grpc.StatusCode.NOT_FOUND, "DISPUTE_SUBJECT_NOT_FOUND"), (owner, subject)
+    nul = submit_request(member, ledger_entry_id=credited.ledger_entry_id)
+    nul.text = "wrong\x00points"
+    code, _, fields = await rpc_error(rewards.SubmitDispute(nul, metadata=storefront))
+    assert (code, fields) == (grpc.StatusCode.INVALID_ARGUMENT, ["text"])
     code, reason, _ = await rpc_error(rewards.SubmitDispute(submit_request(
         member, ledger_entry_id=credited.ledger_entry_id), metadata=bearer("nope")))
     assert code == grpc.StatusCode.UNAUTHENTICATED

@@ -188,9 +188,18 @@ async def _adjusts_qualifying(conn: DbConnection, member_id: str, subject: gover
 # ---- submitting -------------------------------------------------------------------------------
 
 
+def check_text(fields: dict[str, str]) -> None:
+    """PostgreSQL text holds no NUL character: refuse it as a bad field rather than fail the write."""
+    violations = [FieldViolation(name, "must not contain a NUL character") for name, value in fields.items()
+                  if "\x00" in value]
+    if violations:
+        raise errors.invalid_argument(violations)
+
+
 async def submit(conn: DbConnection, request: rewards_pb2.SubmitDisputeRequest, actor: str,
                  rules: earning_pb2.EarningRuleSet, zone: ZoneInfo, now: datetime) -> governance_pb2.Dispute:
     """SubmitDispute inside the caller's transaction (with its request id)."""
+    check_text({"text": request.text})
     member = request.member_id
     subject = await examine(conn, member, request.subject, rules, zone, now)
     already = await disputes_repo.open_dispute_of(conn, member, subject.key)
@@ -219,6 +228,8 @@ def message_params(request: rewards_pb2.ResolveDisputeRequest, catalogue: Catalo
     """The member message's parameters, checked against the catalogue before any transaction:
     a `dispute.*` key, no undeclared or repeated name, every declared one given (`points` defaults
     to the size of the points adjustment). INVALID_ARGUMENT otherwise."""
+    check_text({"note": request.note, **{f"member_message_params[{i}].value": p.value
+                                          for i, p in enumerate(request.member_message_params)}})
     entry = catalogue.entries.get(request.member_message_key)
     if entry is None or not request.member_message_key.startswith(MESSAGE_PREFIX):
         keys = ", ".join(k for k in catalogue.entries if k.startswith(MESSAGE_PREFIX))
@@ -334,7 +345,11 @@ async def list_disputes(pool: asyncpg.Pool, request: rewards_pb2.ListDisputesReq
     """Open first, oldest first; keyset-paged on (state, created_at, dispute_id)."""
     size = paging.page_size(request.page_size)
     key = paging.decode(request, 3)
-    after = (int(key[0]), datetime.fromisoformat(key[1]), str(key[2])) if key else None
+    try:
+        after = (int(key[0]), datetime.fromisoformat(key[1]), str(key[2])) if key else None
+    except (TypeError, ValueError):
+        raise errors.invalid_argument([FieldViolation("page_token", "is not a page token of this list")],
+                                      reason="INVALID_PAGE_TOKEN") from None
     rows = await disputes_repo.page(pool, request.member_id, list(request.states), after, size + 1)
     page, more = paging.split(rows, size)
     response = rewards_pb2.ListDisputesResponse(disputes=[to_proto(r, texts, request.language_tag) for r in page])
