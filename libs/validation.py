@@ -87,11 +87,14 @@ _TS_MIN, _TS_MAX, _DURATION_MAX = -62_135_596_800, 253_402_300_799, 315_576_000_
 
 
 def _timestamp_ok(value: Any) -> bool:
-    return _TS_MIN <= value.seconds <= _TS_MAX and 0 <= value.nanos <= 999_999_999
+    seconds: int = value.seconds
+    nanos: int = value.nanos
+    return _TS_MIN <= seconds <= _TS_MAX and 0 <= nanos <= 999_999_999
 
 
 def _duration_ok(value: Any) -> bool:
-    seconds, nanos = value.seconds, value.nanos
+    seconds: int = value.seconds
+    nanos: int = value.nanos
     return (-_DURATION_MAX <= seconds <= _DURATION_MAX and -999_999_999 <= nanos <= 999_999_999
             and (seconds == 0 or nanos == 0 or (seconds > 0) == (nanos > 0)))
 
