@@ -12,6 +12,7 @@ policies, rule sets and models, and tamper with the chains.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import secrets
 from collections.abc import Awaitable
@@ -30,11 +31,16 @@ from loyalty.profile.v1 import profile_service_pb2 as P
 from loyalty.rewards.v1 import governance_pb2
 from loyalty.risk.v1 import assessment_pb2, cases_pb2, models_pb2, risk_pb2, rules_pb2
 from loyalty.scoring.v1 import evaluation_pb2 as E
+from loyalty.scoring.v1 import policy_pb2
 from loyalty.scoring.v1 import scoring_service_pb2 as S
+from services.scoring.bootstrap import SERVICE_DIR as SCORING_DIR
+from services.scoring.service_layer.scheduler import schedule_key, schedule_once
+from services.scoring.settings import ScoringSettings
 from tests.governance.conftest import Caller, Stubs
 from tests.risk.conftest import Accruals
 from tests.risk.test_cases import open_cases
-from tests.scoring.conftest import policy, uid
+from tests.scoring.conftest import Stack, policy, purchase, record, uid
+from tests.support.database import schema_pool
 
 AuditEvent = governance_pb2.AuditEvent
 F = governance_pb2.AuditChainFailure
@@ -562,6 +568,70 @@ async def test_applied_runs_and_their_cancellation_are_recorded_dry_runs_are_not
     await stubs.scoring.CancelEvaluation(S.CancelEvaluationRequest(request_id=uid("r"), run_id=dry.run_id),
                                          metadata=analyst)  # a dry run's cancellation changes nothing for members
     assert await trail.head(admin) == head
+
+
+async def test_an_applied_segmentation_is_recorded_a_dry_run_is_not(stubs: Stubs, caller: Caller) -> None:
+    admin, storefront = caller("admin"), caller("storefront")
+    trail = trails(stubs)["scoring"]
+    now = datetime.now(UTC)
+    events = []
+    for i in range(8):
+        member = await create_member(stubs, storefront)
+        await stubs.profile.UpdateMember(P.UpdateMemberRequest(
+            request_id=uid("r"), member=member_pb2.Member(member_id=member.member_id,
+                                                           consents=member_pb2.Consents(profiling=True)),
+            update_mask={"paths": ["consents.profiling"]}), metadata=storefront)
+        events += [purchase(member.member_id, 2_000 + 40_000 * (i % 2), now - timedelta(days=d + 1))
+                   for d in range(1 + 3 * (i % 2))]
+    await record(stubs, storefront, events)  # type: ignore[arg-type]
+
+    request = S.BuildSegmentsRequest(request_id=uid("r"), feature_names=["purchase_count_365d", "net_spend_365d"],
+                                     k=2, random_seed=7, dry_run=True)
+    head = await trail.head(admin)
+    await stubs.scoring.BuildSegments(request, metadata=admin, timeout=WAIT_S)
+    assert await trail.head(admin) == head
+    request.dry_run = False
+    built = (await stubs.scoring.BuildSegments(request, metadata=admin, timeout=WAIT_S)).segmentation
+    await stubs.scoring.BuildSegments(request, metadata=admin, timeout=WAIT_S)
+    event = await recorded(trail, admin, request.request_id, "segments.build")
+    assert (event.actor, event.resource_type, event.resource_id) == ("admin", "segmentation", built.segmentation_id)
+    assert after(event)["k"] == 2 and after(event)["members_segmented"] == built.members_segmented >= 8
+    await refused(trail, admin, stubs.scoring.BuildSegments(S.BuildSegmentsRequest(
+        request_id=uid("r"), feature_names=["no_such_feature"], k=2), metadata=admin, timeout=WAIT_S),
+        grpc.StatusCode.INVALID_ARGUMENT)
+
+
+async def test_a_scheduled_run_is_recorded_with_the_scheduler_as_actor(stubs: Stubs, caller: Caller,
+                                                                        stack: Stack) -> None:
+    admin, analyst = caller("admin"), caller("analyst")
+    trail = trails(stubs)["scoring"]
+    every_minute = policy(uid("tiers"))
+    every_minute.schedule.CopyFrom(policy_pb2.Schedule(kind=policy_pb2.SCHEDULE_KIND_CRON, cron="* * * * *",
+                                                       time_zone="UTC"))
+    created = (await stubs.scoring.CreatePolicy(S.CreatePolicyRequest(request_id=uid("r"), policy=every_minute),
+                                                metadata=admin)).policy
+    activated = (await stubs.scoring.ActivatePolicy(S.ActivatePolicyRequest(
+        request_id=uid("r"), policy_id=created.policy_id, version=created.version), metadata=admin)).policy
+    now = activated.activated_at.ToDatetime(tzinfo=UTC) + timedelta(seconds=61)
+    key = schedule_key(created.policy_id, created.version, now.replace(second=0, microsecond=0))
+    async with schema_pool(stack.env["DATABASE_URL"], "scoring", SCORING_DIR / "migrations", max_size=2) as pool:
+        await schedule_once(pool, ScoringSettings(time_zone="UTC"), now)  # or the process's own loop, first
+        await schedule_once(pool, ScoringSettings(time_zone="UTC"), now)
+        run_id = await pool.fetchval("SELECT run_id FROM evaluation_runs WHERE request_id = $1", key)
+    event = await recorded(trail, admin, key, "evaluation.run")
+    assert (event.actor, event.resource_id, event.on_behalf_of) == ("scheduler", run_id, "")
+    assert after(event)["trigger"] == "EVALUATION_TRIGGER_SCHEDULE" and after(event)["dry_run"] is False
+
+    # Back to a manual schedule once the run is done, so no later test sees scheduled runs start.
+    deadline = datetime.now(UTC) + timedelta(seconds=WAIT_S)
+    while (await stubs.scoring.GetEvaluation(S.GetEvaluationRequest(run_id=run_id), metadata=analyst)).run.state in (
+            E.EVALUATION_STATE_PENDING, E.EVALUATION_STATE_RUNNING):
+        assert datetime.now(UTC) < deadline
+        await asyncio.sleep(0.2)
+    manual = (await stubs.scoring.CreatePolicy(S.CreatePolicyRequest(request_id=uid("r"), policy=policy(uid("tiers"))),
+                                               metadata=admin)).policy
+    await stubs.scoring.ActivatePolicy(S.ActivatePolicyRequest(request_id=uid("r"), policy_id=manual.policy_id,
+                                                               version=manual.version), metadata=admin)
 
 
 # ---- the trail itself ----------------------------------------------------------------------------
