@@ -581,6 +581,16 @@ async def test_fairness_reports_the_benefit_value_each_group_gets(stubs: Stubs, 
         assert got[region].currency == "CNY"
         assert got[region].amount_minor == round(sum(amounts) / len(amounts)), region
     assert got["CN-WEST"].amount_minor < min(got["CN-EAST"].amount_minor, got["CN-NORTH"].amount_minor)
+    # The four-fifths ratios, recomputed from the run's own placements: each region's share at or
+    # above silver (the default reference, here every tier worth more than 0) over the best region's.
+    rates = {region: sum(a > 0 for a in amounts) / len(amounts) for region, amounts in by_region.items()}
+    best = max(rate for region, rate in rates.items() if len(by_region[region]) >= 10)
+    for group in report.groups:
+        assert group.member_count == len(by_region[group.group])
+        assert group.reference_rate == pytest.approx(rates[group.group])
+        assert group.ratio_to_best == pytest.approx(rates[group.group] / best)
+        assert group.flagged == (not group.insufficient_data and rates[group.group] / best < 0.8), group.group
+    assert {g.group for g in report.groups if g.flagged} == {"CN-WEST"}  # the bias the population was built with
 
     partial = policy(uid("fair"))
     partial.tiers[1].yearly_benefit_value.CopyFrom(types_pb2.Money(amount_minor=-5, currency="CNY"))

@@ -157,9 +157,10 @@ def _redemption_violations(policy: earning_pb2.RedemptionPolicy, path: str) -> l
 
 
 def rule_set_violations(rule_set: earning_pb2.EarningRuleSet, path: str = "rule_set.") -> list[FieldViolation]:
-    """Every reason `rule_set` may not become a version: declared field rules plus cross-field ones."""
-    out = validate(rule_set, path)
-    out += _campaign_violations(rule_set.campaigns, path)
+    """Every reason `rule_set` may not become a version: declared field rules plus cross-field ones.
+    A field the declared rules already refuse (e.g. a malformed duration) gets no second message."""
+    declared = validate(rule_set, path)
+    out = _campaign_violations(rule_set.campaigns, path)
     out += _duplicates((t.tier_id for t in rule_set.tier_multipliers),
                        lambda i: f"{path}tier_multipliers[{i}].tier_id", "tier_multipliers")
     out += _duplicates((r.currency for r in rule_set.spend_rates),
@@ -170,7 +171,8 @@ def rule_set_violations(rule_set: earning_pb2.EarningRuleSet, path: str = "rule_
         out += _duration_violations(rule_set.expiry.expiring_soon_notice, f"{path}expiry.expiring_soon_notice",
                                     0, _MAX_EXPIRING_SOON_NOTICE_NANOS)
     out += _redemption_violations(rule_set.redemption, f"{path}redemption.")
-    return out
+    refused = {v.field for v in declared}
+    return declared + [v for v in out if v.field not in refused]
 
 
 # --- accruals --------------------------------------------------------------------------------
