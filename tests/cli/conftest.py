@@ -6,17 +6,11 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator, Callable, Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
-import grpc
 import pytest
 
-from loyalty.profile.v1.profile_service_pb2_grpc import ProfileServiceStub
-from loyalty.rewards.v1.rewards_pb2_grpc import RewardsServiceStub
-from loyalty.risk.v1.risk_pb2_grpc import RiskServiceStub
-from loyalty.scoring.v1.scoring_service_pb2_grpc import ScoringServiceStub
-from tests.scoring.conftest import STACK, Stack, own_stack
+from tests.scoring.conftest import Stack, StackStubs, own_stack, stack_stubs
 from tests.support.processes import free_port
 from tools.cli import main
 
@@ -50,20 +44,10 @@ def nowhere(dev_tokens: dict[str, str]) -> list[str]:
     return ["--addr", f"127.0.0.1:{free_port()}", "--token", dev_tokens["admin"], "--timeout", "2"]
 
 
-@dataclass
-class Stubs:
-    profile: ProfileServiceStub
-    rewards: RewardsServiceStub
-    risk: RiskServiceStub
-    scoring: ScoringServiceStub
+Stubs = StackStubs
 
 
 @pytest.fixture
 async def stubs(stack: Stack) -> AsyncIterator[Stubs]:
-    channels = {name: grpc.aio.insecure_channel(stack.address(name)) for name in STACK}
-    try:
-        yield Stubs(ProfileServiceStub(channels["profile"]), RewardsServiceStub(channels["rewards"]),
-                    RiskServiceStub(channels["risk"]), ScoringServiceStub(channels["scoring"]))
-    finally:
-        for channel in channels.values():
-            await channel.close()
+    async with stack_stubs(stack) as found:
+        yield found

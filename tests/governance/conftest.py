@@ -5,20 +5,14 @@ not see), stubs on them, a connection to that database as its owner, and callers
 from __future__ import annotations
 
 from collections.abc import AsyncIterator, Callable, Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import asyncpg
-import grpc
 import pytest
 
-from loyalty.profile.v1.profile_service_pb2_grpc import ProfileServiceStub
-from loyalty.rewards.v1.rewards_pb2_grpc import RewardsServiceStub
-from loyalty.risk.v1.risk_pb2_grpc import RiskServiceStub
-from loyalty.scoring.v1.scoring_service_pb2_grpc import ScoringServiceStub
 from tests.conftest import bearer
-from tests.scoring.conftest import STACK, Stack, own_stack
+from tests.scoring.conftest import Stack, StackStubs, own_stack, stack_stubs
 
 Caller = Callable[[str], Any]
 
@@ -29,23 +23,13 @@ def stack(pg_dsn: str, service_env: dict[str, str], state_dir: Path) -> Iterator
         yield running
 
 
-@dataclass
-class Stubs:
-    profile: ProfileServiceStub
-    rewards: RewardsServiceStub
-    risk: RiskServiceStub
-    scoring: ScoringServiceStub
+Stubs = StackStubs
 
 
 @pytest.fixture
 async def stubs(stack: Stack) -> AsyncIterator[Stubs]:
-    channels = {name: grpc.aio.insecure_channel(stack.address(name)) for name in STACK}
-    try:
-        yield Stubs(ProfileServiceStub(channels["profile"]), RewardsServiceStub(channels["rewards"]),
-                    RiskServiceStub(channels["risk"]), ScoringServiceStub(channels["scoring"]))
-    finally:
-        for channel in channels.values():
-            await channel.close()
+    async with stack_stubs(stack) as found:
+        yield found
 
 
 @pytest.fixture

@@ -8,7 +8,7 @@ import secrets
 import signal
 import uuid
 from collections.abc import AsyncIterator, Iterator
-from contextlib import contextmanager
+from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -21,6 +21,7 @@ from loyalty.profile.v1 import event_pb2
 from loyalty.profile.v1 import profile_service_pb2 as P
 from loyalty.profile.v1.profile_service_pb2_grpc import ProfileServiceStub
 from loyalty.rewards.v1.rewards_pb2_grpc import RewardsServiceStub
+from loyalty.risk.v1.risk_pb2_grpc import RiskServiceStub
 from loyalty.scoring.v1 import policy_pb2
 from loyalty.scoring.v1.scoring_service_pb2_grpc import ScoringServiceStub
 from tests.conftest import bearer
@@ -128,6 +129,27 @@ async def stubs(stack: Stack) -> AsyncIterator[Stubs]:
             grpc.aio.insecure_channel(stack.address("profile")) as p, \
             grpc.aio.insecure_channel(stack.address("rewards")) as r:
         yield Stubs(ScoringServiceStub(s), ProfileServiceStub(p), RewardsServiceStub(r))
+
+
+@dataclass
+class StackStubs:
+    """Stubs of all four services of a stack."""
+
+    profile: ProfileServiceStub
+    rewards: RewardsServiceStub
+    risk: RiskServiceStub
+    scoring: ScoringServiceStub
+
+
+@asynccontextmanager
+async def stack_stubs(stack: Stack) -> AsyncIterator[StackStubs]:
+    channels = {name: grpc.aio.insecure_channel(stack.address(name)) for name in STACK}
+    try:
+        yield StackStubs(ProfileServiceStub(channels["profile"]), RewardsServiceStub(channels["rewards"]),
+                         RiskServiceStub(channels["risk"]), ScoringServiceStub(channels["scoring"]))
+    finally:
+        for channel in channels.values():
+            await channel.close()
 
 
 @pytest.fixture
