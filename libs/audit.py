@@ -19,7 +19,7 @@ import hashlib
 import json
 import uuid
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
@@ -132,7 +132,7 @@ async def record(connection: DbConnection, service: str, change: Change, *,
         resource_id=change.resource_id, member_id=change.member_id, request_id=change.request_id,
         trace_id=_trace_id(), before_json=canonical_json(change.before), after_json=canonical_json(change.after),
         previous_hash=head["hash"])
-    stored = Record(**{**unsigned.__dict__, "hash": unsigned.computed_hash()})
+    stored = replace(unsigned, hash=unsigned.computed_hash())
     await connection.execute(
         f"""WITH appended AS (INSERT INTO audit_events ({_COLUMNS})
                               VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16))

@@ -34,6 +34,7 @@ EXAMPLES = int(os.environ.get("LOYALTY_FUZZ_EXAMPLES", "8"))
 FORBIDDEN = {grpc.StatusCode.INTERNAL, grpc.StatusCode.UNKNOWN, grpc.StatusCode.UNAVAILABLE,
              grpc.StatusCode.DATA_LOSS, grpc.StatusCode.UNIMPLEMENTED}
 MAX_DEPTH = 3
+OVERSIZED_ITEMS = 1200
 
 _INT_RANGES = {
     _FD.TYPE_INT32: (-(2**31), 2**31 - 1), _FD.TYPE_SINT32: (-(2**31), 2**31 - 1),
@@ -89,9 +90,9 @@ def _fill(draw: Any, message_type: descriptor.Descriptor, depth: int) -> dict[st
             key_field, value_field = entry["key"], entry["value"]
             chosen[field.name] = draw(st.dictionaries(_scalar(key_field), _values(value_field, depth), max_size=3))
         elif field.is_repeated:
-            many = draw(st.sampled_from([3, 3, 3, 1200]))  # now and then more items than any batch allows
             item = _values(field, depth)
-            chosen[field.name] = draw(st.lists(item, max_size=3)) if many == 3 else [draw(item)] * many
+            oversized = draw(st.integers(0, 3)) == 0  # now and then more items than any batch allows
+            chosen[field.name] = [draw(item)] * OVERSIZED_ITEMS if oversized else draw(st.lists(item, max_size=3))
         else:
             chosen[field.name] = draw(_values(field, depth))
     return chosen

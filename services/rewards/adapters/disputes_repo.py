@@ -102,13 +102,15 @@ async def accrual(conn: DbConnection, member_id: str, source_event_id: str) -> a
         " ORDER BY (member_id = $1) DESC LIMIT 1", member_id, source_event_id)
 
 
+_TIER_CHANGE = ("SELECT evaluation_run_id, from_tier_id, to_tier_id, direction, reason, outcome, effective_at,"
+                " applied_at FROM tier_changes WHERE member_id = $1")
+
+
 async def tier_change(conn: DbConnection, member_id: str, run_id: str) -> asyncpg.Record | None:
     return await conn.fetchrow(
-        "SELECT evaluation_run_id, from_tier_id, to_tier_id, direction, reason, outcome, effective_at, applied_at"
-        "  FROM tier_changes WHERE member_id = $1 AND evaluation_run_id = $2", member_id, run_id)
+        f"{_TIER_CHANGE} AND evaluation_run_id = $2", member_id, run_id)
 
 
 async def recent_tier_changes(conn: DbConnection, member_id: str, limit: int) -> list[asyncpg.Record]:
     return list(await conn.fetch(
-        "SELECT evaluation_run_id, from_tier_id, to_tier_id, direction, reason, outcome, effective_at, applied_at"
-        "  FROM tier_changes WHERE member_id = $1 ORDER BY effective_at DESC, seq DESC LIMIT $2", member_id, limit))
+        f"{_TIER_CHANGE} ORDER BY effective_at DESC, seq DESC LIMIT $2", member_id, limit))
