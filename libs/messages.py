@@ -64,6 +64,12 @@ def placeholders(template: str) -> list[str]:
     return names
 
 
+def undeclared(template: str, params: tuple[str, ...]) -> list[str]:
+    """Placeholders `template` uses that a key providing `params` cannot fill (ValueError for a
+    stray brace or a malformed placeholder)."""
+    return sorted(set(placeholders(template)) - set(params))
+
+
 def fill(template: str, params: Mapping[str, Any]) -> str:
     def one(match: re.Match[str]) -> str:
         token = match.group(0)
@@ -96,9 +102,9 @@ class Catalogue:
             params = tuple(spec.get("params", []))
             defaults = {language: str(spec[language]) for language in LANGUAGES}
             for language, template in defaults.items():
-                unknown = set(placeholders(template)) - set(params)
+                unknown = undeclared(template, params)
                 if unknown:
-                    raise ValueError(f"{path}: {key} [{language}] uses undeclared {sorted(unknown)}")
+                    raise ValueError(f"{path}: {key} [{language}] uses undeclared {unknown}")
             entries[key] = Entry(key, str(spec.get("description", "")), params, defaults)
         return cls(entries)
 
@@ -176,7 +182,7 @@ class MessageTexts:
         if entry is None or language not in LANGUAGES:
             return False
         try:
-            fits = set(placeholders(template)) <= set(entry.params)
+            fits = not undeclared(template, entry.params)
         except ValueError:
             fits = False
         if not fits:
@@ -212,10 +218,9 @@ class MessageTexts:
         if language not in LANGUAGES:
             raise errors.invalid_argument([FieldViolation("language_tag", f"must be one of {', '.join(LANGUAGES)}")])
         try:
-            used = placeholders(request.template)
+            unknown = undeclared(request.template, entry.params)
         except ValueError as error:
             raise errors.invalid_argument([FieldViolation("template", str(error))]) from None
-        unknown = sorted(set(used) - set(entry.params))
         if unknown:
             offered = ", ".join(f"{{{p}}}" for p in entry.params) or "none"
             raise errors.invalid_argument([FieldViolation(
