@@ -18,7 +18,7 @@ from __future__ import annotations
 import hashlib
 import json
 import uuid
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
@@ -120,27 +120,44 @@ def _record_of(row: asyncpg.Record) -> Record:
 async def record(connection: DbConnection, service: str, change: Change, *,
                  now: datetime | None = None) -> Record:
     """Append `change` to this schema's chain inside the caller's transaction and return it."""
+    return (await record_many(connection, service, [change], now=now))[0]
+
+
+_ARRAY_TYPES = ("bigint[]", "text[]", "timestamptz[]", *("text[]",) * 13)
+
+
+async def record_many(connection: DbConnection, service: str, changes: Sequence[Change], *,
+                      now: datetime | None = None) -> list[Record]:
+    """Append `changes` in order, inside the caller's transaction: the chain head is locked once and
+    every record is written by one statement, so disclosing a page of members costs two round
+    trips, not two per member."""
     if not connection.is_in_transaction():
         raise RuntimeError("audit.record must run in the transaction of the change it records")
+    if not changes:
+        return []
     head = await connection.fetchrow("SELECT sequence, hash FROM audit_chain_head FOR UPDATE")
     assert head is not None, "audit_chain_head is seeded by the migration"
     moment = (now or datetime.now(UTC)).astimezone(UTC)
-    unsigned = Record(
-        sequence=head["sequence"] + 1, audit_event_id=f"aud-{uuid.uuid4().hex}",
-        occurred_at=moment, service=service, actor=current_actor(),
-        on_behalf_of=change.on_behalf_of, action=change.action, resource_type=change.resource_type,
-        resource_id=change.resource_id, member_id=change.member_id, request_id=change.request_id,
-        trace_id=_trace_id(), before_json=canonical_json(change.before), after_json=canonical_json(change.after),
-        previous_hash=head["hash"])
-    stored = replace(unsigned, hash=unsigned.computed_hash())
+    actor, trace_id = current_actor(), _trace_id()
+    sequence, previous = int(head["sequence"]), str(head["hash"])
+    stored: list[Record] = []
+    for change in changes:
+        sequence += 1
+        unsigned = Record(
+            sequence=sequence, audit_event_id=f"aud-{uuid.uuid4().hex}", occurred_at=moment, service=service,
+            actor=actor, on_behalf_of=change.on_behalf_of, action=change.action,
+            resource_type=change.resource_type, resource_id=change.resource_id, member_id=change.member_id,
+            request_id=change.request_id, trace_id=trace_id, before_json=canonical_json(change.before),
+            after_json=canonical_json(change.after), previous_hash=previous)
+        stored.append(replace(unsigned, hash=unsigned.computed_hash()))
+        previous = stored[-1].hash
+    columns = [c.strip() for c in _COLUMNS.split(",")]
+    arrays = [[getattr(r, name) for r in stored] for name in columns]
+    unnest = ", ".join(f"${i}::{kind}" for i, kind in enumerate(_ARRAY_TYPES, start=1))
     await connection.execute(
-        f"""WITH appended AS (INSERT INTO audit_events ({_COLUMNS})
-                              VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16))
-            UPDATE audit_chain_head SET sequence = $1, hash = $16""",
-        stored.sequence, stored.audit_event_id, stored.occurred_at, stored.service, stored.actor,
-        stored.on_behalf_of, stored.action, stored.resource_type, stored.resource_id, stored.member_id,
-        stored.request_id, stored.trace_id, stored.before_json, stored.after_json, stored.previous_hash,
-        stored.hash)
+        f"""WITH appended AS (INSERT INTO audit_events ({_COLUMNS}) SELECT * FROM unnest({unnest}))
+            UPDATE audit_chain_head SET sequence = $17, hash = $18""",
+        *arrays, sequence, previous)
     return stored
 
 

@@ -181,3 +181,17 @@ async def test_list_filters_newest_first_and_pages(pool: asyncpg.Pool) -> None:
         backwards.end_time.FromDatetime(datetime.now(UTC) - timedelta(days=1))
         with pytest.raises(errors.LoyaltyError):
             await audit.list_events(connection, backwards)
+
+
+async def test_a_batch_of_changes_is_chained_in_order_by_one_append(pool: asyncpg.Pool) -> None:
+    first = await _change(pool, "a", 1)
+    changes = [audit.Change("thing.read", "thing", f"t{i}", member_id=f"m-{i}", after={"i": i}) for i in range(5)]
+    async with pool.acquire() as connection, connection.transaction():
+        assert await audit.record_many(connection, "test", []) == []
+        batch = await audit.record_many(connection, "test", changes)
+    assert [r.sequence for r in batch] == [2, 3, 4, 5, 6]
+    assert [r.previous_hash for r in batch] == [first.hash, *(r.hash for r in batch[:-1])]
+    assert [r.member_id for r in batch] == [f"m-{i}" for i in range(5)]
+    verdict = await _verify(pool)
+    assert verdict.valid and verdict.events_checked == 6 and verdict.head_hash == batch[-1].hash
+    assert (await _change(pool, "b", 2)).previous_hash == batch[-1].hash

@@ -481,10 +481,10 @@ class MembersService:
                     audit_log.info(line, extra={"audit_action": action, "principal": reader.principal, "rpc": rpc,
                                                 "member_ids": ids})
             if connection is not None:
-                await _record_all(connection, disclosures)
+                await audit.record_many(connection, AUDIT_SERVICE, disclosures)
             else:
                 async with self._pool().acquire() as own, own.transaction():
-                    await _record_all(own, disclosures)
+                    await audit.record_many(own, AUDIT_SERVICE, disclosures)
         return shown
 
 
@@ -507,11 +507,6 @@ def _disclosure(member: Member, rpc: str, action: str, fields: list[str]) -> aud
     """What the trail keeps of one member's PII in an answer: who, which RPC, which fields (names)."""
     return audit.Change(action=action, resource_type="member", resource_id=member.member_id,
                         member_id=member.member_id, after={"rpc": rpc, "fields": fields})
-
-
-async def _record_all(connection: DbConnection, changes: Sequence[audit.Change]) -> None:
-    for change in changes:
-        await audit.record(connection, AUDIT_SERVICE, change)
 
 
 def _member_not_found(member_id: str) -> errors.LoyaltyError:
