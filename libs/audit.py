@@ -123,6 +123,28 @@ async def record(connection: DbConnection, service: str, change: Change, *,
     return (await record_many(connection, service, [change], now=now))[0]
 
 
+@dataclass(frozen=True)
+class Trail:
+    """One service's side of the trail: `record` with the service's name bound, for its handlers."""
+
+    service: str
+
+    async def record(self, connection: DbConnection, action: str, resource_type: str, resource_id: str, *,
+                     member_id: str = "", request_id: str = "", on_behalf_of: str = "",
+                     before: Mapping[str, Any] | None = None, after: Mapping[str, Any] | None = None) -> Record:
+        return await record(connection, self.service, Change(
+            action=action, resource_type=resource_type, resource_id=resource_id, member_id=member_id,
+            request_id=request_id, on_behalf_of=on_behalf_of, before=before, after=after))
+
+
+def enum_name(enum: Any, value: int) -> str:
+    """An enum value's name for a summary, or its number when the release does not define it."""
+    try:
+        return str(enum.Name(value))
+    except ValueError:
+        return str(value)
+
+
 _ARRAY_TYPES = ("bigint[]", "text[]", "timestamptz[]", *("text[]",) * 13)
 
 

@@ -12,18 +12,12 @@ from __future__ import annotations
 from typing import Any
 
 from libs import audit
-from libs.db import DbConnection
 from loyalty.rewards.v1 import earning_pb2, ledger_pb2
 
 SERVICE = "rewards"
 
 
-async def record(conn: DbConnection, action: str, resource_type: str, resource_id: str, *, member_id: str = "",
-                 request_id: str = "", on_behalf_of: str = "", before: dict[str, Any] | None = None,
-                 after: dict[str, Any] | None = None) -> audit.Record:
-    return await audit.record(conn, SERVICE, audit.Change(
-        action=action, resource_type=resource_type, resource_id=resource_id, member_id=member_id,
-        request_id=request_id, on_behalf_of=on_behalf_of, before=before, after=after))
+record = audit.Trail(SERVICE).record
 
 
 def rule_set(rules: earning_pb2.EarningRuleSet) -> dict[str, Any]:

@@ -7,11 +7,9 @@ IP address or a device id is personal data), nor free-text notes and reasons."""
 
 from __future__ import annotations
 
-from collections.abc import Mapping
 from typing import Any
 
 from libs import audit
-from libs.db import DbConnection
 from loyalty.risk.v1 import assessment_pb2, cases_pb2, models_pb2, rules_pb2
 from services.risk.domain.lists import Subject
 
@@ -19,19 +17,8 @@ SERVICE = "risk"
 MEMBER_SUBJECT = int(Subject.MEMBER)
 
 
-async def record(conn: DbConnection, action: str, resource_type: str, resource_id: str, *, request_id: str,
-                 member_id: str = "", on_behalf_of: str = "", before: Mapping[str, Any] | None = None,
-                 after: Mapping[str, Any] | None = None) -> None:
-    await audit.record(conn, SERVICE, audit.Change(
-        action=action, resource_type=resource_type, resource_id=resource_id, member_id=member_id,
-        request_id=request_id, on_behalf_of=on_behalf_of, before=before, after=after))
-
-
-def enum_name(enum: Any, value: int) -> str:
-    try:
-        return str(enum.Name(value))
-    except ValueError:
-        return str(value)
+record = audit.Trail(SERVICE).record
+enum_name = audit.enum_name
 
 
 def rule_set_summary(rule_set: rules_pb2.RuleSet) -> dict[str, Any]:

@@ -15,31 +15,19 @@ follow mechanically from the audited active policy and run, as accruals follow a
 
 from __future__ import annotations
 
-from collections.abc import Mapping
 from typing import Any
 
 import asyncpg
 
 from libs import audit
-from libs.db import DbConnection
 from loyalty.scoring.v1 import evaluation_pb2 as E
 from loyalty.scoring.v1 import learning_pb2, policy_pb2
 
 SERVICE = "scoring"
 
 
-async def record(conn: DbConnection, action: str, resource_type: str, resource_id: str, *, request_id: str,
-                 before: Mapping[str, Any] | None = None, after: Mapping[str, Any] | None = None) -> None:
-    await audit.record(conn, SERVICE, audit.Change(action=action, resource_type=resource_type,
-                                                   resource_id=resource_id, request_id=request_id,
-                                                   before=before, after=after))
-
-
-def enum_name(enum: Any, value: int) -> str:
-    try:
-        return str(enum.Name(value))
-    except ValueError:
-        return str(value)
+record = audit.Trail(SERVICE).record
+enum_name = audit.enum_name
 
 
 def policy_ref(policy: policy_pb2.Policy | None) -> dict[str, Any] | None:
