@@ -86,7 +86,7 @@ SELECT i.idx, v.*, p.*, r.*, d.device_members, n.ip_members, o.order_members,
        k.request_sha256 AS known_sha256, k.assessment AS known_assessment
 FROM i
 LEFT JOIN members m ON m.member_id = i.member_id
-LEFT JOIN assessments k ON k.source_event_id = i.source_event_id
+LEFT JOIN assessments k ON k.source_event_id = i.source_event_id AND k.member_id = i.member_id
 CROSS JOIN LATERAL (
     SELECT count(*) FILTER (WHERE a.occurred_at > i.t - interval '1 hour') AS count_1h,
            coalesce(sum(a.points) FILTER (WHERE a.occurred_at > i.t - interval '1 hour'), 0)::text AS points_1h,

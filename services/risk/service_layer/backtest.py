@@ -68,7 +68,8 @@ async def run(pool: asyncpg.Pool, request: risk_pb2.BacktestRulesRequest) -> rul
         cursor = conn.cursor(
             """
             SELECT a.assessment_id, a.member_id, a.decision, a.signals, a.assessment,
-                   (SELECT l.value FROM labels l WHERE l.assessment_id = a.assessment_id AND NOT l.superseded) AS label
+                   (SELECT l.value FROM labels l WHERE l.assessment_id = a.assessment_id AND l.member_id = a.member_id
+                                                     AND NOT l.superseded) AS label
             FROM assessments a
             WHERE a.assessed_at >= $1 AND a.assessed_at < $2 AND ($3 = '' OR a.member_id = $3)
             ORDER BY a.assessed_at DESC, a.assessment_id DESC

@@ -41,12 +41,13 @@ BATCH_ROWS_MAX = 64
 SEND_CONCURRENCY = 16
 SEND_DEADLINE_S = 10.0
 
-_CLAIM_SQL = outbox.claim_due_sql("id, case_id, request, traceparent, attempts")
+_CLAIM_SQL = outbox.claim_due_sql("id, member_id, case_id, request, traceparent, attempts")
 
 
 @dataclass(frozen=True, slots=True)
 class OutboxRow:
     id: int
+    member_id: str  # the case's member: the row is keyed (id, member_id)
     case_id: str
     request: bytes
     traceparent: str
@@ -97,7 +98,8 @@ class CaseRelay:
     async def _round(self, rows_max: int) -> tuple[int, int]:
         """(rows claimed, rows delivered) of one batch."""
         async with self._pool.acquire() as connection, connection.transaction():
-            rows = [OutboxRow(r["id"], r["case_id"], bytes(r["request"]), r["traceparent"], r["attempts"])
+            rows = [OutboxRow(r["id"], r["member_id"], r["case_id"], bytes(r["request"]), r["traceparent"],
+                              r["attempts"])
                     for r in await connection.fetch(_CLAIM_SQL, rows_max)]
             if not rows:
                 return 0, 0
@@ -110,16 +112,18 @@ class CaseRelay:
             outcomes = await asyncio.gather(*(send(r) for r in rows))
             if self._after_send is not None:
                 await self._after_send(rows)
-            delivered = [r.id for r, f in zip(rows, outcomes, strict=True) if f is None]
-            failed = [outbox.Failed(r.id, r.attempts, f) for r, f in zip(rows, outcomes, strict=True) if f is not None]
-            await outbox.mark(connection, delivered, failed, self._backoff)
+            done = [r for r, f in zip(rows, outcomes, strict=True) if f is None]
+            failed = [outbox.Failed(r.id, r.attempts, f, r.member_id)
+                      for r, f in zip(rows, outcomes, strict=True) if f is not None]
+            await outbox.mark(connection, [r.id for r in done], failed, self._backoff,
+                              delivered_members=[r.member_id for r in done])
             if failed:
                 self.last_error = failed[-1].failure.error
                 log.warning("case outcomes not delivered to rewards; retrying with back-off",
                             extra={"rows": len(failed), "error": self.last_error})
             else:
                 self.last_error = ""
-            return len(rows), len(delivered)
+            return len(rows), len(done)
 
     async def _send(self, row: OutboxRow) -> outbox.Failure | None:
         carrier = {"traceparent": row.traceparent} if row.traceparent else {}

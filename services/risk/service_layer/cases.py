@@ -45,14 +45,15 @@ _CASE_SELECT = """
 SELECT c.case_id, c.status, c.assessment_id, c.member_id, c.assignee_id, c.created_at, c.assigned_at,
        c.sla_due_at, c.resolution, c.resolved_at,
        a.source_event_id, a.points, a.amount_minor, a.currency, a.order_id, a.score, a.assessment,
-       EXISTS (SELECT 1 FROM outbox o WHERE o.case_id = c.case_id AND o.delivered_at IS NULL) AS sync_pending
-  FROM cases c JOIN assessments a ON a.assessment_id = c.assessment_id
+       EXISTS (SELECT 1 FROM outbox o WHERE o.case_id = c.case_id AND o.member_id = c.member_id
+                 AND o.delivered_at IS NULL) AS sync_pending
+  FROM cases c JOIN assessments a ON a.assessment_id = c.assessment_id AND a.member_id = c.member_id
 """
 
 _LABEL_SELECT = """
 SELECT l.label_id, l.seq, l.assessment_id, a.source_event_id, l.member_id, l.value, l.attack_type, l.source,
        l.case_id, l.analyst_id, l.note, l.created_at, l.superseded
-  FROM labels l JOIN assessments a ON a.assessment_id = l.assessment_id
+  FROM labels l JOIN assessments a ON a.assessment_id = l.assessment_id AND a.member_id = l.member_id
 """
 
 
@@ -216,8 +217,9 @@ async def assign(conn: DbConnection, request: risk_pb2.AssignCaseRequest, now: d
     current assignee changes nothing."""
     row = await _lock_case(conn, request.case_id)
     if not (row["status"] == ASSIGNED and row["assignee_id"] == request.assignee_id):
-        await conn.execute("UPDATE cases SET status = $2, assignee_id = $3, assigned_at = $4 WHERE case_id = $1",
-                           request.case_id, ASSIGNED, request.assignee_id, now)
+        await conn.execute(
+            "UPDATE cases SET status = $3, assignee_id = $4, assigned_at = $5 WHERE case_id = $1 AND member_id = $2",
+            request.case_id, row["member_id"], ASSIGNED, request.assignee_id, now)
     return await load_case(conn, request.case_id, now)
 
 
@@ -237,12 +239,15 @@ async def resolve(conn: DbConnection, request: risk_pb2.ResolveCaseRequest, now:
     resolution = cases_pb2.CaseResolution(decision=request.decision, analyst_id=request.analyst_id,
                                           note=request.note, request_id=request.request_id, label_id=label_id)
     resolution.resolved_at.FromDatetime(now)
+    member_id: str = row["member_id"]
     await conn.execute(
-        "UPDATE cases SET status = $2, resolution = $3, resolved_at = $4, resolve_request_id = $5 WHERE case_id = $1",
-        request.case_id, APPROVED if approve else REJECTED, resolution.SerializeToString(), now, request.request_id)
-    await _lock_assessment_labels(conn, row["assessment_id"])
+        "UPDATE cases SET status = $3, resolution = $4, resolved_at = $5, resolve_request_id = $6"
+        " WHERE case_id = $1 AND member_id = $2",
+        request.case_id, member_id, APPROVED if approve else REJECTED, resolution.SerializeToString(), now,
+        request.request_id)
+    await _lock_assessment_labels(conn, row["assessment_id"], member_id)
     await _insert_label(
-        conn, label_id=label_id, assessment_id=row["assessment_id"], member_id=row["member_id"],
+        conn, label_id=label_id, assessment_id=row["assessment_id"], member_id=member_id,
         value=cases_pb2.LABEL_VALUE_LEGITIMATE if approve else cases_pb2.LABEL_VALUE_FRAUD,
         attack_type=0 if approve else request.attack_type, source=cases_pb2.LABEL_SOURCE_CASE_RESOLUTION,
         case_id=request.case_id, analyst_id=request.analyst_id, note=request.note, now=now)
@@ -252,8 +257,9 @@ async def resolve(conn: DbConnection, request: risk_pb2.ResolveCaseRequest, now:
         reason=request.note, operator_id=request.analyst_id)
     carrier: dict[str, str] = {}
     propagate.inject(carrier)
-    await conn.execute("INSERT INTO outbox (case_id, request, traceparent) VALUES ($1, $2, $3)",
-                       request.case_id, hold.SerializeToString(deterministic=True), carrier.get("traceparent", ""))
+    await conn.execute("INSERT INTO outbox (member_id, case_id, request, traceparent) VALUES ($1, $2, $3, $4)",
+                       member_id, request.case_id, hold.SerializeToString(deterministic=True),
+                       carrier.get("traceparent", ""))
     return await load_case(conn, request.case_id, now)
 
 
@@ -269,17 +275,19 @@ def to_label(row: Any) -> cases_pb2.Label:
     return label
 
 
-async def _lock_assessment_labels(conn: DbConnection, assessment_id: str) -> None:
+async def _lock_assessment_labels(conn: DbConnection, assessment_id: str, member_id: str) -> None:
     # Writers of one assessment's labels take turns on its row (NO KEY UPDATE leaves the foreign-key
     # checks of labels and cases unblocked), so the latest label is always the one current label.
-    await conn.execute("SELECT 1 FROM assessments WHERE assessment_id = $1 FOR NO KEY UPDATE", assessment_id)
+    await conn.execute("SELECT 1 FROM assessments WHERE assessment_id = $1 AND member_id = $2 FOR NO KEY UPDATE",
+                       assessment_id, member_id)
 
 
 async def _insert_label(conn: DbConnection, *, label_id: str, assessment_id: str, member_id: str, value: int,
                         attack_type: int, source: int, case_id: str, analyst_id: str, note: str, now: datetime
                         ) -> None:
-    await conn.execute("UPDATE labels SET superseded = true WHERE assessment_id = $1 AND NOT superseded",
-                       assessment_id)
+    await conn.execute(
+        "UPDATE labels SET superseded = true WHERE assessment_id = $1 AND member_id = $2 AND NOT superseded",
+        assessment_id, member_id)
     await conn.execute(
         "INSERT INTO labels (label_id, assessment_id, member_id, value, attack_type, source, case_id, analyst_id,"
         " note, created_at) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)",

@@ -167,7 +167,8 @@ def _feature_columns() -> str:
 async def load_history(conn: DbConnection, start: datetime, end: datetime, include_labels: bool) -> History:
     """Assessments made in [start, end), oldest first, as model feature rows (and current labels)."""
     label = (f"coalesce((SELECT CASE l.value WHEN {LABEL_FRAUD} THEN 1 WHEN {LABEL_LEGITIMATE} THEN 0 END"
-             f" FROM labels l WHERE l.assessment_id = a.assessment_id AND NOT l.superseded), -1)"
+             f" FROM labels l WHERE l.assessment_id = a.assessment_id AND l.member_id = a.member_id"
+             f" AND NOT l.superseded), -1)"
              if include_labels else "-1")
     records = await conn.fetch(
         f"SELECT ARRAY[{_feature_columns()}]::float8[] AS x, {label} AS label FROM assessments a"

@@ -227,7 +227,7 @@ async def record_activities(pool: Callable[[], asyncpg.Pool], activities: Sequen
                                            AND a.occurred_at <= x.t AND a.occurred_at > x.t - interval '1 hour')
                 FROM unnest($1::text[], $2::bytea[], $3::text[], $4::smallint[], $5::bigint[], $6::bigint[],
                             $7::text[], $8::timestamptz[]) AS x(id, d, m, k, p, a, o, t)
-                ON CONFLICT (activity_id) DO NOTHING
+                ON CONFLICT (activity_id, member_id) DO NOTHING
                 RETURNING activity_id
                 """,
                 [a.activity_id for _, a, _ in items], [k for _, _, k in items], [a.member_id for _, a, _ in items],
@@ -235,9 +235,12 @@ async def record_activities(pool: Callable[[], asyncpg.Pool], activities: Sequen
                 [a.amount.amount_minor for _, a, _ in items], [a.order_id for _, a, _ in items],
                 [a.occurred_at.ToDatetime(tzinfo=UTC) for _, a, _ in items],
             )}
+            # An activity is the member's own (keyed (activity_id, member_id), as rewards keys it).
+            others = [a for _, a, _ in items if a.activity_id not in inserted]
             stored = {r["activity_id"]: bytes(r["request_sha256"]) for r in await conn.fetch(
-                "SELECT activity_id, request_sha256 FROM activities WHERE activity_id = ANY($1::text[])",
-                [a.activity_id for _, a, _ in items if a.activity_id not in inserted])}
+                "SELECT x.activity_id, x.request_sha256 FROM activities x"
+                " JOIN unnest($1::text[], $2::text[]) AS k(id, m) ON x.activity_id = k.id AND x.member_id = k.m",
+                [a.activity_id for a in others], [a.member_id for a in others])}
         for index, activity, key in items:
             _settle(results[index], activity.activity_id in inserted, stored.get(activity.activity_id), key)
     for index, activity_id, key in repeats:
