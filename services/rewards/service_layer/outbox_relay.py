@@ -141,9 +141,12 @@ class RewardsRelay:
             by_note: dict[str, list[int]] = {}
             for row_id, note in outcomes.delivered.items():
                 by_note.setdefault(note, []).append(row_id)
+            member_of = {r.id: r.member_id for r in rows}  # rows are keyed (id, member_id)
             for note, ids in by_note.items():
-                await outbox.mark(connection, ids, [], self._backoff, note=note)
-            failed = [outbox.Failed(r.id, r.attempts, outcomes.failed[r.id]) for r in rows if r.id in outcomes.failed]
+                await outbox.mark(connection, ids, [], self._backoff, note=note,
+                                  delivered_members=[member_of[i] for i in ids])
+            failed = [outbox.Failed(r.id, r.attempts, outcomes.failed[r.id], r.member_id)
+                      for r in rows if r.id in outcomes.failed]
             await outbox.mark(connection, [], failed, self._backoff)
             self.last_error = failed[-1].failure.error if failed else ""
             if failed:
