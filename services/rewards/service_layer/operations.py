@@ -218,7 +218,10 @@ class ExpiryTotals:
 
 async def expire_batch(pool: asyncpg.Pool, as_of: datetime, totals: ExpiryTotals) -> int:
     """Expire one batch of open lots due at `as_of` (one transaction, members locked); returns how
-    many lots it expired. A lot expires once: it is re-read under the lock and skipped if settled."""
+    many members were due (0: nothing is left). A lot expires once: it is re-read under the lock and
+    skipped if settled. Another replica's job or run may have expired a batch's lots while this one
+    waited for the lock, so a batch can expire none: the caller goes on while members were due
+    (stopping at the first empty batch ended a run with lots past `as_of` still open)."""
     async with pool.acquire() as conn, conn.transaction():
         due = await conn.fetch("SELECT DISTINCT member_id FROM lots WHERE state = 1 AND expires_at <= $1"
                                " ORDER BY member_id LIMIT $2", as_of, EXPIRY_BATCH)
@@ -243,7 +246,7 @@ async def expire_batch(pool: asyncpg.Pool, as_of: datetime, totals: ExpiryTotals
             totals.members.add(lot["member_id"])
         await tx.flush()
     record_expired(sum(lot["remaining_points"] for lot in lots))  # committed: the job's and RunExpiry's
-    return len(lots)
+    return len(due)
 
 
 async def queue_expiring_soon(pool: asyncpg.Pool, as_of: datetime, rules: earning_pb2.EarningRuleSet) -> int:
