@@ -1,12 +1,15 @@
 """One client factory: a channel to another service with auth metadata, a client span per call
 whose context travels in the metadata, RED metrics of outgoing calls, a deadline on every call, and
 retries on UNAVAILABLE for idempotent RPCs only (gRPC service config, built from the `idempotent`
-flag each RPC declares in the protos)."""
+flag each RPC declares in the protos), and round-robin over a service's replicas: a target naming
+several addresses ("10.0.0.5:50053,10.0.0.6:50053") or a DNS name with several records spreads calls
+over every ready replica and skips one that is down (docs/scale.md, Replicas)."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import ipaddress
 import json
 import time
 from collections.abc import Callable, Iterable
@@ -30,10 +33,40 @@ RETRY_BACKOFF_S_INITIAL = 0.05
 RETRY_BACKOFF_S_MAX = 1.0
 
 
+# Targets gRPC resolves itself (passed unchanged).
+GRPC_SCHEMES = ("dns:", "ipv4:", "ipv6:", "unix:", "unix-abstract:", "vsock:", "xds:")
+
+
+def channel_target(address: str) -> str:
+    """The gRPC target for a configured address. "host:port" and gRPC's own targets ("dns:///…",
+    "ipv4:…", "unix:…") pass unchanged; a comma-separated list of IP "ip:port" addresses, one per
+    replica, becomes an `ipv4:` (or `ipv6:`) target. Host names cannot be listed (gRPC resolves a
+    list only of IP addresses): give a DNS name whose records are the replicas instead."""
+    parts = [part.strip() for part in address.split(",")]
+    if len(parts) == 1 or address.startswith(GRPC_SCHEMES):
+        return address
+    scheme = ""
+    for part in parts:
+        host, _, port = part.rpartition(":")
+        try:
+            version = ipaddress.ip_address(host.strip("[]")).version
+        except ValueError:
+            raise ValueError(f"{address!r}: a list of replicas names each by IP address and port, "
+                             f"not {part!r} (use one DNS name with a record per replica instead)") from None
+        if not port.isdigit() or (version == 6 and not host.startswith("[")):
+            raise ValueError(f"{address!r}: {part!r} is not ip:port ([ipv6]:port)")
+        if scheme and scheme != f"ipv{version}":
+            raise ValueError(f"{address!r}: IPv4 and IPv6 replicas cannot share one list")
+        scheme = f"ipv{version}"
+    return f"{scheme}:{','.join(parts)}"
+
+
 def service_config(services: Iterable[descriptor.ServiceDescriptor]) -> str:
-    """Retry policy for idempotent RPCs. No timeout here: gRPC would cap every call with it, even
-    a caller's longer deadline (a feature stream of a million members); the client interceptor
-    sets the default deadline only on calls that carry none."""
+    """Round-robin over the target's addresses (each ready replica in turn; one address behaves as
+    pick-first), and a retry policy for idempotent RPCs, which a replica that went away turns into
+    a call to another. No timeout here: gRPC would cap every call with it, even a caller's longer
+    deadline (a feature stream of a million members); the client interceptor sets the default
+    deadline only on calls that carry none."""
     idempotent: list[dict[str, str]] = []
     others: list[dict[str, str]] = []
     for service in services:
@@ -54,7 +87,7 @@ def service_config(services: Iterable[descriptor.ServiceDescriptor]) -> str:
         })
     if others:
         method_config.append({"name": others})
-    return json.dumps({"methodConfig": method_config})
+    return json.dumps({"loadBalancingConfig": [{"round_robin": {}}], "methodConfig": method_config})
 
 
 class _Metadata:
@@ -160,8 +193,13 @@ def open_channel(
     services: Iterable[descriptor.ServiceDescriptor],
     token: str | None = None,
 ) -> grpc.aio.Channel:
-    """A channel to `target` for the given services' RPCs. `token` defaults to the process's own."""
+    """A channel to `target` (one address, several replicas' addresses separated by commas, or a
+    gRPC target: see channel_target) for the given services' RPCs, balanced round-robin over
+    them. `token` defaults to the process's own."""
     services = list(services)
+    listed = channel_target(target) != target
+    first = target.split(",")[0].strip()
+    target = channel_target(target)
     deadline_s = settings.client_deadline_ms / 1000
     bearer = token if token is not None else settings.client_token
     interceptors: list[Any] = [_UnaryUnary(bearer, deadline_s), _UnaryStream(bearer, deadline_s)]
@@ -171,6 +209,10 @@ def open_channel(
         ("grpc.max_receive_message_length", settings.max_message_bytes),
         ("grpc.max_send_message_length", settings.max_message_bytes),
     ]
+    if listed:
+        # The authority (and the name a TLS certificate is checked against) of a list is its first
+        # replica's address, not the list itself: replicas of one service share their certificate.
+        options.append(("grpc.default_authority", first))
     if settings.tls_ca_file is not None:
         credentials = grpc.ssl_channel_credentials(
             root_certificates=settings.tls_ca_file.read_bytes(),

@@ -64,7 +64,8 @@ class Settings(BaseSettings):
     tls_key_file: Path | None = None
     tls_ca_file: Path | None = None
 
-    # Other services (host:port). Unset: loopback on the default ports.
+    # Other services (host:port; replicas as "ip:port,ip:port" or a dns:///name:port with a record per
+    # replica, balanced round-robin by libs.clients). Unset: loopback on the default ports.
     profile_addr: str | None = None
     scoring_addr: str | None = None
     rewards_addr: str | None = None
