@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 from functools import cache
+from pathlib import Path
 from zoneinfo import ZoneInfo
 
 from pydantic import Field
@@ -32,9 +33,19 @@ class ScoringSettings(BaseSettings):
     # How often the scheduler checks whether the active policy's schedule is due.
     scheduler_interval_s: float = Field(default=30.0, gt=0, le=86400)
 
+    # Where result sets computed off the service (`loyalty evaluate --engine spark`) may be imported
+    # from; a run naming a directory outside it is refused. Unset: <LOYALTY_STATE_DIR>/spark.
+    import_dir: Path | None = None
+
     @property
     def zone(self) -> ZoneInfo:
         return ZoneInfo(self.time_zone)
+
+    @property
+    def imports(self) -> Path:
+        from libs.settings import get_settings
+
+        return (self.import_dir or get_settings().state_dir / "spark").resolve()
 
 
 @cache

@@ -50,20 +50,22 @@ def run_message(row: asyncpg.Record) -> E.EvaluationRun:
     run.resumed_count = row["resumed_count"]
     run.error_reason = row["error_reason"]
     run.error_message = row["error_message"]
+    run.results_uri = row["results_uri"]
     run.tier_changes_applied = row["tier_changes_applied"]
     run.tier_changes_pending = 0 if row["dry_run"] else row["tier_changes_total"] - row["tier_changes_applied"]
     return run
 
 
 async def insert_run(conn: DbConnection, run_id: str, policy_id: str, version: int, as_of: datetime, dry_run: bool,
-                     trigger: int, request_id: str, requested_by: str) -> asyncpg.Record:
+                     trigger: int, request_id: str, requested_by: str, results_uri: str = "") -> asyncpg.Record:
     try:
         async with conn.transaction():
             row = await conn.fetchrow(
                 "INSERT INTO evaluation_runs (run_id, policy_id, policy_version, as_of, dry_run, state, stage, trigger,"
-                " request_id, requested_by) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10) RETURNING *",
+                " request_id, requested_by, results_uri) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)"
+                " RETURNING *",
                 run_id, policy_id, version, as_of, dry_run, PENDING, E.EVALUATION_STAGE_UNSPECIFIED, trigger,
-                request_id, requested_by)
+                request_id, requested_by, results_uri)
     except asyncpg.UniqueViolationError:
         other = await conn.fetchval("SELECT run_id FROM evaluation_runs WHERE NOT dry_run AND state IN (1, 2)")
         raise errors.failed_precondition(f"run {other} is not finished; wait for it or cancel it",

@@ -416,9 +416,11 @@ def _mean_ranks(raw: FloatArray) -> Float64Array:
     return ranks
 
 
-def _transform_column(column: FloatArray, raw: FloatArray, feature: FeatureSpec, stats: FeatureStats) -> None:
+def _transform_column(column: FloatArray, raw: FloatArray, feature: FeatureSpec, stats: FeatureStats,
+                      ranks: str = "batch") -> None:
     """Transform one column in place. ``raw`` is the untouched input column (RANK_PERCENTILE reads it
-    at full precision); it may be ``column`` itself."""
+    at full precision); it may be ``column`` itself. ``ranks`` is "batch" (RANK_PERCENTILE ranks the
+    column's own values) or "grid" (interpolated on the stats' quantile grid, as online scoring)."""
     dtype = column.dtype.type
     kind = feature.transform
     if kind is Transform.LOG1P:
@@ -435,10 +437,15 @@ def _transform_column(column: FloatArray, raw: FloatArray, feature: FeatureSpec,
             np.subtract(column, dtype(stats.mean), out=column)
             np.divide(column, dtype(stats.std_dev), out=column)
     elif kind is Transform.RANK_PERCENTILE:
-        column[...] = _mean_ranks(raw)
+        if ranks == "grid":
+            size = stats.quantiles.size
+            column[...] = _grid_positions(raw, stats.quantiles, "middle") / (size - 1) if size >= 2 else 0.0
+        else:
+            column[...] = _mean_ranks(raw)
 
 
-def transform(X: FloatArray, spec: PolicySpec, stats: Statistics, out: FloatArray | None = None) -> FloatArray:
+def transform(X: FloatArray, spec: PolicySpec, stats: Statistics, out: FloatArray | None = None,
+              ranks: str = "batch") -> FloatArray:
     """The (members, features) transformed matrix: float32 and column-major (a transposed view)
     unless ``out`` is given. X is untouched unless ``out`` is X.
 
@@ -447,9 +454,13 @@ def transform(X: FloatArray, spec: PolicySpec, stats: Statistics, out: FloatArra
     - RANK_PERCENTILE: (values < x + (values == x − 1) / 2) / (n − 1), exact in the batch (0 when
       n = 1). Online, :func:`transform_one` interpolates the stored quantile grid instead, which
       agrees to the grid's resolution (0.1 %, plus sampling error above GRID_SAMPLE_ROWS_MAX).
+      ``ranks="grid"`` does the same for a whole block: a block of a population too large for one
+      machine (a Spark partition) is ranked against the population's grid, not against itself.
     """
     _check_matrix(X, spec)
     _check_stats(spec, stats)
+    if ranks not in ("batch", "grid"):
+        raise ValueError(f"ranks must be 'batch' or 'grid', not {ranks!r}")
     if out is None:
         out = _column_major(X).T
     elif out is not X:
@@ -457,7 +468,7 @@ def transform(X: FloatArray, spec: PolicySpec, stats: Statistics, out: FloatArra
             raise ValueError(f"out has shape {out.shape}, want {X.shape}")
         out[...] = X
     for j, feature in enumerate(spec.features):
-        _transform_column(out[:, j], X[:, j], feature, stats.features[j])
+        _transform_column(out[:, j], X[:, j], feature, stats.features[j], ranks)
     return out
 
 
@@ -614,21 +625,31 @@ def evaluate(X: FloatArray, spec: PolicySpec, previous: Int8Array, previous_grac
         _transform_column(columns[j], X[:, j], feature, column_stats)
     raw_scores = scores(columns.T, spec)
     score_sample = _sample_sorted(raw_scores)
+    if spec.rule is Rule.QUANTILE:
+        thr = _quantile_thresholds(raw_scores, spec, score_sample)  # reuses the grid's sorted sample
+    else:
+        thr = thresholds(raw_scores, spec)
+    score_grid = _grid(score_sample, float(raw_scores.min()), float(raw_scores.max())) if n else np.empty(0)
+    run_stats = Statistics(features=fitted, score_quantiles=score_grid)
+    return place(raw_scores, thr, run_stats, spec, previous, previous_grace, points, downgrade_allowed)
+
+
+def place(raw_scores: Float64Array, thr: Float64Array, stats: Statistics, spec: PolicySpec, previous: Int8Array,
+          previous_grace: Int16Array, points: Int64Array | None = None,
+          downgrade_allowed: BoolArray | None = None) -> Evaluation:
+    """The end of a run once the population's scores and thresholds are known (by :func:`evaluate`,
+    or by an engine off the service): qualification (by score, or by ``points`` under the
+    QUALIFYING_POINTS rule) and hysteresis against the previous tiers."""
+    n = raw_scores.shape[0]
     values: FloatArray | Int64Array = raw_scores
     if spec.rule is Rule.QUALIFYING_POINTS:
         if points is None or np.shape(points) != (n,):
             raise ValueError("the QUALIFYING_POINTS rule needs one points value per member")
         values = np.asarray(points, dtype=np.int64)
-    if spec.rule is Rule.QUANTILE:
-        thr = _quantile_thresholds(raw_scores, spec, score_sample)  # reuses the grid's sorted sample
-    else:
-        thr = thresholds(raw_scores, spec)
     qualifying = qualify(values, thr)
     placement = apply_hysteresis(values, qualifying, previous, previous_grace, thr, spec, downgrade_allowed)
-    score_grid = _grid(score_sample, float(raw_scores.min()), float(raw_scores.max())) if n else np.empty(0)
-    run_stats = Statistics(features=fitted, score_quantiles=score_grid)
     return Evaluation(raw_scores=raw_scores, qualifying=qualifying, placement=placement, thresholds=thr,
-                      stats=run_stats)
+                      stats=stats)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -669,6 +690,23 @@ def _grid_position(value: float, grid: Float64Array, ties: str) -> float:
         return float(size - 1)
     low, high = float(grid[first - 1]), float(grid[first])
     return first - 1 + (value - low) / (high - low)
+
+
+def _grid_positions(values: FloatArray, grid: Float64Array, ties: str) -> Float64Array:
+    """:func:`_grid_position` of every value at once (the same arithmetic, as array operations)."""
+    v = np.asarray(values, dtype=np.float64)
+    size = grid.size
+    if size == 0:
+        return np.zeros(v.size, dtype=np.float64)
+    first = np.searchsorted(grid, v, side="left")
+    last = np.searchsorted(grid, v, side="right")
+    on_grid = first.astype(np.float64) if ties == "first" else (first + last - 1) / 2.0
+    low = grid[np.maximum(first - 1, 0)]
+    high = grid[np.minimum(first, size - 1)]
+    with np.errstate(divide="ignore", invalid="ignore"):  # only where the value is off the grid's ends
+        between = first - 1 + (v - low) / (high - low)
+    out = np.where(first < last, on_grid, np.where(first == 0, 0.0, np.where(first == size, size - 1.0, between)))
+    return out.astype(np.float64, copy=False)
 
 
 def percentile_one(value: float, quantiles: Float64Array) -> float:

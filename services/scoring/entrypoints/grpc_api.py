@@ -105,7 +105,7 @@ class ScoringServicer(AuditApi, MessageTextsApi, LearningApi, scoring_service_pb
         caller = actor()
 
         async def start(conn: DbConnection) -> S.RunEvaluationResponse:
-            return await evaluation.start(conn, request, caller, datetime.now(UTC))
+            return await evaluation.start(conn, request, caller, datetime.now(UTC), self.settings.imports)
 
         response = await run_once_in_transaction(self.pool, "RunEvaluation", request, S.RunEvaluationResponse, start)
         self.worker.wake()

@@ -23,6 +23,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from itertools import repeat
+from pathlib import Path
 from typing import Any
 
 import asyncpg
@@ -51,7 +52,8 @@ from services.scoring.adapters.runs_repo import (
 from services.scoring.domain import kernel
 from services.scoring.domain import policy as rules
 from services.scoring.service_layer import audit_trail
-from services.scoring.settings import ScoringSettings
+from services.scoring.settings import ScoringSettings, get_scoring_settings
+from services.scoring.spark import results
 from services.scoring.telemetry import record_evaluation
 
 log = logging.getLogger(__name__)
@@ -159,11 +161,44 @@ async def qualifying_points(rewards: Rewards, policy: policy_pb2.Policy, member_
     return await _points_in(rewards, rules.window_start(policy, as_of, zone), as_of, member_ids)
 
 
-async def start(conn: DbConnection, request: S.RunEvaluationRequest, actor: str, now: datetime
-                ) -> S.RunEvaluationResponse:
-    """Accept a run (inside the request-id transaction); the worker picks it up."""
+def results_directory(uri: str, imports: Path) -> Path:
+    """The result set directory a run names: a path (or file:// URI) inside the import directory;
+    a relative one is taken from there. ResultsError for anything else."""
+    path = Path(uri.removeprefix("file://"))
+    resolved = (imports / path).resolve()
+    if not resolved.is_relative_to(imports):
+        raise results.ResultsError(f"{uri} is not inside the import directory {imports}")
+    if not resolved.is_dir():
+        raise results.ResultsError(f"{resolved} is not a directory")
+    return resolved
+
+
+def _results_refused(field: str, error: results.ResultsError) -> LoyaltyError:
+    return errors.invalid_argument([FieldViolation(field, str(error))], reason="RESULTS_INVALID")
+
+
+async def start(conn: DbConnection, request: S.RunEvaluationRequest, actor: str, now: datetime,
+                imports: Path | None = None) -> S.RunEvaluationResponse:
+    """Accept a run (inside the request-id transaction); the worker picks it up. A run importing a
+    result set has it checked here (manifest, policy version, as of); its files when it runs."""
     as_of = as_of_of(request, "as_of", now)
     policy = await resolve_policy(conn, request.policy_id, request.version)
+    results_uri = ""
+    if request.results_uri:
+        try:
+            directory = results_directory(request.results_uri, imports or get_scoring_settings().imports)
+            manifest = results.read_manifest(directory)
+            manifest.check_against(rules.spec_of(policy), policy.policy_id, policy.version)
+            if needs_tenure(policy) and TENURE not in manifest.extra:
+                raise results.ResultsError(f"the policy's anniversary window needs {TENURE} in the results")
+        except results.ResultsError as error:
+            raise _results_refused("results_uri", error) from None
+        if request.HasField("as_of") and as_of != manifest.as_of:
+            raise _results_refused("as_of", results.ResultsError(
+                f"the result set was computed as of {manifest.as_of.isoformat()}, not {as_of.isoformat()}"))
+        if manifest.as_of > now + AS_OF_SKEW:
+            raise _results_refused("results_uri", results.ResultsError("the result set's as_of is in the future"))
+        as_of, results_uri = manifest.as_of, str(directory)
     if not request.dry_run:
         if policy.state != policies_repo.ACTIVE:
             raise errors.failed_precondition(
@@ -175,7 +210,8 @@ async def start(conn: DbConnection, request: S.RunEvaluationRequest, actor: str,
                 f"run {last['run_id']} already applied tiers as of {last['as_of'].isoformat()}",
                 reason="AS_OF_BEFORE_LAST_RUN", run_id=last["run_id"])
     row = await runs_repo.insert_run(conn, f"run-{uuid.uuid4().hex}", policy.policy_id, policy.version, as_of,
-                                     request.dry_run, E.EVALUATION_TRIGGER_REQUEST, request.request_id, actor)
+                                     request.dry_run, E.EVALUATION_TRIGGER_REQUEST, request.request_id, actor,
+                                     results_uri)
     if not request.dry_run:  # a dry run changes nothing for members: no record
         await audit_trail.record(conn, "evaluation.run", "evaluation_run", row["run_id"],
                                  request_id=request.request_id, after=audit_trail.run_summary(row))
@@ -246,6 +282,31 @@ def downgrade_mask(policy: policy_pb2.Policy, matrix: Matrix, baseline_as_of: da
     tenure = matrix.extra[TENURE].astype(np.int64)
     elapsed = (as_of - baseline_as_of).days
     return np.asarray(tenure // DAYS_PER_YEAR > np.maximum(tenure - elapsed, 0) // DAYS_PER_YEAR)
+
+
+@dataclass
+class Imported:
+    manifest: results.Manifest
+    scores: np.ndarray
+    matrix: Matrix  # the members (and tenure, when the policy needs it), without feature columns
+
+
+def load_results(directory: Path, spec: kernel.PolicySpec, policy: policy_pb2.Policy, as_of: datetime) -> Imported:
+    """A run's result set, read and checked again (files may have changed since the run was
+    accepted); FAILED_PRECONDITION (RESULTS_INVALID) fails the run with the reason."""
+    try:
+        manifest = results.read_manifest(directory)
+        manifest.check_against(spec, policy.policy_id, policy.version)
+        if manifest.as_of != as_of:
+            raise results.ResultsError(f"the result set is now as of {manifest.as_of.isoformat()}")
+        if needs_tenure(policy) and TENURE not in manifest.extra:
+            raise results.ResultsError(f"the policy's anniversary window needs {TENURE} in the results")
+        scores = results.read_scores(directory, manifest, spec)
+    except results.ResultsError as error:
+        raise errors.failed_precondition(str(error), reason="RESULTS_INVALID") from None
+    matrix = Matrix(member_ids=scores.member_ids, values=np.empty((scores.size, 0)), definitions=[], as_of=as_of,
+                    extra=scores.extra)
+    return Imported(manifest=manifest, scores=scores.scores, matrix=matrix)
 
 
 def change_kinds(previous: np.ndarray, tier: np.ndarray) -> np.ndarray:
@@ -421,8 +482,13 @@ class RunWorker:
         started = time.perf_counter()
         await self._stage(held, STREAMING)
         extra = [TENURE] if needs_tenure(policy) else []
-        matrix = await self._profile.stream([f.name for f in spec.features], row["as_of"],
-                                            self._settings.stream_chunk_size, extra, cancelled=lambda: held.lost)
+        imported: Imported | None = None
+        if row["results_uri"]:
+            imported = await asyncio.to_thread(load_results, Path(row["results_uri"]), spec, policy, row["as_of"])
+            matrix = imported.matrix
+        else:
+            matrix = await self._profile.stream([f.name for f in spec.features], row["as_of"],
+                                                self._settings.stream_chunk_size, extra, cancelled=lambda: held.lost)
         streamed = time.perf_counter()
         await self._stage(held, SCORING)
         baseline = await runs_repo.last_applied(pool)
@@ -433,12 +499,18 @@ class RunWorker:
                                  self._settings.zone)
         points = await qualifying_points(self._rewards, policy, matrix.member_ids, row["as_of"], self._settings.zone,
                                          matrix.extra.get(TENURE))
-        result = kernel.evaluate(matrix.values, spec, previous, grace, points, allowed)
+        if imported is None:
+            result = kernel.evaluate(matrix.values, spec, previous, grace, points, allowed)
+        else:
+            result = kernel.place(imported.scores, np.array(imported.manifest.thresholds, dtype=np.float64),
+                                  imported.manifest.statistics, spec, previous, grace, points, allowed)
         percentiles = kernel.percentiles(result.raw_scores)
         changes = change_kinds(previous, result.placement.tier)
         scored = time.perf_counter()
         await self._stage(held, WRITING)
         report = build_report(policy, result, previous, changes)
+        report.engine = "numpy" if imported is None else imported.manifest.engine
+        report.quantile_relative_error = 0.0 if imported is None else imported.manifest.relative_error
         report.timings.stream.FromTimedelta(timedelta(seconds=streamed - started))
         report.timings.score.FromTimedelta(timedelta(seconds=scored - streamed))
         changed = int(np.count_nonzero(changes != E.TIER_CHANGE_UNCHANGED))
