@@ -1,6 +1,7 @@
 """`loyalty evaluations run|status|report|list`: scoring's tier evaluation runs.
 
-    run     scoring RunEvaluation (the active policy unless --policy; --dry-run changes no tier)
+    run     scoring RunEvaluation (the active policy unless --policy; --dry-run changes no tier);
+            --engine spark scores on Apache Spark and imports the result (also `loyalty evaluate`)
     status  scoring GetEvaluation: state, stage, progress
     report  scoring GetEvaluation in full (tier counts, thresholds, migration, statistics), and with
             --fairness scoring GetFairnessReport
@@ -13,12 +14,20 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
+import uuid
 from collections.abc import Iterable, Sequence
+from datetime import UTC, datetime
+from pathlib import Path
 
+from loyalty.profile.v1 import profile_service_pb2_grpc
 from loyalty.scoring.v1 import evaluation_pb2, policy_pb2, scoring_service_pb2, scoring_service_pb2_grpc
+from services.scoring.settings import get_scoring_settings
 from tools.ops import (
     EXIT_CHECK_FAILED,
     EXIT_OK,
+    EXIT_REFUSED,
+    CommandError,
     add_action,
     add_group,
     as_dict,
@@ -96,6 +105,9 @@ def run_text(run: evaluation_pb2.EvaluationRun, full: bool) -> str:
     if not run.dry_run:
         lines.append(f"  tier changes sent to rewards {run.tier_changes_applied:,}, "
                      f"pending {run.tier_changes_pending:,}")
+    if run.engine and run.engine != "numpy":
+        lines.append(f"  engine: {run.engine}, quantiles within {run.quantile_relative_error:.4%} of members in rank; "
+                     f"results {run.results_uri}")
     if run.error_reason or run.error_message:
         lines.append(f"  error: {run.error_reason}: {run.error_message}")
     if not full:
@@ -142,12 +154,63 @@ def fairness_text(report: evaluation_pb2.FairnessReport) -> str:
 # ---- commands ----------------------------------------------------------------------------------
 
 
+def _policy(args: argparse.Namespace) -> policy_pb2.Policy:
+    ref = args.policy or policy_pb2.PolicyRef()
+
+    async def get(stub: scoring_service_pb2_grpc.ScoringServiceStub) -> policy_pb2.Policy:
+        if ref.policy_id:
+            found = await stub.GetPolicy(scoring_service_pb2.GetPolicyRequest(  # type: ignore[misc]
+                policy_id=ref.policy_id, version=ref.version), timeout=args.timeout)
+        else:
+            found = await stub.GetActivePolicy(scoring_service_pb2.GetActivePolicyRequest(),  # type: ignore[misc]
+                                               timeout=args.timeout)
+        return found.policy  # type: ignore[no-any-return]
+
+    return call(args, "scoring", scoring_service_pb2_grpc.ScoringServiceStub, SCORING, get)
+
+
+def _spark_results(args: argparse.Namespace, policy: policy_pb2.Policy, as_of: datetime) -> Path:
+    """Export the policy's features, run the kernel on Spark over them; the result set's directory."""
+    from services.scoring.domain import policy as rules
+    from services.scoring.service_layer.evaluation import TENURE, needs_tenure
+    from services.scoring.spark import job
+    from tools.commands.features import PROFILE, export_features
+
+    spec = rules.spec_of(policy)
+    work = (args.work_dir or get_scoring_settings().imports) / f"eval-{uuid.uuid4().hex[:12]}"
+    extra = [TENURE] if needs_tenure(policy) else []
+    names = [*(f.name for f in spec.features), *(e for e in extra if e not in [f.name for f in spec.features])]
+    at_profile = argparse.Namespace(**{**vars(args), "addr": args.profile_addr})  # --addr names scoring
+    export = call(at_profile, "profile", profile_service_pb2_grpc.ProfileServiceStub, PROFILE,
+                  lambda stub: export_features(stub, names, as_of, work / "features", args.timeout))
+    if not args.json:
+        print(f"Exported {export.members:,} members as of {as_of.isoformat()} to {export.directory}; "
+              f"scoring them on Spark ({args.spark_master}, quantile rank error {args.relative_error:g})...",
+              flush=True)
+    spark = job.session(args.spark_master)
+    try:
+        job.evaluate(spark, str(work / "features"), str(work / "results"), spec, policy_id=policy.policy_id,
+                     version=policy.version, as_of=as_of, relative_error=args.relative_error, extra=extra)
+    except ValueError as error:
+        raise CommandError(f"the Spark evaluation failed: {error}", EXIT_REFUSED) from None
+    finally:
+        spark.stop()
+    shutil.rmtree(work / "features")  # the result set is what scoring reads
+    return work / "results"
+
+
 def _cmd_run(args: argparse.Namespace) -> int:
     ref = args.policy or policy_pb2.PolicyRef()
     request = scoring_service_pb2.RunEvaluationRequest(
         request_id=args.request_id or new_request_id(), policy_id=ref.policy_id, version=ref.version,
         dry_run=args.dry_run, wait=args.wait)
-    if args.as_of:
+    if args.engine == "spark":
+        policy = _policy(args)
+        as_of = args.as_of or datetime.now(UTC)
+        request.policy_id, request.version = policy.policy_id, policy.version
+        request.results_uri = str(_spark_results(args, policy, as_of))
+        request.as_of.FromDatetime(as_of)
+    elif args.as_of:
         request.as_of.FromDatetime(args.as_of)
     reply = call(args, "scoring", scoring_service_pb2_grpc.ScoringServiceStub, SCORING,
                  lambda stub: stub.RunEvaluation(request, timeout=args.timeout))
@@ -205,18 +268,56 @@ def runs_table(found: list[evaluation_pb2.EvaluationRun]) -> str:
                  ("run", "state", "policy", "kind", "as of (UTC)", "members", "up", "down", "created"))
 
 
-def add_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    actions = add_group(sub, "evaluations", "run tier evaluations and read their reports")
-    run = add_action(actions, "run", _cmd_run, "start an evaluation run (scoring RunEvaluation)",
-                     "Start an evaluation run of the active policy (or --policy). Only the active policy can run "
-                     "for real; --dry-run scores and reports without changing any tier. Returns at once unless "
-                     "--wait; exit 1 when the run failed.", timeout_s=600.0)
+RUN_DESCRIPTION = (
+    "Start an evaluation run of the active policy (or --policy). Only the active policy can run for real; "
+    "--dry-run scores and reports without changing any tier. Returns at once unless --wait; exit 1 when the run "
+    "failed.\n"
+    "--engine spark computes the scores on Apache Spark instead of in the scoring service: the policy's features "
+    "are exported from profile as Parquet, the scoring kernel runs over their partitions (local mode unless "
+    "--spark-master), quantiles are approximate within --relative-error of the members in rank, and scoring "
+    "imports the result set as the run (hysteresis, report, tier changes to rewards in batches). --work-dir must "
+    "be inside scoring's import directory (LOYALTY_SCORING_IMPORT_DIR, default <state dir>/spark).")
+
+
+def _run_arguments(run: argparse.ArgumentParser) -> None:
+    from services.scoring.spark.results import RELATIVE_ERROR_MAX
+
     run.add_argument("--policy", type=policy_ref, metavar="POLICY_ID[/VERSION]",
                      help="policy version to evaluate (default: the active one)")
     run.add_argument("--as-of", type=time_argument, help="take features at this time (default: now)")
     run.add_argument("--dry-run", action="store_true", help="report only: change no tier")
     run.add_argument("--wait", action="store_true", help="answer when the run has finished (up to --timeout)")
     run.add_argument("--request-id", help="idempotency key: repeat it to retry the same request safely")
+    run.add_argument("--engine", choices=("service", "spark"), default="service",
+                     help="where the scores are computed (default: the scoring service)")
+    run.add_argument("--spark-master", default="local[2]", help="Spark master URL (default local[2])")
+    run.add_argument("--relative-error", type=_relative_error, default=1e-4,
+                     help=f"rank error of Spark's approximate quantiles, 0 (exact) to {RELATIVE_ERROR_MAX} "
+                          "(default 1e-4)")
+    run.add_argument("--profile-addr", metavar="HOST:PORT", help="profile, which exports the features "
+                                                                "(default: the configured address)")
+    run.add_argument("--work-dir", type=Path, help="where the export and result set go (default: scoring's "
+                                                   "import directory)")
+
+
+def _relative_error(text: str) -> float:
+    from services.scoring.spark.results import RELATIVE_ERROR_MAX
+
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not 0.0 <= value <= RELATIVE_ERROR_MAX:
+        raise argparse.ArgumentTypeError(f"must be in [0, {RELATIVE_ERROR_MAX}]")
+    return value
+
+
+def add_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    actions = add_group(sub, "evaluations", "run tier evaluations and read their reports")
+    _run_arguments(add_action(actions, "run", _cmd_run, "start an evaluation run (scoring RunEvaluation)",
+                              RUN_DESCRIPTION, timeout_s=600.0))
+    _run_arguments(add_action(sub, "evaluate", _cmd_run, "an evaluation run: `evaluations run` (--engine spark)",
+                              RUN_DESCRIPTION, timeout_s=600.0))
     status = add_action(actions, "status", _cmd_status, "state and progress of a run (scoring GetEvaluation)",
                         "State and progress of a run; exit 1 when it failed or was cancelled.")
     status.add_argument("run_id")
