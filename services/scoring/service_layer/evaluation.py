@@ -164,12 +164,16 @@ async def qualifying_points(rewards: Rewards, policy: policy_pb2.Policy, member_
 def results_directory(uri: str, imports: Path) -> Path:
     """The result set directory a run names: a path (or file:// URI) inside the import directory;
     a relative one is taken from there. ResultsError for anything else."""
-    path = Path(uri.removeprefix("file://"))
-    resolved = (imports / path).resolve()
-    if not resolved.is_relative_to(imports):
-        raise results.ResultsError(f"{uri} is not inside the import directory {imports}")
-    if not resolved.is_dir():
-        raise results.ResultsError(f"{resolved} is not a directory")
+    try:
+        resolved = (imports / uri.removeprefix("file://")).resolve()
+        if not resolved.is_relative_to(imports):
+            raise results.ResultsError(f"{uri} is not inside the import directory {imports}")
+        if not resolved.is_dir():
+            raise results.ResultsError(f"{resolved} is not a directory")
+    except results.ResultsError:
+        raise
+    except (OSError, ValueError) as error:  # a NUL byte, a name too long, a loop of links
+        raise results.ResultsError(f"{uri!r} is not a usable path: {error}") from None
     return resolved
 
 
