@@ -10,7 +10,7 @@ import grpc
 import pytest
 
 from libs.errors import details_from_rpc_error
-from loyalty.risk.v1 import assessment_pb2, risk_pb2
+from loyalty.risk.v1 import assessment_pb2, cases_pb2, risk_pb2
 from loyalty.risk.v1.risk_pb2_grpc import RiskServiceStub
 from tests.risk.conftest import Accruals, uid
 
@@ -34,6 +34,37 @@ async def test_an_ordinary_purchase_is_allowed_with_versions_and_is_stored(risk:
     stored = await risk.GetAssessment(risk_pb2.GetAssessmentRequest(source_event_id=request.source_event_id),
                                       metadata=admin)
     assert stored.assessment == assessment
+
+
+async def test_a_source_event_id_reused_by_two_members_is_looked_up_with_the_member(
+        risk: RiskServiceStub, admin: Any, analyst: Any) -> None:
+    """Assessments are unique per (member, source event): a lookup by the event alone that would
+    have to pick one is refused, and naming the member picks it, for GetAssessment and RecordLabel."""
+    event_id = uid("shared")
+    first, second = Accruals(), Accruals()
+    one = await assess(risk, admin, first.purchase(3_000, source_event_id=event_id))
+    two = await assess(risk, admin, second.purchase(4_000, source_event_id=event_id))
+    assert one.assessment_id != two.assessment_id
+    for call in (risk.GetAssessment(risk_pb2.GetAssessmentRequest(source_event_id=event_id), metadata=admin),
+                 risk.RecordLabel(risk_pb2.RecordLabelRequest(request_id=uid("rq"), source_event_id=event_id,
+                                                              value=cases_pb2.LABEL_VALUE_FRAUD,
+                                                              analyst_id="analyst-ann"), metadata=analyst)):
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            await call
+        assert caught.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+        assert details_from_rpc_error(caught.value).reason == "AMBIGUOUS_SOURCE_EVENT"
+    for member, expected in ((first.member_id, one), (second.member_id, two)):
+        found = await risk.GetAssessment(risk_pb2.GetAssessmentRequest(source_event_id=event_id, member_id=member),
+                                         metadata=admin)
+        assert found.assessment.assessment_id == expected.assessment_id
+    label = (await risk.RecordLabel(risk_pb2.RecordLabelRequest(
+        request_id=uid("rq"), source_event_id=event_id, member_id=second.member_id,
+        value=cases_pb2.LABEL_VALUE_FRAUD, analyst_id="analyst-ann"), metadata=analyst)).label
+    assert (label.assessment_id, label.member_id) == (two.assessment_id, second.member_id)
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await risk.GetAssessment(risk_pb2.GetAssessmentRequest(source_event_id=event_id, member_id=uid("m")),
+                                 metadata=admin)
+    assert caught.value.code() == grpc.StatusCode.NOT_FOUND
 
 
 async def test_a_retry_returns_the_same_assessment_and_another_payload_conflicts(risk: RiskServiceStub,

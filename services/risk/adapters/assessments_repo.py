@@ -11,6 +11,8 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
+import asyncpg
+
 from libs.db import DbConnection
 from services.risk.domain.signals import Accrual, StoredHistory
 
@@ -265,3 +267,18 @@ async def peer_medians(conn: DbConnection, since: datetime) -> dict[str, float]:
         since,
     )
     return {r["tier_id"]: float(r["median"]) for r in rows}
+
+
+async def find(conn: DbConnection | asyncpg.Pool, column: str, ident: str, member_id: str = "", lock: bool = False
+               ) -> list[Any]:
+    """Up to two stored assessments whose `column` (assessment_id or source_event_id) is `ident`,
+    of `member_id` when given: a source event id is unique per member only, so a caller looking one
+    up without the member learns whether it is ambiguous. `lock` takes FOR NO KEY UPDATE."""
+    if column not in ("assessment_id", "source_event_id"):
+        raise ValueError(f"cannot look assessments up by {column}")
+    member = " AND member_id = $2" if member_id else ""
+    suffix = " FOR NO KEY UPDATE" if lock else ""
+    args: list[str] = [ident, member_id] if member_id else [ident]
+    return list(await conn.fetch(
+        f"SELECT assessment_id, member_id, assessment FROM assessments WHERE {column} = $1{member} LIMIT 2{suffix}",
+        *args))

@@ -85,7 +85,8 @@ class AssessmentsApi:
 
     async def GetAssessment(self, request: risk_pb2.GetAssessmentRequest, context: Any
                             ) -> risk_pb2.GetAssessmentResponse:
-        assessment = await queries.get_assessment(self.runtime.pool, request.assessment_id, request.source_event_id)
+        assessment = await queries.get_assessment(self.runtime.pool, request.assessment_id, request.source_event_id,
+                                                    request.member_id)
         return risk_pb2.GetAssessmentResponse(assessment=shown(assessment))
 
     async def ListAssessments(self, request: risk_pb2.ListAssessmentsRequest, context: Any

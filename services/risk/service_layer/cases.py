@@ -29,7 +29,6 @@ from services.risk.settings import RiskSettings
 
 CASE_NOT_FOUND = "CASE_NOT_FOUND"
 CASE_ALREADY_RESOLVED = "CASE_ALREADY_RESOLVED"
-ASSESSMENT_NOT_FOUND = "ASSESSMENT_NOT_FOUND"
 RECENT_ASSESSMENTS = 20
 
 OPEN = cases_pb2.CASE_STATUS_OPEN
@@ -307,11 +306,7 @@ def label_violations(request: risk_pb2.RecordLabelRequest) -> list[FieldViolatio
 async def record_label(conn: DbConnection, request: risk_pb2.RecordLabelRequest, now: datetime) -> cases_pb2.Label:
     """Label an assessed accrual (inside the caller's transaction), superseding its earlier labels."""
     column = "assessment_id" if request.WhichOneof("target") == "assessment_id" else "source_event_id"
-    ident: str = getattr(request, column)
-    row = await conn.fetchrow(
-        f"SELECT assessment_id, member_id FROM assessments WHERE {column} = $1 FOR NO KEY UPDATE", ident)
-    if row is None:
-        raise errors.not_found("assessment", ident, reason=ASSESSMENT_NOT_FOUND)
+    row = await queries.one_assessment(conn, column, getattr(request, column), request.member_id, lock=True)
     label_id = str(uuid.uuid4())
     await _insert_label(
         conn, label_id=label_id, assessment_id=row["assessment_id"], member_id=row["member_id"], value=request.value,

@@ -6,11 +6,13 @@ from __future__ import annotations
 import json
 from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
+from typing import Any
 
 import asyncpg
 from google.protobuf import duration_pb2
 
 from libs import errors, paging
+from libs.db import DbConnection
 from libs.idempotency import payload_digest
 from loyalty.risk.v1 import assessment_pb2, risk_pb2, support_pb2
 from services.risk.adapters import assessments_repo as repo
@@ -24,15 +26,25 @@ ACTIVITY_CONFLICT = "ACTIVITY_CONFLICT"
 _WINDOWS = ((sig.HOUR, "1h"), (sig.DAY, "24h"), (sig.WEEK, "7d"))
 
 
-async def get_assessment(pool: asyncpg.Pool, assessment_id: str = "", source_event_id: str = ""
-                         ) -> assessment_pb2.Assessment:
-    if assessment_id:
-        raw = await pool.fetchval("SELECT assessment FROM assessments WHERE assessment_id = $1", assessment_id)
-    else:
-        raw = await pool.fetchval("SELECT assessment FROM assessments WHERE source_event_id = $1", source_event_id)
-    if raw is None:
-        raise errors.not_found("assessment", assessment_id or source_event_id, reason="ASSESSMENT_NOT_FOUND")
-    return assessment_pb2.Assessment.FromString(bytes(raw))
+async def one_assessment(conn: DbConnection | asyncpg.Pool, column: str, ident: str, member_id: str = "",
+                         lock: bool = False) -> Any:
+    """The one stored assessment `column` = `ident` (of `member_id` when given); NOT_FOUND, or
+    FAILED_PRECONDITION AMBIGUOUS_SOURCE_EVENT when a source event id names several members'."""
+    rows = await repo.find(conn, column, ident, "" if column == "assessment_id" else member_id, lock)
+    if not rows:
+        raise errors.not_found("assessment", ident, reason="ASSESSMENT_NOT_FOUND")
+    if len(rows) > 1:
+        raise errors.failed_precondition(
+            f"source event {ident} was assessed for several members: name the member_id",
+            reason="AMBIGUOUS_SOURCE_EVENT", source_event_id=ident)
+    return rows[0]
+
+
+async def get_assessment(pool: asyncpg.Pool, assessment_id: str = "", source_event_id: str = "",
+                         member_id: str = "") -> assessment_pb2.Assessment:
+    column = "assessment_id" if assessment_id else "source_event_id"
+    row = await one_assessment(pool, column, assessment_id or source_event_id, member_id)
+    return assessment_pb2.Assessment.FromString(bytes(row["assessment"]))
 
 
 async def list_assessments(pool: asyncpg.Pool, request: risk_pb2.ListAssessmentsRequest
