@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -111,3 +112,33 @@ async def test_a_list_over_tls_checks_the_replicas_certificate(test_protos_dir: 
     finally:
         for server in servers:
             await server.stop(None)
+
+
+def test_status_of_a_replica_list_asks_each_replica() -> None:
+    """`loyalty status` on an address listing replicas: SERVING only when every replica serves."""
+    from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+
+    from tests.support.processes import free_port
+    from tools.supervisor import health_status, replica_addresses
+
+    assert replica_addresses("127.0.0.1:1") == ["127.0.0.1:1"]
+    assert replica_addresses("dns:///scoring:50051") == ["dns:///scoring:50051"]
+    assert replica_addresses("ipv4:10.0.0.1:1,10.0.0.2:1") == ["10.0.0.1:1", "10.0.0.2:1"]
+    servers, addresses = [], []
+    for _ in range(2):
+        server = grpc.server(ThreadPoolExecutor(max_workers=2))
+        servicer = health.HealthServicer()
+        servicer.set("", health_pb2.HealthCheckResponse.SERVING)
+        health_pb2_grpc.add_HealthServicer_to_server(servicer, server)
+        addresses.append(f"127.0.0.1:{server.add_insecure_port('127.0.0.1:0')}")
+        server.start()
+        servers.append(server)
+    nobody = f"127.0.0.1:{free_port()}"
+    try:
+        assert health_status(",".join(addresses)) == "SERVING"
+        assert health_status(f"ipv4:{','.join(addresses)}") == "SERVING"
+        assert health_status(f"{addresses[0]},{nobody}", timeout_s=0.5) == "DEGRADED (1/2 replicas serving)"
+        assert health_status(f"{nobody},{nobody}", timeout_s=0.5) == "UNREACHABLE"
+    finally:
+        for server in servers:
+            server.stop(None)

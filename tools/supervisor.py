@@ -28,6 +28,7 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from libs.auth import ensure_dev_tokens
+from libs.clients import GRPC_SCHEMES
 from libs.db import EMBEDDED_DATABASE, embedded_pgdata, start_embedded_postgres, stop_embedded_postgres
 from libs.settings import SERVICE_NAMES, Settings
 
@@ -55,8 +56,31 @@ class Child:
         return http_health_status(self.address) if self.http else health_status(self.address)
 
 
+def replica_addresses(address: str) -> list[str]:
+    """The replicas a configured address lists ("ip:port,ip:port" or "ipv4:ip:port,ip:port"); one
+    address (or a DNS name, whose records gRPC resolves itself) is a list of one."""
+    listed = address.removeprefix("ipv4:").removeprefix("ipv6:")
+    if "," not in listed or listed.startswith(GRPC_SCHEMES):
+        return [address]
+    return [part.strip() for part in listed.split(",")]
+
+
 def health_status(address: str, timeout_s: float = 1.0) -> str:
-    """The overall health of the server at `address`: SERVING, NOT_SERVING or UNREACHABLE."""
+    """The overall health at `address`: SERVING, NOT_SERVING or UNREACHABLE; for a list of replicas
+    each is asked, and some but not all serving is "DEGRADED (k/n replicas serving)"."""
+    replicas = replica_addresses(address)
+    if len(replicas) == 1:
+        return _health_of_one(replicas[0], timeout_s)
+    found = [_health_of_one(replica, timeout_s) for replica in replicas]
+    serving = found.count("SERVING")
+    if serving == len(found):
+        return "SERVING"
+    if serving == 0:
+        return "UNREACHABLE" if set(found) == {"UNREACHABLE"} else "NOT_SERVING"
+    return f"DEGRADED ({serving}/{len(found)} replicas serving)"
+
+
+def _health_of_one(address: str, timeout_s: float) -> str:
     with grpc.insecure_channel(address) as channel:
         try:
             reply = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(service=""),
