@@ -45,9 +45,6 @@ SHARED_TABLES: dict[str, GlobalTable] = {
     "audit_events": GlobalTable("local-global", "one hash chain per service, appended at operator rate"),
     "audit_chain_head": GlobalTable("local-global", "the single head row of that chain"),
     "message_texts": GlobalTable("reference", "operators' overrides of member-facing texts, read by every node"),
-    "idempotency_keys": GlobalTable(
-        "lookup", "a request id is refused with another payload whatever member it names (AIP-155)",
-        column="request_id"),
 }
 
 # Per service schema: its own tables that are not distributed by member.

@@ -82,3 +82,35 @@ async def test_requires_a_transaction(db: asyncpg.Connection, schema: str) -> No
 
     with pytest.raises(RuntimeError, match="inside a transaction"):
         await run_once(db, "Test/Increment", "r", wrappers_pb2.StringValue(), wrappers_pb2.Int64Value, mutate)
+
+
+async def _grant(pool: asyncpg.Pool, request_id: str, member_id: str, points: int) -> wrappers_pb2.Int64Value:
+    """A member-scoped mutation: its request names a member (a top-level member_id)."""
+    from loyalty.rewards.v1 import rewards_pb2
+
+    request = rewards_pb2.AdjustPointsRequest(request_id=request_id, member_id=member_id, points=points)
+    async with pool.acquire() as connection, connection.transaction():
+        async def mutate() -> wrappers_pb2.Int64Value:
+            value = await connection.fetchval("UPDATE counter SET n = n + $1 RETURNING n", points)
+            return wrappers_pb2.Int64Value(value=value)
+
+        return await run_once(connection, "Test/Grant", request_id, request, wrappers_pb2.Int64Value, mutate)
+
+
+async def test_request_ids_are_scoped_to_the_member_the_request_names(pg_dsn: str, schema: str) -> None:
+    """The key row lives with the member's rows (one shard when distributed by member_id): the same
+    id for another member is another request; for the same member, a retry or a refused reuse."""
+    pool = await asyncpg.create_pool(pg_dsn, server_settings={"search_path": schema})
+    assert pool is not None
+    try:
+        assert (await _grant(pool, "req-m", "member-a", 5)).value == 5
+        assert (await _grant(pool, "req-m", "member-b", 7)).value == 12
+        assert (await _grant(pool, "req-m", "member-a", 5)).value == 5  # the stored answer
+        with pytest.raises(errors.LoyaltyError) as caught:
+            await _grant(pool, "req-m", "member-a", 6)
+        assert caught.value.reason == "REQUEST_ID_REUSED"
+        assert await pool.fetchval("SELECT n FROM counter") == 12
+        rows = await pool.fetch("SELECT member_id FROM idempotency_keys WHERE request_id = 'req-m' ORDER BY 1")
+        assert [r["member_id"] for r in rows] == ["member-a", "member-b"]
+    finally:
+        await pool.close()

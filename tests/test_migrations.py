@@ -34,7 +34,8 @@ async def test_applies_in_order_and_is_idempotent(db: asyncpg.Connection, servic
     schema = "mig_once"
     assert not await is_migrated(db, schema, service_dir)
     applied = await migrate(db, schema, service_dir)
-    shared = ["libs/0001_idempotency_keys", "libs/0002_audit_trail", "libs/0003_message_texts"]
+    shared = ["libs/0001_idempotency_keys", "libs/0002_audit_trail", "libs/0003_message_texts",
+              "libs/0004_idempotency_keys_by_member"]
     assert applied == [*shared, "mig_once/0001_accounts", "mig_once/0002_entries"]
     assert await _tables(db, schema) == {"schema_migrations", "idempotency_keys", "audit_events", "audit_chain_head",
                                          "message_texts", "accounts", "entries"}
@@ -88,10 +89,10 @@ async def test_two_processes_migrating_at_once_end_with_one_schema(pg_dsn: str, 
             await connection.close()
     applied_lists = [r for r in results if r]
     assert len(applied_lists) == 1, results  # exactly one process applied the files
-    assert len(applied_lists[0]) == 5  # the three shared files and the service's two
+    assert len(applied_lists[0]) == 6  # the four shared files and the service's two
     check = await asyncpg.connect(pg_dsn)
     try:
-        assert await check.fetchval(f"SELECT count(*) FROM {schema}.schema_migrations") == 5
+        assert await check.fetchval(f"SELECT count(*) FROM {schema}.schema_migrations") == 6
         assert {"accounts", "entries", "audit_events"} <= await _tables(check, schema)
     finally:
         await check.close()

@@ -343,21 +343,3 @@ async def key_usage(connection: DbConnection) -> dict[str, int]:
     rows = await connection.fetch(
         "SELECT kek_id, count(*) AS members FROM members WHERE dek_wrapped IS NOT NULL GROUP BY kek_id")
     return {row["kek_id"]: row["members"] for row in rows}
-
-
-# ---- Request ids -------------------------------------------------------------------------------
-
-
-async def stored_response(connection: DbConnection, method: str, request_id: str, digest: bytes) -> bytes | None:
-    """The response recorded for a request id (libs.idempotency), read before a multi-transaction
-    operation starts: None when the id is new, REQUEST_ID_REUSED for another payload."""
-    row = await connection.fetchrow(
-        "SELECT payload_sha256, response FROM idempotency_keys WHERE method = $1 AND request_id = $2",
-        method, request_id,
-    )
-    if row is None:
-        return None
-    if bytes(row["payload_sha256"]) != digest:
-        raise errors.already_exists(f"request_id {request_id!r} was already used with a different payload",
-                                    reason="REQUEST_ID_REUSED", request_id=request_id)
-    return bytes(row["response"])

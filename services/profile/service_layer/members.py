@@ -44,7 +44,7 @@ from opentelemetry import propagate
 from libs import audit, errors
 from libs.db import DbConnection
 from libs.errors import FieldViolation
-from libs.idempotency import payload_digest, run_once
+from libs.idempotency import run_once, stored_response
 from loyalty.profile.v1 import member_pb2, profile_service_pb2
 from services.profile.adapters import members_repo as repo
 from services.profile.adapters.members_repo import MemberFilter, StoredMember
@@ -382,7 +382,7 @@ class MembersService:
         method = self._method("RotateEncryptionKeys", reader)
         response_type = profile_service_pb2.RotateEncryptionKeysResponse
         async with self._pool().acquire() as connection:
-            previous = await repo.stored_response(connection, method, request.request_id, payload_digest(request))
+            previous = await stored_response(connection, method, request.request_id, request)
             if previous is not None:
                 return response_type.FromString(previous)
             budget = request.max_members or ROTATE_MEMBERS_DEFAULT
