@@ -6,6 +6,12 @@ Baselines measured in the same run: a bare StreamFeatures of the same columns (t
 streaming stage) and BatchGetMemberFeatures of one member (the floor of ScoreMember).
 
     .venv/bin/python -m bench.scoring_evaluation [--members 1000000] [--rate 100] [--seconds 20]
+
+`--score-member-only` measures just ScoreMember and its floor: no bare stream, one RunEvaluation (the
+statistics and tiers ScoreMember reads) instead of two, and only the online figures are printed. With a
+smaller population it takes about a minute:
+
+    .venv/bin/python -m bench.scoring_evaluation --score-member-only --members 100000
 """
 
 from __future__ import annotations
@@ -59,7 +65,7 @@ def describe(run: evaluation_pb2.EvaluationRun, wall: float) -> str:
 
 
 async def evaluate(address: str, metadata: Any, members: int, rate: float, duration: float,
-                   profile_address: str) -> dict[str, Any]:
+                   profile_address: str, score_member_only: bool = False) -> dict[str, Any]:
     async with grpc.aio.insecure_channel(address) as channel, grpc.aio.insecure_channel(profile_address) as pchannel:
         stub = scoring_service_pb2_grpc.ScoringServiceStub(channel)
         profile = profile_service_pb2_grpc.ProfileServiceStub(pchannel)
@@ -68,7 +74,7 @@ async def evaluate(address: str, metadata: Any, members: int, rate: float, durat
         await stub.ActivatePolicy(S.ActivatePolicyRequest(request_id="bench-activate", policy_id="bench",
                                                           version=created.policy.version), metadata=metadata)
         runs = []
-        for name in ("first", "second"):
+        for name in ("first",) if score_member_only else ("first", "second"):
             with Timer() as timer:
                 reply = await stub.RunEvaluation(S.RunEvaluationRequest(request_id=f"bench-{name}", wait=True),
                                                  metadata=metadata, timeout=1800)
@@ -93,12 +99,21 @@ async def evaluate(address: str, metadata: Any, members: int, rate: float, durat
     return {"runs": runs, "online": online, "floor": floor}
 
 
+def print_online(rate: float, online: dict[str, float], floor: dict[str, float]) -> None:
+    print(f"ScoreMember at {rate:.0f}/s    : p50 {online['p50_ms']:.1f} ms, p99 {online['p99_ms']:.1f} ms, "
+          f"errors {online['errors']:.0f} (target p99 < 10 ms)")
+    print(f"BatchGetMemberFeatures  : p50 {floor['p50_ms']:.1f} ms, p99 {floor['p99_ms']:.1f} ms "
+          f"(the floor); ratio p99 {online['p99_ms'] / max(floor['p99_ms'], 1e-9):.2f}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--members", type=int, default=1_000_000)
     parser.add_argument("--days", type=int, default=4, help="daily buckets per member")
     parser.add_argument("--rate", type=float, default=100.0, help="ScoreMember calls per second")
     parser.add_argument("--seconds", type=float, default=20.0)
+    parser.add_argument("--score-member-only", action="store_true",
+                        help="one RunEvaluation, no bare stream; print only ScoreMember against its floor")
     args = parser.parse_args()
     state = Path(tempfile.mkdtemp(prefix="loyalty-bench-state-"))
     ports = {name: free_port() for name in ("profile", "rewards", "scoring", "risk")}
@@ -112,23 +127,27 @@ def main() -> None:
                 service("scoring", dsn, state, port=ports["scoring"], **env) as scoring:
             token = json.loads((state / "dev-tokens.json").read_text())["admin"]
             metadata = (("authorization", f"Bearer {token}"),)
-            with Timer() as bare:
-                streamed, _ = asyncio.run(stream(profile.address, token, SCORING_FEATURES))
-            print(f"bare StreamFeatures: {streamed:,} members in {bare.seconds:.1f}s", flush=True)
+            if not args.score_member_only:
+                with Timer() as bare:
+                    streamed, _ = asyncio.run(stream(profile.address, token, SCORING_FEATURES))
+                print(f"bare StreamFeatures: {streamed:,} members in {bare.seconds:.1f}s", flush=True)
             result = asyncio.run(evaluate(scoring.address, metadata, args.members, args.rate, args.seconds,
-                                          profile.address))
+                                          profile.address, args.score_member_only))
             scoring_rss = rss_mb(scoring.process.pid)
-    (_, first_s), (_, second_s) = result["runs"]
     online, floor = result["online"], result["floor"]
     print()
+    if args.score_member_only:
+        print_online(args.rate, online, floor)
+        print(json.dumps({"members": args.members, "score_member_p50_ms": round(online["p50_ms"], 2),
+                          "score_member_p99_ms": round(online["p99_ms"], 2), "floor_p50_ms": round(floor["p50_ms"], 2),
+                          "floor_p99_ms": round(floor["p99_ms"], 2)}))
+        return
+    (_, first_s), (_, second_s) = result["runs"]
     print(f"RunEvaluation first run : {first_s:6.1f}s  ratio to bare stream {first_s / bare.seconds:5.2f}  "
           f"(target < 120 s for 1,000,000)")
     print(f"RunEvaluation second run: {second_s:6.1f}s  ratio to bare stream {second_s / bare.seconds:5.2f}")
     print(f"scoring peak RSS        : {scoring_rss:6.0f} MB (target < 1,500 MB)")
-    print(f"ScoreMember at {args.rate:.0f}/s    : p50 {online['p50_ms']:.1f} ms, p99 {online['p99_ms']:.1f} ms, "
-          f"errors {online['errors']:.0f} (target p99 < 10 ms)")
-    print(f"BatchGetMemberFeatures  : p50 {floor['p50_ms']:.1f} ms, p99 {floor['p99_ms']:.1f} ms "
-          f"(the floor); ratio p99 {online['p99_ms'] / max(floor['p99_ms'], 1e-9):.2f}")
+    print_online(args.rate, online, floor)
     print(json.dumps({"members": args.members, "first_s": round(first_s, 2), "second_s": round(second_s, 2),
                       "bare_stream_s": round(bare.seconds, 2), "scoring_rss_mb": round(scoring_rss),
                       "score_member_p99_ms": round(online["p99_ms"], 2), "floor_p99_ms": round(floor["p99_ms"], 2)}))
