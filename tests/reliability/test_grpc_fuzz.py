@@ -3,6 +3,15 @@ descriptors: unicode, empty, huge and negative values, undefined enum numbers, m
 fields, long repeated fields, far-away timestamps. Whatever arrives, the answer is a status the
 contract allows — never INTERNAL, UNKNOWN or a dropped connection — and the service stays up.
 
+A refused call writes nothing: around every generated call the row count of every table of every
+service schema is read (one statement over pg_catalog's table list), and a call answered with a
+refusal (INVALID_ARGUMENT, NOT_FOUND, FAILED_PRECONDITION, ALREADY_EXISTS, PERMISSION_DENIED...)
+must leave every count as it found it. A call that succeeds may write, and may start background
+work (outbox relays, holds, evaluation runs) that writes later; after a success that wrote, the
+database is let settle (counts still for longer than any job's interval) before the next call, so a
+later refusal is not blamed for it. (A success that wrote nothing is not waited for: the run is
+derandomized, and settling after each of the ~100 read-only successes would cost minutes.)
+
 On a suite of its own (a database of its own), with the operator's token, so generated requests
 that happen to be valid may run against real data without touching the session's shared services.
 Each RPC gets a bounded number of examples (LOYALTY_FUZZ_EXAMPLES, default 8) so the run stays
@@ -12,10 +21,12 @@ from __future__ import annotations
 
 import asyncio
 import os
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import asyncpg
 import grpc
 import pytest
 from google.protobuf import descriptor
@@ -33,6 +44,16 @@ _FD = descriptor.FieldDescriptor
 EXAMPLES = int(os.environ.get("LOYALTY_FUZZ_EXAMPLES", "8"))
 FORBIDDEN = {grpc.StatusCode.INTERNAL, grpc.StatusCode.UNKNOWN, grpc.StatusCode.UNAVAILABLE,
              grpc.StatusCode.DATA_LOSS, grpc.StatusCode.UNIMPLEMENTED}
+# A call answered with one of these refused the request: it must not have written anything.
+REFUSED = {grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.NOT_FOUND, grpc.StatusCode.FAILED_PRECONDITION,
+           grpc.StatusCode.ALREADY_EXISTS, grpc.StatusCode.PERMISSION_DENIED, grpc.StatusCode.OUT_OF_RANGE,
+           grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.StatusCode.ABORTED, grpc.StatusCode.UNAUTHENTICATED}
+# Tables a refused call may legitimately write: none. (Idempotency keys and audit records are
+# written in the mutation's own transaction and roll back with it.) Name one here, with the reason,
+# only when a refusal is meant to leave a trace.
+WRITTEN_BY_REFUSALS: dict[str, str] = {}
+SETTLE_QUIET_S = 1.5  # longer than any background job's idle interval on this stack (rewards jobs: 1 s)
+SETTLE_MAX_S = 20.0
 MAX_DEPTH = 3
 OVERSIZED_ITEMS = 1200
 
@@ -145,6 +166,60 @@ def stack(pg_dsn: str, service_env: dict[str, str], state_dir: Path) -> Iterator
         yield running
 
 
+class RowCounts:
+    """Row counts of every table (partitioned tables once, as their parent) of the services'
+    schemas, read in one statement so the snapshot is one consistent view."""
+
+    def __init__(self, connection: asyncpg.Connection, statement: str) -> None:
+        self.connection, self.statement = connection, statement
+
+    @classmethod
+    async def open(cls, dsn: str) -> RowCounts:
+        connection = await asyncpg.connect(dsn)
+        tables = await connection.fetch(
+            "SELECT n.nspname, c.relname FROM pg_catalog.pg_class c"
+            " JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace"
+            " WHERE n.nspname = ANY($1::text[]) AND c.relkind IN ('r', 'p') AND NOT c.relispartition"
+            " ORDER BY 1, 2", list(SERVICE_NAMES))
+        assert {t["nspname"] for t in tables} == set(SERVICE_NAMES), "a service schema has no tables"
+        statement = " UNION ALL ".join(
+            f"SELECT '{t['nspname']}.{t['relname']}', count(*) FROM \"{t['nspname']}\".\"{t['relname']}\""
+            for t in tables)
+        return cls(connection, statement)
+
+    async def read(self) -> dict[str, int]:
+        return {row[0]: row[1] for row in await self.connection.fetch(self.statement)}
+
+    async def settled(self) -> dict[str, int]:
+        """The counts once they have stayed still for SETTLE_QUIET_S (background work done)."""
+        counts, still_since, deadline = await self.read(), time.monotonic(), time.monotonic() + SETTLE_MAX_S
+        while time.monotonic() - still_since < SETTLE_QUIET_S:
+            assert time.monotonic() < deadline, "the database never settled after a successful call"
+            await asyncio.sleep(0.25)
+            now = await self.read()
+            if now != counts:
+                counts, still_since = now, time.monotonic()
+        return counts
+
+
+def changed(before: dict[str, int], after: dict[str, int]) -> dict[str, tuple[int, int]]:
+    return {table: (before.get(table, 0), after.get(table, 0)) for table in before.keys() | after.keys()
+            if before.get(table, 0) != after.get(table, 0) and table not in WRITTEN_BY_REFUSALS}
+
+
+@pytest.fixture(scope="module")
+def row_counts(stack: Stack, session_loop: asyncio.AbstractEventLoop) -> Iterator[RowCounts]:
+    counts = session_loop.run_until_complete(RowCounts.open(stack.env["DATABASE_URL"]))
+    session_loop.run_until_complete(counts.settled())  # the stack's start-up work is done
+    yield counts
+    session_loop.run_until_complete(counts.connection.close())
+
+
+# What the row-count check saw over the whole run, so the last test can tell it was not vacuous.
+CHECKED: dict[grpc.StatusCode, int] = {}
+FUZZED: set[str] = set()
+
+
 def _contracts() -> list[tuple[str, Any]]:
     return [(service, contract) for service in SERVICE_NAMES for contract in service_contracts(service).values()
             if not contract.client_streaming and not contract.public]
@@ -166,11 +241,12 @@ async def _answer(address: str, contract: Any, request: Message, token: str) -> 
 
 @pytest.mark.parametrize(("service", "contract"), _contracts(),
                          ids=[c.full_method.rsplit("/", 1)[1] for _, c in _contracts()])
-def test_generated_requests_never_break_an_rpc(stack: Stack, dev_tokens: dict[str, str],
-                                               session_loop: asyncio.AbstractEventLoop, service: str,
-                                               contract: Any) -> None:
+def test_generated_requests_never_break_an_rpc_and_refusals_write_nothing(
+        stack: Stack, dev_tokens: dict[str, str], session_loop: asyncio.AbstractEventLoop,
+        row_counts: RowCounts, service: str, contract: Any) -> None:
     address = f"127.0.0.1:{stack.ports[service]}"
     seen: set[grpc.StatusCode] = set()
+    baseline = [session_loop.run_until_complete(row_counts.read())]
 
     @settings(max_examples=EXAMPLES, deadline=None, database=None, derandomize=True,
               suppress_health_check=list(HealthCheck))
@@ -183,6 +259,27 @@ def test_generated_requests_never_break_an_rpc(stack: Stack, dev_tokens: dict[st
         code = session_loop.run_until_complete(_answer(address, contract, request, dev_tokens["admin"]))
         seen.add(code)
         assert code not in FORBIDDEN, f"{contract.full_method} answered {code} to {request}"[:4000]
+        after = session_loop.run_until_complete(row_counts.read())
+        if code not in REFUSED:  # a success (or an outcome the caller cannot know, e.g. a deadline)
+            if after != baseline[0]:
+                baseline[0] = session_loop.run_until_complete(row_counts.settled())
+            return
+        written = changed(baseline[0], after)
+        baseline[0] = after  # hypothesis's shrinking replays then blame each example for its own writes
+        assert not written, f"{contract.full_method} refused with {code} but wrote {written}: {request}"[:4000]
+        CHECKED[code] = CHECKED.get(code, 0) + 1
 
     one()
+    FUZZED.add(contract.full_method)
     assert stack.running[service].process.poll() is None, f"{service} died"
+
+
+def test_the_row_count_check_saw_refusals_past_validation() -> None:
+    """The fuzz above checked refusals that reached the handlers (not found, preconditions), not
+    only requests the edge validation turned away before any transaction began."""
+    if {contract.full_method for _, contract in _contracts()} != FUZZED:
+        pytest.skip("the fuzz did not run (or failed) on every RPC in this session")
+    print(f"refusals checked to write nothing: { {code.name: n for code, n in CHECKED.items()} }")
+    assert CHECKED.get(grpc.StatusCode.INVALID_ARGUMENT, 0) > 100, CHECKED
+    assert CHECKED.get(grpc.StatusCode.NOT_FOUND, 0) + CHECKED.get(grpc.StatusCode.FAILED_PRECONDITION, 0) > 10, \
+        CHECKED
