@@ -558,8 +558,12 @@ async def test_a_due_schedule_starts_one_applied_run(stack: Stack, stubs: Stubs,
     created = await create(stubs, operator, every_minute)
     activated = (await activate(stubs, operator, created.policy_id, created.version)).policy
     settings = ScoringSettings(time_zone="UTC")
-    now = activated.activated_at.ToDatetime(tzinfo=UTC) + timedelta(seconds=61)
-    due = now.replace(second=0, microsecond=0)
+    # The first due time after activation, and a clock just past it. The run takes its features as
+    # of the due time, which may be up to a minute ahead of the real clock (profile accepts 60 s):
+    # a "now" of activation + 61 s would skip to the minute after when activated in a minute's
+    # last second, and profile would refuse that as_of.
+    due = activated.activated_at.ToDatetime(tzinfo=UTC).replace(second=0, microsecond=0) + timedelta(minutes=1)
+    now = due + timedelta(seconds=1)
     key = schedule_key(created.policy_id, created.version, due)
     async with schema_pool(stack.env["DATABASE_URL"], "scoring", SCORING_DIR / "migrations", max_size=2) as pool:
         assert await schedule_once(pool, settings, activated.activated_at.ToDatetime(tzinfo=UTC)) is None  # not due
