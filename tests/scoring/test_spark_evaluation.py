@@ -120,6 +120,10 @@ async def test_an_applied_spark_run_sends_its_tier_changes_to_rewards(
     listed = await stubs.scoring.GetEvaluation(S.GetEvaluationRequest(run_id=applied.run_id), metadata=metadata,
                                                timeout=10)
     assert listed.run.engine == applied.engine and listed.run.results_uri == applied.results_uri
+    audited = await stubs.scoring.ListAuditEvents(S.ListAuditEventsRequest(
+        action="evaluation.run", resource_id=applied.run_id), metadata=metadata, timeout=10)
+    (event,) = audited.audit_events
+    assert json.loads(event.after_json)["results_uri"] == applied.results_uri  # the import's source is on record
 
 
 def _ts(value: datetime) -> Any:

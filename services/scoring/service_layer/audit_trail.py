@@ -44,10 +44,14 @@ def policy_summary(policy: policy_pb2.Policy) -> dict[str, Any]:
 
 
 def run_summary(row: asyncpg.Record) -> dict[str, Any]:
-    return {"run_id": row["run_id"], "policy_id": row["policy_id"], "policy_version": row["policy_version"],
-            "as_of": row["as_of"].isoformat(), "dry_run": row["dry_run"],
-            "state": enum_name(E.EvaluationState, row["state"]), "stage": enum_name(E.EvaluationStage, row["stage"]),
-            "trigger": enum_name(E.EvaluationTrigger, row["trigger"])}
+    summary = {"run_id": row["run_id"], "policy_id": row["policy_id"], "policy_version": row["policy_version"],
+               "as_of": row["as_of"].isoformat(), "dry_run": row["dry_run"],
+               "state": enum_name(E.EvaluationState, row["state"]),
+               "stage": enum_name(E.EvaluationStage, row["stage"]),
+               "trigger": enum_name(E.EvaluationTrigger, row["trigger"])}
+    if row["results_uri"]:  # scores computed off the service (Spark): where they came from
+        summary["results_uri"] = row["results_uri"]
+    return summary
 
 
 def segmentation_summary(segmentation: learning_pb2.Segmentation) -> dict[str, Any]:
