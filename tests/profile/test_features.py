@@ -25,7 +25,17 @@ from tests.profile.conftest import Events, uid
 from tests.profile.test_record_events import record
 from tests.support.rpc import rpc_error
 
-NOW = datetime.now(UTC).replace(hour=12, minute=0, second=0, microsecond=0)
+
+def _last_noon() -> datetime:
+    """Noon UTC of today, or of yesterday before today's: a fixed hour keeps events off day edges,
+    and it must not be ahead of the clock (as_of in the future is refused) when the suite runs in
+    the morning."""
+    now = datetime.now(UTC)
+    noon = now.replace(hour=12, minute=0, second=0, microsecond=0)
+    return noon if noon <= now else noon - timedelta(days=1)
+
+
+NOW = _last_noon()
 
 
 async def _population(pool: asyncpg.Pool) -> list[Events]:

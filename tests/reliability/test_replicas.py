@@ -196,10 +196,17 @@ async def record(stubs: Stubs, events: list[event_pb2.BehaviourEvent], batch: in
 
 
 async def settled_accruals(db: asyncpg.Pool, events: list[event_pb2.BehaviourEvent]) -> list[asyncpg.Record] | None:
-    """The events' accruals once every one is settled (credited, held for review or voided)."""
+    """The events' accruals once every one is settled (credited, held for review or voided) and the
+    outbox rows that carried them are marked delivered."""
     rows = await db.fetch("SELECT source_event_id, member_id, status, points FROM rewards.accruals"
                           " WHERE source_event_id = ANY($1)", [e.event_id for e in events])
-    return rows if len(rows) == len(events) and all(r["status"] in SETTLED for r in rows) else None
+    if len(rows) != len(events) or any(r["status"] not in SETTLED for r in rows):
+        return None
+    # The relay marks its outbox rows delivered after rewards answered: wait for that too, or the
+    # check of the outbox races the relay's last UPDATE.
+    undelivered = await db.fetchval("SELECT count(*) FROM profile.outbox WHERE source_event_id = ANY($1)"
+                                    " AND delivered_at IS NULL", [e.event_id for e in events])
+    return rows if undelivered == 0 else None
 
 
 async def assert_books(db: asyncpg.Pool, members: list[str]) -> None:
