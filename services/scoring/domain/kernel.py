@@ -676,24 +676,13 @@ def percentiles(values: FloatArray) -> Float64Array:
 def _grid_position(value: float, grid: Float64Array, ties: str) -> float:
     """Fractional index of ``value`` in a non-decreasing grid, in [0, len − 1]. On a run of equal grid
     values: its first index (``ties="first"``: strictly lower share) or its middle (``"middle"``:
-    mean rank, as RANK_PERCENTILE)."""
-    size = grid.size
-    if size == 0:
-        return 0.0
-    first = int(np.searchsorted(grid, value, side="left"))
-    last = int(np.searchsorted(grid, value, side="right"))
-    if first < last:  # value is on the grid
-        return float(first) if ties == "first" else (first + last - 1) / 2.0
-    if first == 0:
-        return 0.0
-    if first == size:
-        return float(size - 1)
-    low, high = float(grid[first - 1]), float(grid[first])
-    return first - 1 + (value - low) / (high - low)
+    mean rank, as RANK_PERCENTILE). One value of :func:`_grid_positions`."""
+    return float(_grid_positions(np.array([value], dtype=np.float64), grid, ties)[0])
 
 
 def _grid_positions(values: FloatArray, grid: Float64Array, ties: str) -> Float64Array:
-    """:func:`_grid_position` of every value at once (the same arithmetic, as array operations)."""
+    """Fractional index of each value in a non-decreasing grid (:func:`_grid_position`): between
+    grid points by linear interpolation, 0 below the grid and len − 1 above it."""
     v = np.asarray(values, dtype=np.float64)
     size = grid.size
     if size == 0:

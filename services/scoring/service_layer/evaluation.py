@@ -177,6 +177,16 @@ def results_directory(uri: str, imports: Path) -> Path:
     return resolved
 
 
+def checked_manifest(directory: Path, spec: kernel.PolicySpec, policy: policy_pb2.Policy) -> results.Manifest:
+    """The result set's manifest, if it is of this policy version and carries what the policy needs
+    beside the scores; ResultsError otherwise. Checked when a run is accepted and again when it runs."""
+    manifest = results.read_manifest(directory)
+    manifest.check_against(spec, policy.policy_id, policy.version)
+    if needs_tenure(policy) and TENURE not in manifest.extra:
+        raise results.ResultsError(f"the policy's anniversary window needs {TENURE} in the results")
+    return manifest
+
+
 def _results_refused(field: str, error: results.ResultsError) -> LoyaltyError:
     return errors.invalid_argument([FieldViolation(field, str(error))], reason="RESULTS_INVALID")
 
@@ -191,10 +201,7 @@ async def start(conn: DbConnection, request: S.RunEvaluationRequest, actor: str,
     if request.results_uri:
         try:
             directory = results_directory(request.results_uri, imports or get_scoring_settings().imports)
-            manifest = results.read_manifest(directory)
-            manifest.check_against(rules.spec_of(policy), policy.policy_id, policy.version)
-            if needs_tenure(policy) and TENURE not in manifest.extra:
-                raise results.ResultsError(f"the policy's anniversary window needs {TENURE} in the results")
+            manifest = checked_manifest(directory, rules.spec_of(policy), policy)
         except results.ResultsError as error:
             raise _results_refused("results_uri", error) from None
         if request.HasField("as_of") and as_of != manifest.as_of:
@@ -299,12 +306,9 @@ def load_results(directory: Path, spec: kernel.PolicySpec, policy: policy_pb2.Po
     """A run's result set, read and checked again (files may have changed since the run was
     accepted); FAILED_PRECONDITION (RESULTS_INVALID) fails the run with the reason."""
     try:
-        manifest = results.read_manifest(directory)
-        manifest.check_against(spec, policy.policy_id, policy.version)
+        manifest = checked_manifest(directory, spec, policy)
         if manifest.as_of != as_of:
             raise results.ResultsError(f"the result set is now as of {manifest.as_of.isoformat()}")
-        if needs_tenure(policy) and TENURE not in manifest.extra:
-            raise results.ResultsError(f"the policy's anniversary window needs {TENURE} in the results")
         scores = results.read_scores(directory, manifest, spec)
     except results.ResultsError as error:
         raise errors.failed_precondition(str(error), reason="RESULTS_INVALID") from None

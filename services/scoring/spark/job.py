@@ -27,7 +27,7 @@ import sys
 from collections.abc import Sequence
 from datetime import datetime
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -65,12 +65,6 @@ def session(master: str = "local[2]", app: str = "loyalty-evaluate", memory: str
     return spark
 
 
-def _finite(value: Any, what: str) -> float:
-    if value is None or not math.isfinite(float(value)):
-        raise ValueError(f"{what}: values must be finite (NaN, infinity or beyond float32 range)")
-    return float(value)
-
-
 def fit_statistics(df: DataFrame, spec: kernel.PolicySpec, relative_error: float) -> tuple[int, kernel.Statistics]:
     """The population's count and per-feature statistics, as kernel.fit_statistics defines them, on
     the features rounded to float32 as the kernel reads them."""
@@ -93,9 +87,9 @@ def fit_statistics(df: DataFrame, spec: kernel.PolicySpec, relative_error: float
             if f.transform is kernel.Transform.WINSORIZE}
     probabilities = wanted + sorted(set(caps.values())) + _GRID
     for j, name in enumerate(names):
-        if row[f"nan{j}"]:
+        bounds = (row[f"min{j}"], row[f"max{j}"])
+        if row[f"nan{j}"] or any(b is None or not math.isfinite(float(b)) for b in bounds):
             raise ValueError(f"{name}: values must be finite (NaN, infinity or beyond float32 range)")
-        _finite(row[f"min{j}"], name), _finite(row[f"max{j}"], name)
     quantiles = projected.approxQuantile([f"f{j}" for j in range(len(names))], probabilities, relative_error)
     at_cap = {p: 3 + i for i, p in enumerate(sorted(set(caps.values())))}
     capped_counts: dict[int, int] = {}
