@@ -70,18 +70,9 @@ async def run_once(
         member_id, method, request_id, digest,
     )
     if not inserted:
-        row = await connection.fetchrow(
-            "SELECT payload_sha256, response FROM idempotency_keys"
-            " WHERE member_id = $1 AND method = $2 AND request_id = $3",
-            member_id, method, request_id,
-        )
-        assert row is not None
-        if bytes(row["payload_sha256"]) != digest:
-            raise errors.already_exists(
-                f"request_id {request_id!r} was already used with a different payload",
-                reason="REQUEST_ID_REUSED", request_id=request_id,
-            )
-        return response_type.FromString(bytes(row["response"]))
+        stored = await stored_response(connection, method, request_id, request)
+        assert stored is not None  # the insert found the key: it is there
+        return response_type.FromString(stored)
     response = await mutate()
     await connection.execute(
         "UPDATE idempotency_keys SET response = $4 WHERE member_id = $1 AND method = $2 AND request_id = $3",
