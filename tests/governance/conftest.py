@@ -12,6 +12,7 @@ import asyncpg
 import pytest
 
 from tests.conftest import bearer
+from tests.rewards.conftest import rewards, rewards_pool  # noqa: F401 - rewards' own fixtures, shared here
 from tests.scoring.conftest import Stack, StackStubs, own_stack, stack_stubs
 
 Caller = Callable[[str], Any]

@@ -7,7 +7,7 @@ outcome texts in zh-CN and en that operators re-word without a restart."""
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
 from typing import Any
 
@@ -17,7 +17,6 @@ import pytest
 
 from loyalty.rewards.v1 import benefits_pb2, earning_pb2, governance_pb2, ledger_pb2, rewards_pb2, support_pb2
 from loyalty.rewards.v1.rewards_pb2_grpc import RewardsServiceStub
-from services.rewards.bootstrap import SERVICE_DIR
 from services.rewards.service_layer import notices
 from tests.conftest import bearer
 from tests.rewards.conftest import purchase, uid
@@ -26,26 +25,12 @@ from tests.rewards.test_benefits import create as create_benefit
 from tests.rewards.test_benefits import points_grant
 from tests.rewards.test_coupons import template
 from tests.rewards.test_tiers import apply, change
-from tests.support.database import schema_pool
-from tests.support.processes import RunningProcess
 from tests.support.rpc import rpc_error
 
 OUTCOME = earning_pb2.AccrualOutcome
 D = governance_pb2.DisputeOutcome
 STATE = governance_pb2.DisputeState
 POLLS_MAX = 150  # x 0.1 s
-
-
-@pytest.fixture(scope="session")
-async def governance_pool(pg_dsn: str) -> AsyncIterator[asyncpg.Pool]:
-    async with schema_pool(pg_dsn, "rewards", SERVICE_DIR / "migrations", max_size=2) as pool:
-        yield pool
-
-
-@pytest.fixture
-async def rewards(services: dict[str, RunningProcess]) -> AsyncIterator[RewardsServiceStub]:
-    async with grpc.aio.insecure_channel(services["rewards"].address) as channel:
-        yield RewardsServiceStub(channel)
 
 
 @pytest.fixture
@@ -94,49 +79,49 @@ async def held_for_review(rewards: RewardsServiceStub, md: Any, member: str) -> 
 
 
 async def test_ledger_actions_leave_one_record_each_and_retries_none(
-        rewards: RewardsServiceStub, admin: Any, relay_caller: Any, governance_pool: asyncpg.Pool) -> None:
+        rewards: RewardsServiceStub, admin: Any, relay_caller: Any, rewards_pool: asyncpg.Pool) -> None:
     member, other, duplicate = uid("m"), uid("m"), uid("m")
     adjust = rewards_pb2.AdjustPointsRequest(request_id=uid("adj"), member_id=member, points=500,
                                              reason="missed credit", operator_id="op-ann")
-    await once(governance_pool, lambda: rewards.AdjustPoints(adjust, metadata=admin), adjust.request_id,
+    await once(rewards_pool, lambda: rewards.AdjustPoints(adjust, metadata=admin), adjust.request_id,
                "points.adjust")
-    [record] = await records(governance_pool, request_id=adjust.request_id)
+    [record] = await records(rewards_pool, request_id=adjust.request_id)
     assert (record["actor"], record["on_behalf_of"], record["member_id"]) == ("admin", "op-ann", member)
     assert '"posted":0' in record["before_json"] and '"posted":500' in record["after_json"]
     assert "missed credit" not in record["after_json"]  # the operator's words stay on the entry
 
     too_much = rewards_pb2.AdjustPointsRequest(request_id=uid("adj"), member_id=member, points=-10_000,
                                                reason="clawback")
-    await refused_without_record(governance_pool, rewards.AdjustPoints(too_much, metadata=admin),
+    await refused_without_record(rewards_pool, rewards.AdjustPoints(too_much, metadata=admin),
                                  too_much.request_id, grpc.StatusCode.FAILED_PRECONDITION, "INSUFFICIENT_POINTS")
 
     transfer = rewards_pb2.TransferPointsRequest(request_id=uid("t"), from_member_id=member, to_member_id=other,
                                                  points=200, reason="family pooling", operator_id="op-ann")
-    await once(governance_pool, lambda: rewards.TransferPoints(transfer, metadata=admin), transfer.request_id,
+    await once(rewards_pool, lambda: rewards.TransferPoints(transfer, metadata=admin), transfer.request_id,
                "points.transfer")
     same = rewards_pb2.TransferPointsRequest(request_id=uid("t"), from_member_id=member, to_member_id=member,
                                              points=1, reason="x")
-    await refused_without_record(governance_pool, rewards.TransferPoints(same, metadata=admin), same.request_id,
+    await refused_without_record(rewards_pool, rewards.TransferPoints(same, metadata=admin), same.request_id,
                                  grpc.StatusCode.INVALID_ARGUMENT, "SAME_MEMBER")
 
     await rewards.AdjustPoints(rewards_pb2.AdjustPointsRequest(request_id=uid("adj"), member_id=duplicate,
                                                                points=40, reason="seed"), metadata=admin)
     merge = rewards_pb2.MergeMemberLedgersRequest(request_id=uid("mg"), survivor_member_id=other,
                                                   duplicate_member_id=duplicate, reason="same person")
-    await once(governance_pool, lambda: rewards.MergeMemberLedgers(merge, metadata=admin), merge.request_id,
+    await once(rewards_pool, lambda: rewards.MergeMemberLedgers(merge, metadata=admin), merge.request_id,
                "member_ledgers.merge")
     again = rewards_pb2.MergeMemberLedgersRequest(request_id=uid("mg"), survivor_member_id=other,
                                                   duplicate_member_id=duplicate, reason="same person")
     await rewards.MergeMemberLedgers(again, metadata=admin)  # merged already: nothing moves, nothing recorded
-    assert await records(governance_pool, request_id=again.request_id) == []
+    assert await records(rewards_pool, request_id=again.request_id) == []
 
     reviewed = uid("m")
     held = await held_for_review(rewards, relay_caller, reviewed)
     resolve = rewards_pb2.ResolveHoldRequest(request_id=uid("rh"), case_id=held.case_id,
                                              action=ledger_pb2.HOLD_ACTION_RELEASE, operator_id="op-bob")
-    await once(governance_pool, lambda: rewards.ResolveHold(resolve, metadata=admin), resolve.request_id,
+    await once(rewards_pool, lambda: rewards.ResolveHold(resolve, metadata=admin), resolve.request_id,
                "hold.resolve")
-    [record] = await records(governance_pool, request_id=resolve.request_id)
+    [record] = await records(rewards_pool, request_id=resolve.request_id)
     assert record["member_id"] == reviewed and "HOLD_ACTION_RELEASE" in record["after_json"]
 
     order = purchase(member, 20_000)
@@ -144,77 +129,77 @@ async def test_ledger_actions_leave_one_record_each_and_retries_none(
     reverse = rewards_pb2.ReverseOrderRequest(source_event_id=uid("refund"), member_id=member,
                                               order_id=order.order_id, reason="returned")
     reverse.refunded_amount.amount_minor, reverse.refunded_amount.currency = 5_000, "CNY"
-    await once(governance_pool, lambda: rewards.ReverseOrder(reverse, metadata=admin), reverse.source_event_id,
+    await once(rewards_pool, lambda: rewards.ReverseOrder(reverse, metadata=admin), reverse.source_event_id,
                "order.reverse")
     unknown = rewards_pb2.ReverseOrderRequest(source_event_id=uid("refund"), member_id=member,
                                               order_id=uid("o"))
     unknown.refunded_amount.amount_minor, unknown.refunded_amount.currency = 5_000, "CNY"
-    await refused_without_record(governance_pool, rewards.ReverseOrder(unknown, metadata=admin),
+    await refused_without_record(rewards_pool, rewards.ReverseOrder(unknown, metadata=admin),
                                  unknown.source_event_id, grpc.StatusCode.NOT_FOUND, "ORDER_NOT_CREDITED")
 
     expiry = rewards_pb2.RunExpiryRequest(request_id=uid("exp"))
     expiry.as_of.FromDatetime(datetime.now(UTC))  # without as_of each call means "now": another payload
-    run = await once(governance_pool, lambda: rewards.RunExpiry(expiry, metadata=admin), expiry.request_id,
+    run = await once(rewards_pool, lambda: rewards.RunExpiry(expiry, metadata=admin), expiry.request_id,
                      "expiry.run")
     assert run.run.request_id == expiry.request_id
 
 
 async def test_policy_actions_leave_one_record_each(rewards: RewardsServiceStub, admin: Any, dev_tokens: dict[str, str],
-                                                   governance_pool: asyncpg.Pool) -> None:
+                                                   rewards_pool: asyncpg.Pool) -> None:
     active = (await rewards.GetEarningRules(rewards_pb2.GetEarningRulesRequest(), metadata=admin)).rule_set
     copy = earning_pb2.EarningRuleSet()
     copy.CopyFrom(active)
     created_request = rewards_pb2.CreateEarningRulesRequest(request_id=uid("rq"), rule_set=copy)
-    created = await once(governance_pool, lambda: rewards.CreateEarningRules(created_request, metadata=admin),
+    created = await once(rewards_pool, lambda: rewards.CreateEarningRules(created_request, metadata=admin),
                          created_request.request_id, "earning_rules.create")
     # Activate the identical copy, then roll back to the version the rest of the session uses.
     activate = rewards_pb2.ActivateEarningRulesRequest(request_id=uid("rq"), version=created.rule_set.version)
     rollback = rewards_pb2.ActivateEarningRulesRequest(request_id=uid("rq"), version=active.version)
     try:
-        await once(governance_pool, lambda: rewards.ActivateEarningRules(activate, metadata=admin),
+        await once(rewards_pool, lambda: rewards.ActivateEarningRules(activate, metadata=admin),
                    activate.request_id, "earning_rules.activate")
     finally:
         await rewards.ActivateEarningRules(rollback, metadata=admin)
-    [record] = await records(governance_pool, request_id=rollback.request_id)
+    [record] = await records(rewards_pool, request_id=rollback.request_id)
     assert f'"active_version":{created.rule_set.version}' in record["before_json"]
     noop = rewards_pb2.ActivateEarningRulesRequest(request_id=uid("rq"), version=active.version)
     await rewards.ActivateEarningRules(noop, metadata=admin)  # already active: nothing changes
-    assert await records(governance_pool, request_id=noop.request_id) == []
+    assert await records(rewards_pool, request_id=noop.request_id) == []
     missing = rewards_pb2.ActivateEarningRulesRequest(request_id=uid("rq"), version=999_999)
-    await refused_without_record(governance_pool, rewards.ActivateEarningRules(missing, metadata=admin),
+    await refused_without_record(rewards_pool, rewards.ActivateEarningRules(missing, metadata=admin),
                                  missing.request_id, grpc.StatusCode.NOT_FOUND, "EARNING_RULES_NOT_FOUND")
 
     create = rewards_pb2.CreateBenefitRequest(request_id=uid("rq"), benefit=points_grant(uid("gold")))
-    benefit = (await once(governance_pool, lambda: rewards.CreateBenefit(create, metadata=admin), create.request_id,
+    benefit = (await once(rewards_pool, lambda: rewards.CreateBenefit(create, metadata=admin), create.request_id,
                           "benefit.create")).benefit
     retired = benefits_pb2.Benefit()
     retired.CopyFrom(benefit)
     retired.state = benefits_pb2.BENEFIT_STATE_RETIRED
     retire = rewards_pb2.UpdateBenefitRequest(request_id=uid("rq"), benefit_id=benefit.benefit_id, benefit=retired)
     retire.update_mask.paths.append("state")
-    await once(governance_pool, lambda: rewards.UpdateBenefit(retire, metadata=admin), retire.request_id,
+    await once(rewards_pool, lambda: rewards.UpdateBenefit(retire, metadata=admin), retire.request_id,
                "benefit.retire")
-    [record] = await records(governance_pool, request_id=retire.request_id)
+    [record] = await records(rewards_pool, request_id=retire.request_id)
     assert "BENEFIT_STATE_ACTIVE" in record["before_json"] and "BENEFIT_STATE_RETIRED" in record["after_json"]
     renamed = await create_benefit(rewards, admin, points_grant(uid("gold")))
     renamed.value_rule.base = 300
     update = rewards_pb2.UpdateBenefitRequest(request_id=uid("rq"), benefit_id=renamed.benefit_id, benefit=renamed)
     update.update_mask.paths.append("value_rule")
-    await once(governance_pool, lambda: rewards.UpdateBenefit(update, metadata=admin), update.request_id,
+    await once(rewards_pool, lambda: rewards.UpdateBenefit(update, metadata=admin), update.request_id,
                "benefit.update")
 
     writer = bearer(dev_tokens["storefront"])
     offer = uid("offer")
     issue = rewards_pb2.IssueCouponsRequest(request_id=uid("rq"), member_ids=[uid("m"), uid("m")], offer_id=offer,
                                             template=template())
-    await once(governance_pool, lambda: rewards.IssueCoupons(issue, metadata=writer), issue.request_id,
+    await once(rewards_pool, lambda: rewards.IssueCoupons(issue, metadata=writer), issue.request_id,
                "coupons.issue")
-    [record] = await records(governance_pool, request_id=issue.request_id)
+    [record] = await records(rewards_pool, request_id=issue.request_id)
     assert record["resource_id"] == offer and '"issued":2' in record["after_json"]
 
 
 async def test_a_modified_record_breaks_the_chain(rewards: RewardsServiceStub, admin: Any,
-                                                  governance_pool: asyncpg.Pool) -> None:
+                                                  rewards_pool: asyncpg.Pool) -> None:
     adjust = rewards_pb2.AdjustPointsRequest(request_id=uid("adj"), member_id=uid("m"), points=7, reason="x")
     await rewards.AdjustPoints(adjust, metadata=admin)
     listed = await rewards.ListAuditEvents(rewards_pb2.ListAuditEventsRequest(member_id=adjust.member_id),
@@ -224,7 +209,7 @@ async def test_a_modified_record_breaks_the_chain(rewards: RewardsServiceStub, a
     assert (await rewards.VerifyAuditChain(rewards_pb2.VerifyAuditChainRequest(), metadata=admin)).valid
 
     async def set_after(text: str) -> None:
-        async with governance_pool.acquire() as conn, conn.transaction():
+        async with rewards_pool.acquire() as conn, conn.transaction():
             await conn.execute("ALTER TABLE audit_events DISABLE TRIGGER USER")
             await conn.execute("UPDATE audit_events SET after_json = $2 WHERE sequence = $1", event.sequence, text)
             await conn.execute("ALTER TABLE audit_events ENABLE TRIGGER USER")
@@ -317,7 +302,7 @@ async def test_subjects_must_be_the_members(rewards: RewardsServiceStub, storefr
 
 async def test_a_blocked_credit_dispute_carries_risks_reasons_and_an_upheld_one_credits_points(
         rewards: RewardsServiceStub, storefront: Any, relay_caller: Any, admin: Any,
-        governance_pool: asyncpg.Pool) -> None:
+        rewards_pool: asyncpg.Pool) -> None:
     member = uid("m")
     held = await held_for_review(rewards, relay_caller, member)
     await rewards.ResolveHold(rewards_pb2.ResolveHoldRequest(
@@ -346,7 +331,7 @@ async def test_a_blocked_credit_dispute_carries_risks_reasons_and_an_upheld_one_
     assert [(e.entry_id, e.points, e.source, e.dispute_id, e.reason_code, e.operator_id) for e in entries] == [
         (r.adjustment_entry_id, held.points, ledger_pb2.LEDGER_SOURCE_DISPUTE, dispute.dispute_id,
          "DISPUTE_UPHELD", "op-carol")]
-    [record] = await records(governance_pool, request_id=request.request_id)
+    [record] = await records(rewards_pool, request_id=request.request_id)
     assert (record["action"], record["audit_event_id"], record["on_behalf_of"]) == (
         "dispute.resolve", r.audit_event_id, "op-carol")
     report = (await rewards.Reconcile(rewards_pb2.ReconcileRequest(member_ids=[member]), metadata=admin)).report
@@ -361,7 +346,7 @@ async def test_a_blocked_credit_dispute_carries_risks_reasons_and_an_upheld_one_
 
 async def test_a_negative_adjustment_beyond_the_balance_writes_nothing(
         rewards: RewardsServiceStub, storefront: Any, relay_caller: Any, admin: Any,
-        governance_pool: asyncpg.Pool) -> None:
+        rewards_pool: asyncpg.Pool) -> None:
     member = uid("m")
     [credited] = await accrue(rewards, relay_caller, purchase(member, 10_000))
     dispute = await submit(rewards, storefront, member, ledger_entry_id=credited.ledger_entry_id)
@@ -371,13 +356,13 @@ async def test_a_negative_adjustment_beyond_the_balance_writes_nothing(
                                points=-(credited.points + 1), reevaluate=True)
     code, reason, _ = await rpc_error(rewards.ResolveDispute(too_much, metadata=admin))
     assert (code, reason) == (grpc.StatusCode.FAILED_PRECONDITION, "INSUFFICIENT_POINTS")
-    assert await records(governance_pool, request_id=too_much.request_id) == []
+    assert await records(rewards_pool, request_id=too_much.request_id) == []
     assert (await rewards.ListLedgerEntries(rewards_pb2.ListLedgerEntriesRequest(member_id=member),
                                             metadata=admin)).entries == entries_before
     still = (await rewards.GetDispute(rewards_pb2.GetDisputeRequest(dispute_id=dispute.dispute_id),
                                       metadata=admin)).dispute
     assert still.state == STATE.DISPUTE_STATE_OPEN and not still.HasField("resolution")
-    assert await governance_pool.fetchval("SELECT count(*) FROM outbox WHERE member_id = $1 AND kind = $2",
+    assert await rewards_pool.fetchval("SELECT count(*) FROM outbox WHERE member_id = $1 AND kind = $2",
                                           member, notices.DISPUTE_REEVALUATION) == 0
 
     deduct = resolve_request(dispute.dispute_id, "dispute.rejected.points_deducted", D.DISPUTE_OUTCOME_REJECTED,
@@ -394,7 +379,7 @@ async def test_a_negative_adjustment_beyond_the_balance_writes_nothing(
 
 
 async def test_a_tier_dispute_explains_the_history_and_asks_scoring_to_reevaluate(
-        rewards: RewardsServiceStub, storefront: Any, admin: Any, governance_pool: asyncpg.Pool) -> None:
+        rewards: RewardsServiceStub, storefront: Any, admin: Any, rewards_pool: asyncpg.Pool) -> None:
     member, silver, gold = uid("m"), uid("silver"), uid("gold")
     run_1, run_2 = uid("run"), uid("run")
     await apply(rewards, admin, run_1, datetime(2030, 1, 1, tzinfo=UTC), change(member, gold, reason="score 900"))
@@ -417,7 +402,7 @@ async def test_a_tier_dispute_explains_the_history_and_asks_scoring_to_reevaluat
     assert (await balance(rewards, admin, member)).qualifying_points == 300
 
     async def delivered() -> Any:
-        return await governance_pool.fetchrow(
+        return await rewards_pool.fetchrow(
             "SELECT payload::text AS payload, delivered_at, last_error FROM outbox WHERE member_id = $1 AND kind = $2"
             " AND delivered_at IS NOT NULL", member, notices.DISPUTE_REEVALUATION)
 
@@ -451,7 +436,7 @@ async def test_a_tier_dispute_explains_the_history_and_asks_scoring_to_reevaluat
 
 async def test_outcome_texts_follow_the_language_and_the_operators_wording(
         rewards: RewardsServiceStub, storefront: Any, relay_caller: Any, admin: Any,
-        governance_pool: asyncpg.Pool) -> None:
+        rewards_pool: asyncpg.Pool) -> None:
     member = uid("m")
     [credited] = await accrue(rewards, relay_caller, purchase(member, 10_000))
     dispute = await submit(rewards, storefront, member, "en-GB", ledger_entry_id=credited.ledger_entry_id)
@@ -466,7 +451,7 @@ async def test_outcome_texts_follow_the_language_and_the_operators_wording(
     code, reason, fields = await rpc_error(rewards.ResolveDispute(stray, metadata=admin))
     assert (code, fields) == (grpc.StatusCode.INVALID_ARGUMENT, ["member_message_params[0].name"])
     for refused in (bad_key, missing, stray):
-        assert await records(governance_pool, request_id=refused.request_id) == []
+        assert await records(rewards_pool, request_id=refused.request_id) == []
 
     request = resolve_request(dispute.dispute_id, "dispute.partially_upheld.points_credited",
                               D.DISPUTE_OUTCOME_PARTIALLY_UPHELD, points=25)
@@ -489,7 +474,7 @@ async def test_outcome_texts_follow_the_language_and_the_operators_wording(
         update = rewards_pb2.UpdateMessageTextRequest(request_id=uid("ut"), key=key, language_tag=language,
                                                       template=wording)
         await rewards.UpdateMessageText(update, metadata=admin)
-        [record] = await records(governance_pool, request_id=update.request_id)
+        [record] = await records(rewards_pool, request_id=update.request_id)
         assert record["action"] == "message_text.update"
     try:
         assert await shown() == "Good news: 25 points are yours."

@@ -15,13 +15,18 @@ from typing import Any
 import grpc
 import pyarrow.parquet as pq
 import pytest
+from google.protobuf import json_format
+from google.protobuf.timestamp_pb2 import Timestamp
 
+from libs.errors import details_from_rpc_error
+from loyalty.profile.v1.profile_service_pb2_grpc import ProfileServiceStub
+from loyalty.rewards.v1.rewards_pb2_grpc import RewardsServiceStub
 from loyalty.scoring.v1 import evaluation_pb2 as E
 from loyalty.scoring.v1 import scoring_service_pb2 as S
+from loyalty.scoring.v1.scoring_service_pb2_grpc import ScoringServiceStub
 from tests.cli.conftest import loyalty
 from tests.scoring.conftest import Stack, Stubs, long_ago, own_stack, policy, purchase, record, uid
 from tests.scoring.test_service import activate, create, rewards_tier, run, scores
-from tests.support.rpc import rpc_error
 
 pytestmark = pytest.mark.timeout(300)
 POPULATION = 60
@@ -43,10 +48,6 @@ async def setting(stack: Stack, dev_tokens: dict[str, str], state_dir: Path) -> 
     async with grpc.aio.insecure_channel(stack.address("scoring")) as s, \
             grpc.aio.insecure_channel(stack.address("profile")) as p, \
             grpc.aio.insecure_channel(stack.address("rewards")) as r:
-        from loyalty.profile.v1.profile_service_pb2_grpc import ProfileServiceStub
-        from loyalty.rewards.v1.rewards_pb2_grpc import RewardsServiceStub
-        from loyalty.scoring.v1.scoring_service_pb2_grpc import ScoringServiceStub
-
         stubs = Stubs(ScoringServiceStub(s), ProfileServiceStub(p), RewardsServiceStub(r))
         await record(stubs, metadata, events)
         made = await create(stubs, metadata, policy(uid("spark-tiers")))
@@ -54,18 +55,6 @@ async def setting(stack: Stack, dev_tokens: dict[str, str], state_dir: Path) -> 
     as_of = (datetime.now(UTC) - timedelta(minutes=1)).replace(microsecond=0)
     return {"members": members, "policy": made, "as_of": as_of, "imports": state_dir / "spark",
             "metadata": metadata}
-
-
-@pytest.fixture
-async def stubs(stack: Stack) -> Any:
-    from loyalty.profile.v1.profile_service_pb2_grpc import ProfileServiceStub
-    from loyalty.rewards.v1.rewards_pb2_grpc import RewardsServiceStub
-    from loyalty.scoring.v1.scoring_service_pb2_grpc import ScoringServiceStub
-
-    async with grpc.aio.insecure_channel(stack.address("scoring")) as s, \
-            grpc.aio.insecure_channel(stack.address("profile")) as p, \
-            grpc.aio.insecure_channel(stack.address("rewards")) as r:
-        yield Stubs(ScoringServiceStub(s), ProfileServiceStub(p), RewardsServiceStub(r))
 
 
 async def spark_run(stack: Stack, token: str, setting: dict[str, Any], work: Path, *extra: str,
@@ -76,8 +65,6 @@ async def spark_run(stack: Stack, token: str, setting: dict[str, Any], work: Pat
                          "--profile-addr", stack.address("profile"), "--token", token, *extra)
     out = capsys.readouterr().out
     assert code == 0, out
-    from google.protobuf import json_format
-
     return json_format.Parse(out, E.EvaluationRun())
 
 
@@ -126,9 +113,7 @@ async def test_an_applied_spark_run_sends_its_tier_changes_to_rewards(
     assert json.loads(event.after_json)["results_uri"] == applied.results_uri  # the import's source is on record
 
 
-def _ts(value: datetime) -> Any:
-    from google.protobuf.timestamp_pb2 import Timestamp
-
+def _ts(value: datetime) -> Timestamp:
     stamp = Timestamp()
     stamp.FromDatetime(value)
     return stamp
@@ -164,9 +149,9 @@ async def test_result_sets_that_do_not_fit_are_refused_and_store_nothing(
         request = S.RunEvaluationRequest(request_id=uid("r"), dry_run=True, **fields)
         with pytest.raises(grpc.aio.AioRpcError) as caught:
             await stubs.scoring.RunEvaluation(request, metadata=metadata, timeout=10)
-        code, reason, fields_named = await rpc_error(stubs.scoring.RunEvaluation(request, metadata=metadata,
-                                                                                 timeout=10))
-        assert (code, reason, fields_named) == (grpc.StatusCode.INVALID_ARGUMENT, "RESULTS_INVALID", [field])
+        details = details_from_rpc_error(caught.value)
+        assert (caught.value.code(), details.reason, [v.field for v in details.violations]) == (
+            grpc.StatusCode.INVALID_ARGUMENT, "RESULTS_INVALID", [field])
         assert message in (caught.value.details() or ""), (fields, caught.value.details())
     assert await _runs(stubs, metadata) == before
 
