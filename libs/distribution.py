@@ -18,12 +18,23 @@ The kinds, and how each is handled on Citus (docs/scale.md, "global tables", lis
 
 `problems(conn, schema)` reads pg_catalog and returns one sentence per table that would not
 distribute; tests/test_distribution.py runs it on every service schema after migrating it.
+
+Shards (`LOYALTY_SHARDS`, 1 on one database): `shard_of` places a member in one of them (the same
+function in SQL, `shard_of_sql`), `shard_anchor` is a key that lives in a given shard (the key of
+rows that belong to a shard rather than to a member: campaign budget slices), and `by_shard`
+splits a batch so that each of its transactions writes one shard. On Citus these three are the
+seam: `shard_of` becomes the shard whose hash range holds the key's `worker_hash`, and the anchors
+are values found in each shard (`get_shard_id_for_distribution_column`), searched for as here.
 """
 
 from __future__ import annotations
 
+import hashlib
+import itertools
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from typing import Literal
+from functools import cache
+from typing import Literal, TypeVar
 
 import asyncpg
 
@@ -66,7 +77,7 @@ GLOBAL_TABLES: dict[str, dict[str, GlobalTable]] = {
         "benefits": GlobalTable("reference", "the benefit catalogue, read by every tier"),
         "coupon_codes": GlobalTable("lookup", "a coupon code is unique programme-wide", column="code"),
         "campaign_budgets": GlobalTable(
-            "local-global", "a campaign's budget spans members: the one cross-member write of Accrue"),
+            "local-global", "what each campaign handed out to its per-shard slices; written by top-ups, not credits"),
         "expiry_runs": GlobalTable("local-global", "one row per expiry run (a daily job)"),
     },
     "risk": {
@@ -76,6 +87,44 @@ GLOBAL_TABLES: dict[str, dict[str, GlobalTable]] = {
         "config_generation": GlobalTable("reference", "one row bumped when rules, model or lists change"),
     },
 }
+
+
+T = TypeVar("T")
+
+
+def shard_of(key: str, shards: int) -> int:
+    """The shard `key` (a member id) lives in, of `shards`: the first 32 bits of its MD5, modulo."""
+    if shards <= 1:
+        return 0
+    return int.from_bytes(hashlib.md5(key.encode(), usedforsecurity=False).digest()[:4], "big") % shards
+
+
+def shard_of_sql(column: str, shards: str) -> str:
+    """`shard_of` as a SQL expression of a text column (or parameter) and a shard count."""
+    return f"(('x' || substr(md5({column}), 1, 8))::bit(32)::bigint % greatest({shards}, 1))::int"
+
+
+@cache
+def shard_anchor(shard: int, shards: int) -> str:
+    """A member-typed key that lives in `shard`: the first of `~shard-0`, `~shard-1`, ... that
+    shard_of places there (member ids never start with '~'; see libs.validation)."""
+    if not 0 <= shard < max(shards, 1):
+        raise ValueError(f"shard {shard} of {shards}")
+    return next(key for key in (f"~shard-{k}" for k in itertools.count()) if shard_of(key, shards) == shard)
+
+
+def anchors(shards: int) -> list[str]:
+    """The anchor of every shard, in shard order."""
+    return [shard_anchor(s, shards) for s in range(max(shards, 1))]
+
+
+def by_shard(items: Iterable[T], key: Callable[[T], str], shards: int) -> list[list[T]]:
+    """`items` grouped by the shard of `key(item)`, groups in order of their first item, items in
+    their order (one group on one database)."""
+    groups: dict[int, list[T]] = {}
+    for item in items:
+        groups.setdefault(shard_of(key(item), shards), []).append(item)
+    return list(groups.values())
 
 
 def global_tables(schema: str) -> dict[str, GlobalTable]:

@@ -42,6 +42,11 @@ class Settings(BaseSettings):
     # How long start-up keeps retrying an unreachable database before giving up.
     db_wait_s_max: float = Field(default=60.0, ge=0)
 
+    # How many shards the database is split into (distributed PostgreSQL, docs/scale.md): a batch
+    # writes in one transaction per shard and a campaign budget is split into one allowance per
+    # shard, so no credit writes another shard's rows. 1 on one database.
+    shards: int = Field(default=1, ge=1, le=1024)
+
     # Serving.
     host: str = "127.0.0.1"
     port: int | None = Field(default=None, ge=0, le=65535)

@@ -1,6 +1,7 @@
 """Distributed PostgreSQL readiness: every service schema, migrated, would distribute by member_id
-(libs/distribution.py reads its catalogue); the checker catches a table that would not; and
-docs/scale.md lists exactly the global tables the registry declares."""
+(libs/distribution.py reads its catalogue); the checker catches a table that would not;
+docs/scale.md lists exactly the global tables the registry declares; and the shard helpers agree
+between Python and SQL."""
 
 from __future__ import annotations
 
@@ -10,7 +11,18 @@ from pathlib import Path
 import asyncpg
 import pytest
 
-from libs.distribution import GLOBAL_TABLES, SHARED_TABLES, GlobalTable, global_tables, problems
+from libs.distribution import (
+    GLOBAL_TABLES,
+    SHARED_TABLES,
+    GlobalTable,
+    anchors,
+    by_shard,
+    global_tables,
+    problems,
+    shard_anchor,
+    shard_of,
+    shard_of_sql,
+)
 from libs.migrations import migrate
 from libs.settings import SERVICE_NAMES
 
@@ -110,3 +122,26 @@ def test_docs_list_exactly_the_registered_global_tables() -> None:
     registered |= {f"{schema}.{table}": entry.kind
                    for schema, tables in GLOBAL_TABLES.items() for table, entry in tables.items()}
     assert _documented_global_tables() == registered
+
+
+@pytest.mark.parametrize("shards", [1, 2, 4, 32])
+async def test_shard_of_is_the_same_in_python_and_sql_and_anchors_live_in_their_shard(
+        db: asyncpg.Connection, shards: int) -> None:
+    keys = [f"m-{i}" for i in range(500)] + ["", "é-ü", "x" * 128] + anchors(shards)
+    rows = await db.fetch(f"SELECT k, {shard_of_sql('k', '$2')} AS s FROM unnest($1::text[]) AS k", keys, shards)
+    assert [r["s"] for r in rows] == [shard_of(k, shards) for k in keys]
+    assert {shard_of(k, shards) for k in keys[:500]} == set(range(shards))  # every shard is used
+    assert [shard_of(shard_anchor(s, shards), shards) for s in range(shards)] == list(range(shards))
+    assert len(set(anchors(shards))) == shards and all(a.startswith("~") for a in anchors(shards))
+
+
+def test_by_shard_keeps_order_within_and_across_groups() -> None:
+    keys = [f"m-{i}" for i in range(40)]
+    groups = by_shard(keys, lambda k: k, 4)
+    assert sorted(k for g in groups for k in g) == sorted(keys)
+    assert all(len({shard_of(k, 4) for k in g}) == 1 for g in groups)
+    assert all(g == sorted(g, key=keys.index) for g in groups)
+    assert [g[0] for g in groups] == sorted((g[0] for g in groups), key=keys.index)
+    assert by_shard(keys, lambda k: k, 1) == [keys]
+    with pytest.raises(ValueError, match="shard 4 of 4"):
+        shard_anchor(4, 4)

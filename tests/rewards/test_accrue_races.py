@@ -15,6 +15,7 @@ from loyalty.common.v1 import types_pb2
 from loyalty.rewards.v1 import earning_pb2, rewards_pb2
 from loyalty.risk.v1 import risk_pb2
 from services.rewards.adapters import rules_repo
+from services.rewards.adapters.budgets import Slices
 from services.rewards.adapters.ledger import LedgerTx
 from services.rewards.adapters.risk_gate import GateAnswer
 from services.rewards.bootstrap import SERVICE_DIR
@@ -82,7 +83,7 @@ async def test_a_merge_committed_while_risk_is_asked_credits_the_survivor(pool: 
     suffix = uuid.uuid4().hex[:8]
     duplicate, survivor = f"dup-{suffix}", f"surv-{suffix}"
     gate = RacingGate()
-    accruer = Accruer(lambda: pool, rules_repo.RulesCache(), gate, RewardsSettings())
+    accruer = Accruer(lambda: pool, rules_repo.RulesCache(), gate, RewardsSettings(), Slices(1))
     await accruer.accrue(rewards_pb2.AccrueRequest(accruals=[purchase(survivor, 10_000)]))  # 100 + 5 points
     before = await posted(pool, survivor)
 
@@ -117,7 +118,7 @@ async def test_a_concurrent_batch_of_the_same_events_makes_them_replays(pool: as
     member = f"m-{uuid.uuid4().hex[:8]}"
     request = rewards_pb2.AccrueRequest(accruals=[purchase(member, 10_000), purchase(member, 30_000)])
     gate = MeetingGate()
-    accruer = Accruer(lambda: pool, rules_repo.RulesCache(), gate, RewardsSettings())
+    accruer = Accruer(lambda: pool, rules_repo.RulesCache(), gate, RewardsSettings(), Slices(1))
     first, second = await asyncio.gather(accruer.accrue(request), accruer.accrue(request))
 
     outcomes = sorted([r.outcome for r in first.results] + [r.outcome for r in second.results])
@@ -139,7 +140,7 @@ async def test_a_cap_used_up_while_risk_is_asked_is_priced_again(pool: asyncpg.P
     each was assessed for 20 points, the one that writes second gets what is left of the cap."""
     member = f"m-{uuid.uuid4().hex[:8]}"
     gate = MeetingGate()
-    accruer = Accruer(lambda: pool, rules_repo.RulesCache(), gate, RewardsSettings())
+    accruer = Accruer(lambda: pool, rules_repo.RulesCache(), gate, RewardsSettings(), Slices(1))
     first, second = await asyncio.gather(
         accruer.accrue(rewards_pb2.AccrueRequest(accruals=[browse(member, 20)])),
         accruer.accrue(rewards_pb2.AccrueRequest(accruals=[browse(member, 20)])))

@@ -20,7 +20,8 @@ class EventsApi:
 
     async def BatchRecordEvents(self, request: pb.BatchRecordEventsRequest, context: Any
                                 ) -> pb.BatchRecordEventsResponse:
-        response = await record_events.record_events(self.runtime.pool, request, self.runtime.settings.currency)
+        response = await record_events.record_events(self.runtime.pool, request, self.runtime.settings.currency,
+                                                     shards=self.runtime.settings.shards)
         count_event_results(response)
         return response
 

@@ -21,6 +21,7 @@ import asyncpg
 from opentelemetry import propagate, trace
 
 from libs.db import DbConnection
+from libs.distribution import by_shard
 from libs.validation import validate
 from loyalty.common.v1 import types_pb2
 from loyalty.profile.v1 import event_pb2, member_pb2, profile_service_pb2
@@ -280,15 +281,19 @@ async def _write_effects(connection: DbConnection, accepted: list[Item], rows: d
 
 
 async def record_events(pool: asyncpg.Pool, request: profile_service_pb2.BatchRecordEventsRequest,
-                        currency: str, now: datetime | None = None) -> profile_service_pb2.BatchRecordEventsResponse:
+                        currency: str, now: datetime | None = None, shards: int = 1
+                        ) -> profile_service_pb2.BatchRecordEventsResponse:
+    """Record a batch: one transaction per shard of the members it names (one on one database),
+    so no transaction writes two shards; an event merged into a member of another shard, or a
+    member created for it, is the exception (libs.distribution)."""
     now = now or datetime.now(UTC)
     items = [_prepare(index, event, now, currency) for index, event in enumerate(request.events)]
     _dedupe_within_batch(items)
     members_created = 0
-    if any(i.result is None for i in items):
+    for group in by_shard((i for i in items if i.result is None), lambda i: i.sent_member_id, shards):
         async with pool.acquire() as connection, connection.transaction():
-            members_created = await _resolve_members(connection, items, request.create_unknown_members)
-            fresh, rows = await _claim(connection, items)
+            members_created += await _resolve_members(connection, group, request.create_unknown_members)
+            fresh, rows = await _claim(connection, group)
             await _apply_orders(connection, fresh)
             accepted = [i for i in fresh if i.result is None]
             if accepted:

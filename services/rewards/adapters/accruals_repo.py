@@ -11,6 +11,8 @@ from datetime import date, datetime
 import asyncpg
 
 from libs.db import DbConnection, Writes
+from libs.distribution import shard_of_sql
+from services.rewards.adapters.budgets import Slices
 
 
 @dataclass(slots=True)
@@ -58,7 +60,9 @@ class Snapshot:
     status: dict[str, tuple[str, str]]  # credited member -> (tier id, segment id)
     days: dict[tuple[str, date], tuple[int, int]]  # (credited member, day) -> (points, browse points)
     campaign_member: dict[tuple[str, str], int]  # (credited member, campaign) -> points
-    budgets: dict[str, int]  # campaign -> points awarded
+    # (slice anchor, campaign) -> (allowance left, the budget it was handed out under), for the
+    # slices serving the credited members (budgets.Slices)
+    budgets: dict[tuple[str, str], tuple[int, int]]
     entry_ids: list[int]
     lot_ids: list[int]
 
@@ -75,7 +79,9 @@ _SURVIVOR_CTES = """chain(start, member_id, depth) AS (
 
 _SNAPSHOT_SQL = """
 WITH RECURSIVE """ + _SURVIVOR_CTES + """,
-     credited AS (SELECT DISTINCT member_id FROM survivor){budgets_cte}
+     credited AS (SELECT DISTINCT member_id FROM survivor),
+     slice_keys AS (SELECT DISTINCT ($10::text[])[""" + shard_of_sql("member_id", "$11") + """ + 1] AS anchor
+                      FROM credited){budgets_cte}
 SELECT array(SELECT (a.member_id, a.source_event_id, a.payload_sha256, a.result)
                FROM accruals a JOIN unnest($2::text[], $3::text[]) AS k(m, s)
                  ON a.member_id = k.m AND a.source_event_id = k.s) AS stored,
@@ -87,33 +93,39 @@ SELECT array(SELECT (a.member_id, a.source_event_id, a.payload_sha256, a.result)
        array(SELECT (u.member_id, u.campaign_id, u.points)
                FROM campaign_member_usage u JOIN credited USING (member_id)
               WHERE u.campaign_id = ANY($6::text[])) AS campaigns,
-       array(SELECT (b.campaign_id, b.points_awarded) FROM {budgets_from} b) AS budgets,
+       array(SELECT (b.member_id, b.campaign_id, b.allowance - b.awarded, b.budget_points)
+               FROM {budgets_from} b) AS budgets,
        array(SELECT nextval('ledger_entry_ids') FROM generate_series(1, $8)) AS entry_ids,
        array(SELECT nextval('lot_ids') FROM generate_series(1, $9)) AS lot_ids
 """
 
-# Read as they are, or locked until the transaction ends (upserted in campaign-id order, so two
-# batches never overspend a budget and never deadlock on it).
+# The budget slices of the credited members' shards, read as they are, or locked until the
+# transaction ends (upserted in key order, so two batches never overspend a slice and never
+# deadlock on it).
 _SNAPSHOT_READ_SQL = _SNAPSHOT_SQL.format(
-    budgets_cte="", budgets_from="(SELECT * FROM campaign_budgets WHERE campaign_id = ANY($7::text[]))")
+    budgets_cte="", budgets_from="""(SELECT * FROM campaign_budget_slices
+                                     WHERE member_id IN (SELECT anchor FROM slice_keys)
+                                       AND campaign_id = ANY($7::text[]))""")
 _SNAPSHOT_LOCK_SQL = _SNAPSHOT_SQL.format(
     budgets_cte=""",
-     locked_budgets AS (
-        INSERT INTO campaign_budgets AS b (campaign_id) SELECT c FROM unnest($7::text[]) AS c ORDER BY c
-        ON CONFLICT (campaign_id) DO UPDATE SET points_awarded = b.points_awarded
-        RETURNING campaign_id, points_awarded)""", budgets_from="locked_budgets")
+     locked_slices AS (
+        INSERT INTO campaign_budget_slices AS s (member_id, campaign_id)
+        SELECT k.anchor, c FROM slice_keys k, unnest($7::text[]) AS c ORDER BY 1, 2
+        ON CONFLICT (member_id, campaign_id) DO UPDATE SET allowance = s.allowance
+        RETURNING member_id, campaign_id, allowance, awarded, budget_points)""", budgets_from="locked_slices")
 
 
 async def snapshot(conn: DbConnection, keys: Sequence[tuple[str, str]], members: Iterable[str], first_day: date,
-                   last_day: date, campaign_ids: Sequence[str], budget_ids: Sequence[str], *, lock: bool = False,
-                   entry_ids: int = 0, lot_ids: int = 0) -> Snapshot:
+                   last_day: date, campaign_ids: Sequence[str], budget_ids: Sequence[str], slices: Slices, *,
+                   lock: bool = False, entry_ids: int = 0, lot_ids: int = 0) -> Snapshot:
     """In one statement: the accruals recorded for `keys` (member, source event), each member's
     survivor, and for the survivors their tier and segment, their usage per day in
-    [first_day, last_day] and per campaign in `campaign_ids`; the budgets of `budget_ids` (locked
-    with `lock`); and `entry_ids` / `lot_ids` fresh ids for the ledger."""
+    [first_day, last_day] and per campaign in `campaign_ids`; the slices of `budget_ids` serving
+    the survivors' shards (locked with `lock`); and `entry_ids` / `lot_ids` fresh ids for the ledger."""
     row = await conn.fetchrow(
         _SNAPSHOT_LOCK_SQL if lock else _SNAPSHOT_READ_SQL, sorted(set(members)), [k[0] for k in keys],
-        [k[1] for k in keys], first_day, last_day, list(campaign_ids), sorted(set(budget_ids)), entry_ids, lot_ids)
+        [k[1] for k in keys], first_day, last_day, list(campaign_ids), sorted(set(budget_ids)), entry_ids, lot_ids,
+        slices.anchors, slices.shards)
     assert row is not None
     return Snapshot(
         stored={(m, s): Stored(bytes(digest), bytes(result)) for m, s, digest, result in row["stored"]},
@@ -121,7 +133,7 @@ async def snapshot(conn: DbConnection, keys: Sequence[tuple[str, str]], members:
         status={m: (tier, segment) for m, tier, segment in row["status"]},
         days={(m, d): (points, browse) for m, d, points, browse in row["days"]},
         campaign_member={(m, c): points for m, c, points in row["campaigns"]},
-        budgets={c: points for c, points in row["budgets"]},
+        budgets={(anchor, c): (left, budget) for anchor, c, left, budget in row["budgets"]},
         entry_ids=list(row["entry_ids"]), lot_ids=list(row["lot_ids"]))
 
 
@@ -143,16 +155,27 @@ INSERT INTO campaign_member_usage AS u (member_id, campaign_id, points)
 SELECT * FROM unnest($1::text[], $2::text[], $3::bigint[])
 ON CONFLICT (member_id, campaign_id) DO UPDATE SET points = u.points + excluded.points
 """
-_ADD_BUDGETS_SQL = """
-INSERT INTO campaign_budgets AS b (campaign_id, points_awarded)
-SELECT * FROM unnest($1::text[], $2::bigint[])
-ON CONFLICT (campaign_id) DO UPDATE SET points_awarded = b.points_awarded + excluded.points_awarded
+# A slice is changed by UPDATE: PostgreSQL checks an upsert's proposed row against the CHECK before
+# it finds the conflict, and a proposed (allowance 0, awarded n) row would fail it. The credit path
+# has locked (and made) its slices already; a hold given back may find none (the shard count
+# changed since), so add_usage makes them first, in a statement of its own.
+_ENSURE_SLICES_SQL = """
+INSERT INTO campaign_budget_slices (member_id, campaign_id)
+SELECT * FROM unnest($1::text[], $2::text[]) ORDER BY 1, 2 ON CONFLICT (member_id, campaign_id) DO NOTHING
+"""
+_ADD_SLICES_SQL = """
+UPDATE campaign_budget_slices s SET awarded = s.awarded + d.points
+  FROM unnest($1::text[], $2::text[], $3::bigint[]) AS d(anchor, campaign_id, points)
+ WHERE s.member_id = d.anchor AND s.campaign_id = d.campaign_id
 """
 
 
 def stage_usage(writes: Writes, days: dict[tuple[str, date], tuple[int, int]],
-                campaigns: dict[tuple[str, str], int]) -> None:
-    """Add (or, negative, give back) usage towards the caps and campaign budgets."""
+                campaigns: dict[tuple[str, str], int], slices: Slices) -> None:
+    """Add (or, negative, give back) usage towards the caps and campaign budgets: a member's
+    campaign points count in the budget slice of the member's shard (which never awards more than
+    its allowance: the CHECK of migration 0005). The slices must exist (the credit path's locked
+    snapshot made them; add_usage makes them)."""
     if days:
         keys = sorted(days)
         writes.add(_ADD_DAYS_SQL, [k[0] for k in keys], [k[1] for k in keys], [days[k][0] for k in keys],
@@ -161,17 +184,21 @@ def stage_usage(writes: Writes, days: dict[tuple[str, date], tuple[int, int]],
         keys2 = sorted(campaigns)
         writes.add(_ADD_CAMPAIGN_MEMBERS_SQL, [k[0] for k in keys2], [k[1] for k in keys2],
                    [campaigns[k] for k in keys2])
-        per_campaign: dict[str, int] = {}
-        for (_, campaign_id), points in campaigns.items():
-            per_campaign[campaign_id] = per_campaign.get(campaign_id, 0) + points
-        ids = sorted(per_campaign)
-        writes.add(_ADD_BUDGETS_SQL, ids, [per_campaign[c] for c in ids])
+        per_slice: dict[tuple[str, str], int] = {}
+        for (member_id, campaign_id), points in campaigns.items():
+            key = (slices.anchor(member_id), campaign_id)
+            per_slice[key] = per_slice.get(key, 0) + points
+        keys3 = sorted(per_slice)
+        writes.add(_ADD_SLICES_SQL, [k[0] for k in keys3], [k[1] for k in keys3], [per_slice[k] for k in keys3])
 
 
 async def add_usage(conn: DbConnection, days: dict[tuple[str, date], tuple[int, int]],
-                    campaigns: dict[tuple[str, str], int]) -> None:
+                    campaigns: dict[tuple[str, str], int], slices: Slices) -> None:
+    keys = sorted({(slices.anchor(member_id), campaign_id) for member_id, campaign_id in campaigns})
+    if keys:
+        await conn.execute(_ENSURE_SLICES_SQL, [k[0] for k in keys], [k[1] for k in keys])
     writes = Writes()
-    stage_usage(writes, days, campaigns)
+    stage_usage(writes, days, campaigns, slices)
     await writes.execute(conn)
 
 

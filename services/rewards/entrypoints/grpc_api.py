@@ -11,6 +11,7 @@ from libs.messages import Catalogue, MessageTexts, MessageTextsApi
 from libs.server import Runtime
 from loyalty.rewards.v1 import rewards_pb2, rewards_pb2_grpc
 from services.rewards.adapters.benefits_birthdays import BirthMonths
+from services.rewards.adapters.budgets import Slices
 from services.rewards.adapters.risk_gate import RiskGate
 from services.rewards.adapters.rules_repo import RulesCache
 from services.rewards.entrypoints.benefits_api import BenefitsApi
@@ -44,6 +45,7 @@ class RewardsServicer(AuditApi, MessageTextsApi, LedgerApi, RedemptionsApi, Tier
         def pool() -> Any:
             return runtime.pool
 
-        self.accruer = Accruer(pool, self.rules, gate, self.settings)
-        self.holds = Holds(pool, self.rules, gate, self.settings.zone, self.settings.gate_retry_backoff_max_s,
+        slices = Slices(runtime.settings.shards)
+        self.accruer = Accruer(pool, self.rules, gate, self.settings, slices)
+        self.holds = Holds(pool, self.rules, gate, slices, self.settings.zone, self.settings.gate_retry_backoff_max_s,
                            self.settings.jobs_interval_s)

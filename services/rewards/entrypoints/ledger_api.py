@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import AsyncIterator, Awaitable, Callable
 from datetime import UTC, datetime
 from typing import Any, TypeVar
@@ -15,7 +16,7 @@ from libs.errors import FieldViolation
 from libs.idempotency import payload_digest, run_once_in_transaction
 from libs.server import Runtime
 from loyalty.rewards.v1 import earning_pb2, ledger_pb2, rewards_pb2
-from services.rewards.adapters import accruals_repo, rules_repo
+from services.rewards.adapters import accruals_repo, budgets, rules_repo
 from services.rewards.adapters.ledger import LedgerTx
 from services.rewards.adapters.rules_repo import RulesCache
 from services.rewards.domain.earning import MemberContext, compute_points
@@ -115,16 +116,22 @@ class LedgerApi:
             else:
                 rules = await self.rules.active(conn)
             day = programme_day(accrual.occurred_at.ToDatetime(UTC), zone)
+            budgeted = [c.campaign_id for c in rules.campaigns if c.budget_points > 0]
             snapshot = await accruals_repo.snapshot(
                 conn, [], [accrual.member_id], month_start(day), day, [c.campaign_id for c in rules.campaigns],
-                [c.campaign_id for c in rules.campaigns if c.budget_points > 0])
+                budgeted, self.accruer.slices)
+            # What the whole programme has awarded, not what the member's slice has left: a short
+            # slice is topped up when the points are really accrued.
+            budget_used = await budgets.used(conn, budgeted)
         member = snapshot.survivors.get(accrual.member_id, accrual.member_id)
         tier_id, segment_id = snapshot.status.get(member, ("", ""))
         tier_id = request.tier_id or tier_id
         if request.ignore_member_history:
             context_ = MemberContext(tier_id=tier_id, segment_id=segment_id)
         else:
-            context_ = Usage.of(snapshot).context(member, day, tier_id, segment_id, rules)
+            context_ = dataclasses.replace(
+                Usage.of(snapshot, rules, self.accruer.slices).context(member, day, tier_id, segment_id, rules),
+                campaign_budget_used=budget_used)
         return rewards_pb2.PreviewPointsResponse(breakdown=compute_points(rules, accrual, context_, zone))
 
     # ---- accrual and holds ------------------------------------------------------------------------

@@ -11,8 +11,14 @@ Per batch, whatever its size:
    the usage.
 
 Steps 1 and 2 read with one statement (accruals_repo.snapshot); step 3 is five round trips
-whatever the batch size: BEGIN, the lock, the same snapshot (budgets locked, ids reserved), one
-statement for every write (libs.db.Writes), COMMIT. Refunds add the reads and writes of their reversals.
+whatever the batch size: BEGIN, the lock, the same snapshot (budget slices locked, ids reserved),
+one statement for every write (libs.db.Writes), COMMIT. Refunds add the reads and writes of their
+reversals.
+
+Distributed (`LOYALTY_SHARDS` > 1): step 3 is one transaction per shard of the credited members
+(libs.distribution.by_shard), and campaign points are spent from the budget slice of the member's
+shard (adapters.budgets), so no transaction writes two shards. A slice found short in step 2 is
+topped up in a short transaction of its own, then the batch is read and priced again.
 
 Risk is never asked while locks are held. Risk unreachable or late holds the credits (fail-closed)
 and the gate retry job re-assesses them with the very same request.
@@ -29,12 +35,14 @@ import asyncpg
 
 from libs.auth import actor
 from libs.db import DbConnection, Writes
+from libs.distribution import by_shard
 from libs.errors import FieldViolation, LoyaltyError, fill_item_error
 from libs.idempotency import payload_digest
 from loyalty.common.v1 import types_pb2
 from loyalty.rewards.v1 import earning_pb2, ledger_pb2, rewards_pb2
 from loyalty.risk.v1 import risk_pb2
 from services.rewards.adapters import accruals_repo as repo
+from services.rewards.adapters.budgets import BudgetTopUps, Slices
 from services.rewards.adapters.ledger import LedgerTx
 from services.rewards.adapters.risk_gate import GateAnswer, RiskGate
 from services.rewards.adapters.rules_repo import RulesCache
@@ -98,30 +106,41 @@ class Usage:
 
     days: dict[tuple[str, date], tuple[int, int]]
     campaign_member: dict[tuple[str, str], int]
-    budgets: dict[str, int]
+    slices: Slices
+    # (slice anchor, campaign) -> points the slice can still award under the active budget
+    budget_left: dict[tuple[str, str], int]
     months: dict[tuple[str, date], int] = field(default_factory=dict)  # (member, first day of month) -> points
     added_days: dict[tuple[str, date], tuple[int, int]] = field(default_factory=dict)
     added_campaigns: dict[tuple[str, str], int] = field(default_factory=dict)
 
     @classmethod
-    def of(cls, snapshot: repo.Snapshot) -> Usage:
-        """Usage as read (copied: the snapshot stays as read, to compare with a later one)."""
+    def of(cls, snapshot: repo.Snapshot, rules: earning_pb2.EarningRuleSet, slices: Slices) -> Usage:
+        """Usage as read (copied: the snapshot stays as read, to compare with a later one). A slice
+        handed out under another budget than the active rules' has nothing left until topped up."""
         months: dict[tuple[str, date], int] = {}
         for (member_id, day), (points, _) in snapshot.days.items():
             key = (member_id, month_start(day))
             months[key] = months.get(key, 0) + points
-        return cls(days=dict(snapshot.days), campaign_member=dict(snapshot.campaign_member),
-                   budgets=dict(snapshot.budgets), months=months)
+        budgets = {c.campaign_id: c.budget_points for c in rules.campaigns}
+        left = {key: points if budget == budgets.get(key[1]) else 0
+                for key, (points, budget) in snapshot.budgets.items()}
+        return cls(days=dict(snapshot.days), campaign_member=dict(snapshot.campaign_member), slices=slices,
+                   budget_left=left, months=months)
 
     def context(self, member_id: str, day: date, tier_id: str, segment_id: str,
                 rules: earning_pb2.EarningRuleSet) -> MemberContext:
         today = self.days.get((member_id, day), (0, 0))
         ids = [c.campaign_id for c in rules.campaigns]
+        anchor = self.slices.anchor(member_id)
+        # The domain caps a campaign at its budget less what is used; what this member's slice has
+        # left is the budget as far as this credit may spend it.
+        used = {c.campaign_id: c.budget_points - self.budget_left.get((anchor, c.campaign_id), 0)
+                for c in rules.campaigns if c.budget_points > 0}
         return MemberContext(tier_id=tier_id, segment_id=segment_id, day_points=today[0],
                              month_points=self.months.get((member_id, month_start(day)), 0),
                              browse_points_today=today[1],
                              campaign_member_points={c: self.campaign_member.get((member_id, c), 0) for c in ids},
-                             campaign_budget_used={c: self.budgets.get(c, 0) for c in ids})
+                             campaign_budget_used=used)
 
     def add(self, member_id: str, day: date, breakdown: earning_pb2.PointsBreakdown, sign: int = 1) -> None:
         total, browse, campaigns = usage_of(breakdown)
@@ -133,7 +152,8 @@ class Usage:
         for campaign_id, points in campaigns.items():
             for counter in (self.campaign_member, self.added_campaigns):
                 counter[(member_id, campaign_id)] = counter.get((member_id, campaign_id), 0) + sign * points
-            self.budgets[campaign_id] = self.budgets.get(campaign_id, 0) + sign * points
+            key = (self.slices.anchor(member_id), campaign_id)
+            self.budget_left[key] = self.budget_left.get(key, 0) - sign * points
 
 
 def _same_inputs(first: repo.Snapshot, now: repo.Snapshot) -> bool:
@@ -159,12 +179,14 @@ def gate_request(item: Item, tier_id: str) -> risk_pb2.AssessAccrualRequest:
 
 class Accruer:
     def __init__(self, pool: Callable[[], asyncpg.Pool], rules: RulesCache, gate: RiskGate,
-                 settings: RewardsSettings) -> None:
+                 settings: RewardsSettings, slices: Slices) -> None:
         self._pool = pool
         self._rules = rules
         self._gate = gate
         self._settings = settings
         self._zone = settings.zone
+        self.slices = slices
+        self._top_ups = BudgetTopUps(slices)
 
     async def accrue(self, request: rewards_pb2.AccrueRequest) -> rewards_pb2.AccrueResponse:
         now = datetime.now(UTC)
@@ -191,13 +213,20 @@ class Accruer:
                 snapshot = await self._read(conn, list(firsts.values()), rules)
             fresh = self._answer_known(firsts, snapshot.stored, results)
             priced = self._price(fresh, snapshot, rules, lock=False)
+            if fresh and await self._top_up(pool, fresh, rules):
+                async with pool.acquire() as conn:
+                    snapshot = await self._read(conn, fresh, rules)
+                priced = self._price(fresh, snapshot, rules, lock=False)
         if fresh:
             asked = [item for item in fresh if item.gate_request is not None]
             answers = await self._gate.assess([item.gate_request for item in asked if item.gate_request])
             for item, answer in zip(asked, answers, strict=True):
                 item.answer = answer
-            async with pool.acquire() as conn, conn.transaction():
-                await self._write(conn, fresh, rules, now, results, (snapshot, priced))
+            groups = by_shard(fresh, lambda item: item.credited, self.slices.shards)
+            for group in groups:
+                async with pool.acquire() as conn, conn.transaction():
+                    await self._write(conn, group, rules, now, results,
+                                      (snapshot, priced) if len(groups) == 1 else None)
         for item in repeats:
             first = firsts[(item.accrual.member_id, item.accrual.source_event_id)]
             first_result = results[first.index]
@@ -206,16 +235,30 @@ class Accruer:
             results[item.index] = duplicate_of(first_result) if same else conflict(item.accrual)
         return rewards_pb2.AccrueResponse(results=[r for r in results if r is not None])
 
-    @staticmethod
-    async def _read(conn: DbConnection, items: Sequence[Item], rules: earning_pb2.EarningRuleSet, *,
+    async def _read(self, conn: DbConnection, items: Sequence[Item], rules: earning_pb2.EarningRuleSet, *,
                     lock: bool = False, entry_ids: int = 0, lot_ids: int = 0) -> repo.Snapshot:
-        """Everything pricing `items` needs, in one statement (budgets locked with `lock`)."""
+        """Everything pricing `items` needs, in one statement (budget slices locked with `lock`)."""
         days = [i.day for i in items if i.day is not None]
         return await repo.snapshot(
             conn, [(i.accrual.member_id, i.accrual.source_event_id) for i in items],
             [i.accrual.member_id for i in items], month_start(min(days)), max(days),
             [c.campaign_id for c in rules.campaigns], [c.campaign_id for c in rules.campaigns if c.budget_points > 0],
-            lock=lock, entry_ids=entry_ids, lot_ids=lot_ids)
+            self.slices, lock=lock, entry_ids=entry_ids, lot_ids=lot_ids)
+
+    async def _top_up(self, pool: asyncpg.Pool, items: Sequence[Item], rules: earning_pb2.EarningRuleSet) -> bool:
+        """Top up the budget slices that capped a campaign award of `items` (as priced without
+        locks); whether any slice was given more."""
+        needs: dict[tuple[str, str], int] = {}
+        for item in items:
+            for cap in item.breakdown.caps_applied:
+                if cap.kind == earning_pb2.EARNING_CAP_KIND_CAMPAIGN_BUDGET:
+                    key = (self.slices.anchor(item.credited), cap.campaign_id)
+                    needs[key] = needs.get(key, 0) + cap.points_removed
+        if not needs:
+            return False
+        budgets = {c.campaign_id: c.budget_points for c in rules.campaigns}
+        async with pool.acquire() as conn:
+            return bool(await self._top_ups.top_up(conn, needs, budgets))
 
     @staticmethod
     def _answer_known(firsts: dict[tuple[str, str], Item], known: dict[tuple[str, str], repo.Stored],
@@ -236,7 +279,7 @@ class Accruer:
                lock: bool) -> Usage:
         """Compute each item's points in request order, each seeing the usage of the earlier ones.
         The first pass (no lock) sets what risk is asked about; the second (locked) never exceeds it."""
-        usage = Usage.of(snapshot)
+        usage = Usage.of(snapshot, rules, self.slices)
         for item in items:
             item.credited = snapshot.survivors.get(item.accrual.member_id, item.accrual.member_id)
             if item.accrual.event_type == REFUND:
@@ -249,14 +292,14 @@ class Accruer:
                 _limit_to_assessed(breakdown, item.proposed)
             else:
                 item.proposed = breakdown.total_points
-                if item.proposed > 0:
-                    item.gate_request = gate_request(item, tier_id)
+                item.gate_request = gate_request(item, tier_id) if item.proposed > 0 else None
             item.breakdown = breakdown
             usage.add(item.credited, item.day, breakdown)
         return usage
 
     async def _write(self, conn: DbConnection, items: list[Item], rules: earning_pb2.EarningRuleSet, now: datetime,
-                     results: list[earning_pb2.AccrualResult | None], first: tuple[repo.Snapshot, Usage]) -> None:
+                     results: list[earning_pb2.AccrualResult | None],
+                     first: tuple[repo.Snapshot, Usage] | None) -> None:
         tx = LedgerTx(conn, now, actor())
         firsts = {(i.accrual.member_id, i.accrual.source_event_id): i for i in items}
         credited = {i.accrual.member_id for i in items} | {i.credited for i in items}
@@ -275,7 +318,7 @@ class Accruer:
         fresh = self._answer_known(firsts, snapshot.stored, results)
         if not fresh:
             return
-        if len(fresh) == len(items) and _same_inputs(first[0], snapshot):
+        if first is not None and len(fresh) == len(items) and _same_inputs(first[0], snapshot):
             usage = first[1]  # nothing changed meanwhile: the first pricing stands
         else:
             usage = self._price(fresh, snapshot, rules, lock=True)
@@ -293,7 +336,7 @@ class Accruer:
         writes = Writes()
         repo.stage_insert(writes, records)
         repo.stage_usage(writes, {k: v for k, v in usage.added_days.items() if v != (0, 0)},
-                         {k: v for k, v in usage.added_campaigns.items() if v})
+                         {k: v for k, v in usage.added_campaigns.items() if v}, self.slices)
         await tx.flush(writes)
 
     async def _settle(self, tx: LedgerTx, conn: DbConnection, item: Item, rules: earning_pb2.EarningRuleSet

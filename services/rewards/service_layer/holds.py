@@ -18,6 +18,7 @@ from libs.db import DbConnection
 from loyalty.rewards.v1 import earning_pb2, ledger_pb2, rewards_pb2
 from loyalty.risk.v1 import risk_pb2
 from services.rewards.adapters import accruals_repo
+from services.rewards.adapters.budgets import Slices
 from services.rewards.adapters.ledger import LedgerTx
 from services.rewards.adapters.risk_gate import GateAnswer, RiskGate
 from services.rewards.adapters.rules_repo import RulesCache
@@ -75,7 +76,7 @@ def _resolution(row: asyncpg.Record, already: bool) -> ledger_pb2.HoldResolution
 
 
 async def settle(tx: LedgerTx, conn: DbConnection, row: asyncpg.Record, action: int, rules: earning_pb2.EarningRuleSet,
-                 zone: ZoneInfo, *, source: int, reason: str, reason_code: str, request_id: str = "",
+                 zone: ZoneInfo, slices: Slices, *, source: int, reason: str, reason_code: str, request_id: str = "",
                  operator_id: str = "", case_id: str | None = None) -> asyncpg.Record:
     """Release or void a held credit (locked, still held); returns the updated row."""
     credit = unposted_credit(row)
@@ -105,11 +106,11 @@ async def settle(tx: LedgerTx, conn: DbConnection, row: asyncpg.Record, action: 
         case_id, placed.available_at, still_unposted)
     assert updated is not None
     if action == ACTION.HOLD_ACTION_VOID:
-        await _give_back_usage(conn, row, credit.points)
+        await _give_back_usage(conn, row, credit.points, slices)
     return updated
 
 
-async def _give_back_usage(conn: DbConnection, row: asyncpg.Record, points: int) -> None:
+async def _give_back_usage(conn: DbConnection, row: asyncpg.Record, points: int, slices: Slices) -> None:
     """A voided hold never earned: its points stop counting towards the member's caps and the
     campaigns' budgets (a refund gives nothing back: the member did earn those points that day)."""
     if row["day"] is None or row["breakdown"] is None or points <= 0:
@@ -119,16 +120,17 @@ async def _give_back_usage(conn: DbConnection, row: asyncpg.Record, points: int)
     member = row["credited_member_id"]
     await accruals_repo.add_usage(
         conn, {(member, row["day"]): (-points, -min(points, breakdown.browse_points))},
-        {(member, a.campaign_id): -a.points for a in breakdown.campaign_awards if whole and a.points})
+        {(member, a.campaign_id): -a.points for a in breakdown.campaign_awards if whole and a.points}, slices)
 
 
 class Holds:
-    def __init__(self, pool: Callable[[], asyncpg.Pool], rules: RulesCache, gate: RiskGate, zone: ZoneInfo,
-                 backoff_max_s: float, interval_s: float) -> None:
+    def __init__(self, pool: Callable[[], asyncpg.Pool], rules: RulesCache, gate: RiskGate, slices: Slices,
+                 zone: ZoneInfo, backoff_max_s: float, interval_s: float) -> None:
         self._pool = pool
         self._rules = rules
         self._gate = gate
         self._zone = zone
+        self._slices = slices
         self._backoff_max_s = backoff_max_s
         self._interval_s = interval_s
 
@@ -154,9 +156,9 @@ class Holds:
         reason_code = ("REVIEW_APPROVED" if request.action == ACTION.HOLD_ACTION_RELEASE else "REVIEW_REJECTED") \
             if from_case else ("RELEASED_BY_OPERATOR" if request.action == ACTION.HOLD_ACTION_RELEASE
                                else "VOIDED_BY_OPERATOR")
-        updated = await settle(tx, conn, row, request.action, rules, self._zone, source=S.LEDGER_SOURCE_RISK_REVIEW,
-                               reason=request.reason, reason_code=reason_code, request_id=request.request_id,
-                               operator_id=request.operator_id)
+        updated = await settle(tx, conn, row, request.action, rules, self._zone, self._slices,
+                               source=S.LEDGER_SOURCE_RISK_REVIEW, reason=request.reason, reason_code=reason_code,
+                               request_id=request.request_id, operator_id=request.operator_id)
         return rewards_pb2.ResolveHoldResponse(resolution=_resolution(updated, already=False))
 
     # ---- background jobs -----------------------------------------------------------------------
@@ -204,7 +206,8 @@ class Holds:
         rules = await self._rules.version(conn, row["earning_rules_version"])
         action = ACTION.HOLD_ACTION_RELEASE if answer.outcome == RISK.RISK_OUTCOME_ALLOW else ACTION.HOLD_ACTION_VOID
         reason = "; ".join(f"{r.rule_id or r.code}: {r.message}" for r in answer.reasons)[:2000]
-        await settle(tx, conn, row, action, rules, self._zone, source=S.LEDGER_SOURCE_GATE_RETRY, reason=reason,
+        await settle(tx, conn, row, action, rules, self._zone, self._slices, source=S.LEDGER_SOURCE_GATE_RETRY,
+                     reason=reason,
                      reason_code="GATE_ALLOWED" if action == ACTION.HOLD_ACTION_RELEASE else "RISK_BLOCK")
         await conn.execute("UPDATE accruals SET assessment_id = $3 WHERE member_id = $1 AND source_event_id = $2",
                            row["member_id"], row["source_event_id"], answer.assessment_id or None)

@@ -25,5 +25,5 @@ class RiskServicer(AuditApi, AssessmentsApi, RulesApi, ModelsApi, CasesApi, risk
     def __init__(self, runtime: Runtime) -> None:
         self.runtime = runtime
         self.config = ConfigCache(lambda: runtime.pool)
-        self.assessor = Assessor(lambda: runtime.pool, self.config, get_risk_settings())
+        self.assessor = Assessor(lambda: runtime.pool, self.config, get_risk_settings(), runtime.settings.shards)
         self.rule_sets = RuleSetCache()

@@ -32,6 +32,7 @@ from google.protobuf import timestamp_pb2
 from libs import errors
 from libs.coalesce import Coalescer
 from libs.db import DbConnection
+from libs.distribution import by_shard
 from libs.errors import FieldViolation
 from libs.idempotency import payload_digest
 from libs.validation import validate
@@ -112,10 +113,12 @@ def _conflict(source_event_id: str) -> support_pb2.ItemError:
 
 
 class Assessor:
-    def __init__(self, pool: Callable[[], asyncpg.Pool], config: ConfigCache, settings: RiskSettings) -> None:
+    def __init__(self, pool: Callable[[], asyncpg.Pool], config: ConfigCache, settings: RiskSettings,
+                 shards: int = 1) -> None:
         self._pool = pool
         self._config = config
         self._settings = settings
+        self._shards = shards
         self._rounds: Coalescer[risk_pb2.AssessAccrualRequest, assessment_pb2.AssessmentResult] = Coalescer(
             self._assess_results, concurrency=settings.assess_rounds, max_items=settings.assess_round_items)
 
@@ -164,7 +167,10 @@ class Assessor:
             items = list(first.values())
             for attempt in (1, 2):
                 try:
-                    answers = await self._transaction(items, snapshot)
+                    answers: dict[str, assessment_pb2.Assessment | support_pb2.ItemError] = {}
+                    # One transaction per shard of the members (one on one database).
+                    for group in by_shard(items, lambda i: i.accrual.member_id, self._shards):
+                        answers.update(await self._transaction(group, snapshot))
                     break
                 except asyncpg.UniqueViolationError:
                     # Another call assessed one of these source events (for another member's lock)
