@@ -142,6 +142,33 @@ def stop_embedded_postgres(pgdata: Path) -> None:
     pg_ctl(["-w", "-m", "fast", "stop"], pgdata=pgdata.resolve(), user=server.system_user)
 
 
+# The database went away or is not taking connections yet: a crash, a restart, a fail-over.
+_UNAVAILABLE_ERRORS: tuple[type[BaseException], ...] = (
+    asyncpg.PostgresConnectionError,  # SQLSTATE class 08
+    asyncpg.CannotConnectNowError,  # 57P03: starting up or recovering
+    asyncpg.AdminShutdownError,  # 57P01
+    asyncpg.CrashShutdownError,  # 57P02: another backend crashed
+    asyncpg.ConnectionDoesNotExistError,  # the connection closed mid-operation
+)
+
+
+def database_unavailable(error: BaseException) -> bool:
+    """Whether `error` says the database cannot be reached right now (the caller may retry), not
+    that the request or the code is wrong: a connection error from asyncpg, or an OS-level one
+    (refused, reset, the socket file gone) raised while asyncpg was connecting or talking."""
+    if isinstance(error, _UNAVAILABLE_ERRORS):
+        return True
+    if isinstance(error, asyncpg.InterfaceError):
+        return "connection is closed" in str(error) or "connection was closed" in str(error)
+    if isinstance(error, (ConnectionError, FileNotFoundError, TimeoutError)):
+        tb = error.__traceback__
+        while tb is not None:
+            if tb.tb_frame.f_globals.get("__name__", "").startswith("asyncpg"):
+                return True
+            tb = tb.tb_next
+    return False
+
+
 def pgserver_handle(pgdata: Path) -> Any:
     import pgserver
 

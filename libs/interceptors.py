@@ -22,6 +22,7 @@ from opentelemetry.trace import SpanKind, Status, StatusCode
 from libs import errors
 from libs.auth import Principal, TokenRegistry, current_principal
 from libs.contracts import MethodContract
+from libs.db import database_unavailable
 from libs.metrics import RpcRecorder
 from libs.validation import validate
 
@@ -93,6 +94,11 @@ def _classify(error: BaseException, method: str) -> errors.LoyaltyError:
         return error
     if isinstance(error, NotImplementedError):
         return errors.unimplemented(method)
+    if database_unavailable(error):
+        # Retryable: every writing RPC is idempotent on its request, event or source event id, so a
+        # retry of a call whose commit was cut off is answered from what was stored.
+        log.warning("database unavailable", extra={"rpc_method": method, "error": type(error).__name__})
+        return errors.unavailable("the database is unavailable; retry", reason="DATABASE_UNAVAILABLE")
     log.exception("unhandled error", extra={"rpc_method": method})
     return errors.LoyaltyError(grpc.StatusCode.INTERNAL, "INTERNAL", "internal error")
 
