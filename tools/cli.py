@@ -21,6 +21,8 @@
     loyalty texts list|set|reset --service rewards|scoring
                                             member-facing texts (zh-CN, en) and operators' wording
     loyalty demo load|generate              the demo population (`up` loads it on a fresh state folder)
+    loyalty certs [--dir DIR] [--force]     a development CA and a certificate per service (mTLS), and
+                                            the LOYALTY_TLS_* environment of each service
 
 Commands that call a service take --addr, --token and --json (tools/ops.py); each group's
 commands are in tools/commands/.
@@ -39,6 +41,7 @@ from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from libs.auth import DEV_CALLERS
 from libs.settings import SERVICE_NAMES, get_settings
 from tools import commands, ops
+from tools.commands import certs as certs_command
 from tools.commands import demo
 from tools.supervisor import health_status, run_up
 
@@ -161,6 +164,7 @@ def build_parser() -> argparse.ArgumentParser:
     tokens = sub.add_parser("tokens", help="print the development tokens")
     tokens.set_defaults(func=_cmd_tokens)
     _add_backtest(sub)
+    certs_command.add_commands(sub)
     ops.add_commands(sub)
     commands.add_commands(sub)
     return parser
