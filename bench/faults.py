@@ -41,6 +41,7 @@ from bench.load import HISTORY_DAYS, LoadRun, Report
 from libs.auth import ensure_dev_tokens
 from libs.db import pgserver_handle, stop_embedded_postgres, tune_embedded_postgres
 from libs.settings import SERVICE_NAMES
+from loyalty.common.v1 import types_pb2
 from loyalty.profile.v1 import event_pb2, profile_service_pb2
 from loyalty.rewards.v1 import ledger_pb2
 from tests.support.database import sibling_database
@@ -137,7 +138,7 @@ class Cluster:
         return f"PostgreSQL postmaster {postmaster} and its {len(children)} processes"
 
     def restart(self) -> None:
-        from pgserver._commands import pg_ctl  # type: ignore[import-untyped]
+        from pgserver._commands import pg_ctl  # type: ignore[attr-defined]
 
         assert self.pgdata is not None
         deadline = time.monotonic() + 60
@@ -255,7 +256,8 @@ class FaultLoad(LoadRun):
             return await self._balance(report, scheduled)
         member, order_id, amount, _ = self.rng.choice(candidates)
         self.refunded.add(order_id)
-        event = event_pb2.BehaviourEvent(event_id=f"{self.run_id}-r-{order_id}", member_id=member, channel=2,
+        event = event_pb2.BehaviourEvent(event_id=f"{self.run_id}-r-{order_id}", member_id=member,
+                                         channel=types_pb2.CHANNEL_APP,
                                          session_id=f"{self.run_id}-refunds")
         event.occurred_at.GetCurrentTime()
         event.refund.order_id = order_id
@@ -361,7 +363,7 @@ async def run_faults(state_dir: Path, rate: float, seconds: float, members: int,
     token = ensure_dev_tokens(state_dir)["admin"]
     rng = random.Random(seed)
     with cluster() as db:
-        ports = {name: free_port() for name in SERVICE_NAMES}
+        ports: dict[str, int] = {name: free_port() for name in SERVICE_NAMES}
         proxy = RiskProxy(ports["risk"])
         await proxy.start(free_port())
         suite = Suite(db, state_dir, ports, proxy)
@@ -374,7 +376,8 @@ async def run_faults(state_dir: Path, rate: float, seconds: float, members: int,
             load = FaultLoad(suite.address, token, population, seed)
             try:
                 await load.prepare()
-                faults = asyncio.create_task(_faults(suite, seconds, rng, done := []))
+                done: list[str] = []
+                faults = asyncio.create_task(_faults(suite, seconds, rng, done))
                 load_report = await load.run(rate, seconds)
                 await faults
                 report = FaultReport(load_report, done)
