@@ -21,7 +21,6 @@ killed only when the run has a cluster of its own (not with DATABASE_URL).
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import contextlib
 import os
@@ -37,11 +36,10 @@ from pathlib import Path
 import asyncpg
 import grpc
 
-from bench.load import HISTORY_DAYS, LoadRun, Report
+from bench.load import HISTORY_DAYS, LoadRun, Report, load_arguments
 from libs.auth import ensure_dev_tokens
 from libs.db import pgserver_handle, stop_embedded_postgres, tune_embedded_postgres
 from libs.settings import SERVICE_NAMES
-from loyalty.common.v1 import types_pb2
 from loyalty.profile.v1 import event_pb2, profile_service_pb2
 from loyalty.rewards.v1 import ledger_pb2
 from tests.support.database import sibling_database
@@ -251,17 +249,9 @@ class FaultLoad(LoadRun):
         await self._send(report, "BatchRecordEvents", events, scheduled)
 
     async def _refund(self, report: Report, scheduled: float) -> None:
-        candidates = [o for o in self.orders[:-20] if o[1] not in self.refunded]
-        if not candidates:
+        event = self.refund_event()
+        if event is None:
             return await self._balance(report, scheduled)
-        member, order_id, amount, _ = self.rng.choice(candidates)
-        self.refunded.add(order_id)
-        event = event_pb2.BehaviourEvent(event_id=f"{self.run_id}-r-{order_id}", member_id=member,
-                                         channel=types_pb2.CHANNEL_APP,
-                                         session_id=f"{self.run_id}-refunds")
-        event.occurred_at.GetCurrentTime()
-        event.refund.order_id = order_id
-        event.refund.amount.amount_minor, event.refund.amount.currency = max(1, amount // 2), "CNY"
         await self._send(report, "BatchRecordEvents(refund)", [event], scheduled)
 
     async def _send(self, report: Report, name: str, events: list[event_pb2.BehaviourEvent],
@@ -395,11 +385,7 @@ async def run_faults(state_dir: Path, rate: float, seconds: float, members: int,
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--rate", type=float, default=30.0, help="operations a second (default 30)")
-    parser.add_argument("--seconds", type=float, default=48.0, help="length of the run (default 48)")
-    parser.add_argument("--members", type=int, default=60, help="members of the population (default 60)")
-    parser.add_argument("--seed", type=int, default=1)
+    parser = load_arguments(__doc__, rate=30.0, seconds=48.0, members=60)
     args = parser.parse_args()
     state_dir = Path(tempfile.mkdtemp(prefix="loyalty-faults-"))
     report = asyncio.run(run_faults(state_dir, args.rate, args.seconds, args.members, args.seed))

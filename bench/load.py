@@ -186,10 +186,12 @@ class LoadRun:
             if e.WhichOneof("payload") == "purchase" and e.event_id in accepted:
                 self.orders.append((e.member_id, e.purchase.order_id, e.purchase.amount.amount_minor, e.event_id))
 
-    async def _refund(self, report: Report, scheduled: float) -> None:
+    def refund_event(self) -> event_pb2.BehaviourEvent | None:
+        """A refund of half of an order of this run not refunded yet (not one of the last 20, whose
+        points may still be on their way), or None."""
         candidates = [o for o in self.orders[:-20] if o[1] not in self.refunded]
         if not candidates:
-            return await self._balance(report, scheduled)
+            return None
         member, order_id, amount, _ = self.rng.choice(candidates)
         self.refunded.add(order_id)
         event = event_pb2.BehaviourEvent(event_id=f"{self.run_id}-r-{order_id}", member_id=member,
@@ -197,6 +199,12 @@ class LoadRun:
         event.occurred_at.FromDatetime(datetime.now(UTC))
         event.refund.order_id = order_id
         event.refund.amount.amount_minor, event.refund.amount.currency = max(1, amount // 2), "CNY"
+        return event
+
+    async def _refund(self, report: Report, scheduled: float) -> None:
+        event = self.refund_event()
+        if event is None:
+            return await self._balance(report, scheduled)
         reply = await self._timed(report, "BatchRecordEvents(refund)", self.loader.profile.BatchRecordEvents(
             profile_service_pb2.BatchRecordEventsRequest(events=[event]), timeout=10), scheduled)
         if reply is not None:
@@ -314,12 +322,18 @@ async def _main(args: argparse.Namespace, address: Callable[[str], str], token: 
         await load.close()
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--rate", type=float, default=100.0, help="operations a second (default 100)")
-    parser.add_argument("--seconds", type=float, default=30.0, help="length of each run (default 30)")
-    parser.add_argument("--members", type=int, default=300, help="members of the population (default 300)")
+def load_arguments(doc: str | None, rate: float, seconds: float, members: int) -> argparse.ArgumentParser:
+    """The options every load-driven benchmark takes, with its defaults."""
+    parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--rate", type=float, default=rate, help=f"operations a second (default {rate:g})")
+    parser.add_argument("--seconds", type=float, default=seconds, help=f"length of a run (default {seconds:g})")
+    parser.add_argument("--members", type=int, default=members, help=f"members of the population (default {members})")
     parser.add_argument("--seed", type=int, default=1)
+    return parser
+
+
+def main() -> None:
+    parser = load_arguments(__doc__, rate=100.0, seconds=30.0, members=300)
     parser.add_argument("--find-max", action="store_true", help="double the rate from --rate until a run fails")
     args = parser.parse_args()
     state_dir = Path(tempfile.mkdtemp(prefix="loyalty-load-"))

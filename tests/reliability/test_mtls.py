@@ -17,7 +17,6 @@ import asyncio
 import json
 import os
 import secrets
-import signal
 import stat
 import subprocess
 import sys
@@ -41,7 +40,7 @@ from loyalty.rewards.v1 import ledger_pb2, rewards_pb2
 from loyalty.rewards.v1.rewards_pb2_grpc import RewardsServiceStub
 from tests.profile.conftest import Events
 from tests.support.database import sibling_database
-from tests.support.processes import REPO_ROOT, RunningProcess, free_port, start_module
+from tests.support.processes import REPO_ROOT, RunningProcess, free_port, start_module, stop_all
 from tools.certs import SERVICES, CertBundle, generate
 from tools.cli import main as loyalty
 
@@ -90,15 +89,7 @@ def stack(pg_dsn: str, service_env: dict[str, str], state_dir: Path,
                 process.wait_status("SERVING", credentials=running.credentials())
             yield running
         finally:
-            for process in processes.values():
-                if process.process.poll() is None:
-                    process.process.send_signal(signal.SIGTERM)
-            for process in processes.values():
-                try:
-                    process.process.wait(timeout=15)
-                except subprocess.TimeoutExpired:
-                    process.process.kill()
-                    process.process.wait()
+            stop_all(list(processes.values()))
 
 
 async def test_a_purchase_travels_profile_rewards_risk_over_mtls(stack: Stack, dev_tokens: dict[str, str]) -> None:

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import asyncio
 import secrets
-import signal
 import time
 import urllib.request
 import uuid
@@ -45,7 +44,7 @@ from loyalty.scoring.v1 import scoring_service_pb2 as S
 from loyalty.scoring.v1.scoring_service_pb2_grpc import ScoringServiceStub
 from tests.scoring.conftest import policy, purchase
 from tests.support.database import sibling_database
-from tests.support.processes import RunningProcess, free_port, start_module
+from tests.support.processes import RunningProcess, free_port, start_module, stop_all
 
 pytestmark = pytest.mark.e2e
 
@@ -123,15 +122,7 @@ def replicas(pg_dsn: str, service_env: dict[str, str], state_dir: Path) -> Itera
                 process.wait_status("SERVING")
             yield Replicas(dsn, processes, lists, metrics)
         finally:
-            for process in processes.values():
-                if process.process.poll() is None:
-                    process.process.send_signal(signal.SIGTERM)
-            for process in processes.values():
-                try:
-                    process.process.wait(timeout=15)
-                except Exception:
-                    process.process.kill()
-                    process.process.wait()
+            stop_all(list(processes.values()))
 
 
 @dataclass

@@ -88,3 +88,16 @@ def start_module(name: str, module: str, env: dict[str, str], log_dir: Path,
         process = subprocess.Popen([sys.executable, "-m", module], env=full_env, stdout=log_file,
                                    stderr=subprocess.STDOUT, cwd=REPO_ROOT)
     return RunningProcess(name, f"127.0.0.1:{port}", process, log_path)
+
+
+def stop_all(processes: list[RunningProcess], timeout_s: float = 15.0) -> None:
+    """SIGTERM every process at once, then wait for each (SIGKILL when it does not stop in time)."""
+    for running in processes:
+        if running.process.poll() is None:
+            running.process.send_signal(signal.SIGTERM)
+    for running in processes:
+        try:
+            running.process.wait(timeout=timeout_s)
+        except subprocess.TimeoutExpired:
+            running.process.kill()
+            running.process.wait()
