@@ -3,14 +3,16 @@ descriptors: unicode, empty, huge and negative values, undefined enum numbers, m
 fields, long repeated fields, far-away timestamps. Whatever arrives, the answer is a status the
 contract allows — never INTERNAL, UNKNOWN or a dropped connection — and the service stays up.
 
-A refused call writes nothing: around every generated call the row count of every table of every
-service schema is read (one statement over pg_catalog's table list), and a call answered with a
-refusal (INVALID_ARGUMENT, NOT_FOUND, FAILED_PRECONDITION, ALREADY_EXISTS, PERMISSION_DENIED...)
-must leave every count as it found it. A call that succeeds may write, and may start background
-work (outbox relays, holds, evaluation runs) that writes later; after a success that wrote, the
-database is let settle (counts still for longer than any job's interval) before the next call, so a
-later refusal is not blamed for it. (A success that wrote nothing is not waited for: the run is
-derandomized, and settling after each of the ~100 read-only successes would cost minutes.)
+A refused call writes nothing: around every generated call the contents of every table of every
+service schema are read (one statement over pg_catalog's table list: each table's row count and an
+order-free sum of a hash of every row's text, so an INSERT, a DELETE and an UPDATE all show), and a
+call answered with a refusal (INVALID_ARGUMENT, NOT_FOUND, FAILED_PRECONDITION, ALREADY_EXISTS,
+PERMISSION_DENIED...) must leave every table as it found it. A call that succeeds may write, and
+may start background work (outbox relays, holds, evaluation runs) that writes later; after a
+success that wrote, the database is let settle (contents still for longer than any job's
+interval) before the next call, so a later refusal is not blamed for it. (A success that wrote
+nothing is not waited for: the run is derandomized, and settling after each of the ~100 read-only
+successes would cost minutes.)
 
 On a suite of its own (a database of its own), with the operator's token, so generated requests
 that happen to be valid may run against real data without touching the session's shared services.
@@ -167,8 +169,9 @@ def stack(pg_dsn: str, service_env: dict[str, str], state_dir: Path) -> Iterator
 
 
 class RowCounts:
-    """Row counts of every table (partitioned tables once, as their parent) of the services'
-    schemas, read in one statement so the snapshot is one consistent view."""
+    """Contents of every table (partitioned tables once, as their parent) of the services' schemas:
+    (row count, sum of a 64-bit hash of each row's text), read in one statement so the snapshot is
+    one consistent view."""
 
     def __init__(self, connection: asyncpg.Connection, statement: str) -> None:
         self.connection, self.statement = connection, statement
@@ -183,15 +186,16 @@ class RowCounts:
             " ORDER BY 1, 2", list(SERVICE_NAMES))
         assert {t["nspname"] for t in tables} == set(SERVICE_NAMES), "a service schema has no tables"
         statement = " UNION ALL ".join(
-            f"SELECT '{t['nspname']}.{t['relname']}', count(*) FROM \"{t['nspname']}\".\"{t['relname']}\""
+            f"SELECT '{t['nspname']}.{t['relname']}', count(*) || ':' || coalesce(sum(hashtextextended(r::text, 0)), 0)"
+            f" FROM \"{t['nspname']}\".\"{t['relname']}\" AS r"
             for t in tables)
         return cls(connection, statement)
 
-    async def read(self) -> dict[str, int]:
+    async def read(self) -> dict[str, str]:
         return {row[0]: row[1] for row in await self.connection.fetch(self.statement)}
 
-    async def settled(self) -> dict[str, int]:
-        """The counts once they have stayed still for SETTLE_QUIET_S (background work done)."""
+    async def settled(self) -> dict[str, str]:
+        """The contents once they have stayed still for SETTLE_QUIET_S (background work done)."""
         counts, still_since, deadline = await self.read(), time.monotonic(), time.monotonic() + SETTLE_MAX_S
         while time.monotonic() - still_since < SETTLE_QUIET_S:
             assert time.monotonic() < deadline, "the database never settled after a successful call"
@@ -202,9 +206,10 @@ class RowCounts:
         return counts
 
 
-def changed(before: dict[str, int], after: dict[str, int]) -> dict[str, tuple[int, int]]:
-    return {table: (before.get(table, 0), after.get(table, 0)) for table in before.keys() | after.keys()
-            if before.get(table, 0) != after.get(table, 0) and table not in WRITTEN_BY_REFUSALS}
+def changed(before: dict[str, str], after: dict[str, str]) -> dict[str, tuple[str, str]]:
+    """Tables whose contents differ: (count:hash before, count:hash after)."""
+    return {table: (before.get(table, ""), after.get(table, "")) for table in before.keys() | after.keys()
+            if before.get(table, "") != after.get(table, "") and table not in WRITTEN_BY_REFUSALS}
 
 
 @pytest.fixture(scope="module")
