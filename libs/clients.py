@@ -213,14 +213,22 @@ def open_channel(
         # The authority (and the name a TLS certificate is checked against) of a list is its first
         # replica's address, not the list itself: replicas of one service share their certificate.
         options.append(("grpc.default_authority", first))
-    if settings.tls_ca_file is not None:
-        credentials = grpc.ssl_channel_credentials(
-            root_certificates=settings.tls_ca_file.read_bytes(),
-            private_key=settings.tls_key_file.read_bytes() if settings.tls_key_file else None,
-            certificate_chain=settings.tls_cert_file.read_bytes() if settings.tls_cert_file else None,
-        )
+    credentials = channel_credentials(settings)
+    if credentials is not None:
         return grpc.aio.secure_channel(target, credentials, options=options, interceptors=interceptors)
     return grpc.aio.insecure_channel(target, options=options, interceptors=interceptors)
+
+
+def channel_credentials(settings: Settings) -> grpc.ChannelCredentials | None:
+    """How this process calls the others: TLS trusting the configured CA, presenting its own
+    certificate when it has one (mTLS); None (plaintext) when no CA is configured."""
+    if settings.tls_ca_file is None:
+        return None
+    return grpc.ssl_channel_credentials(
+        root_certificates=settings.tls_ca_file.read_bytes(),
+        private_key=settings.tls_key_file.read_bytes() if settings.tls_key_file else None,
+        certificate_chain=settings.tls_cert_file.read_bytes() if settings.tls_cert_file else None,
+    )
 
 
 async def close_on_cancel(channels: list[Any]) -> None:

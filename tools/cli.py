@@ -39,6 +39,7 @@ import grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 from libs.auth import DEV_CALLERS
+from libs.clients import channel_credentials
 from libs.settings import SERVICE_NAMES, get_settings
 from tools import commands, ops
 from tools.commands import certs as certs_command
@@ -46,9 +47,11 @@ from tools.commands import demo
 from tools.supervisor import health_status, run_up
 
 
-def list_services(address: str, timeout_s: float = 3.0) -> list[str]:
-    """Ask a server's reflection service which services it offers."""
-    with grpc.insecure_channel(address) as channel:
+def list_services(address: str, timeout_s: float = 3.0, credentials: grpc.ChannelCredentials | None = None
+                  ) -> list[str]:
+    """Ask a server's reflection service which services it offers (over TLS with `credentials`)."""
+    with (grpc.insecure_channel(address) if credentials is None
+          else grpc.secure_channel(address, credentials)) as channel:
         stub = reflection_pb2_grpc.ServerReflectionStub(channel)
         responses = stub.ServerReflectionInfo(iter([reflection_pb2.ServerReflectionRequest(list_services="")]),
                                               timeout=timeout_s)
@@ -70,7 +73,8 @@ def _cmd_up(args: argparse.Namespace) -> int:
 
 def _cmd_status(args: argparse.Namespace) -> int:
     settings = get_settings()
-    statuses = {name: health_status(settings.addr_for(name)) for name in SERVICE_NAMES}
+    credentials = channel_credentials(settings)
+    statuses = {name: health_status(settings.addr_for(name), credentials=credentials) for name in SERVICE_NAMES}
     if args.json:
         print(json.dumps(statuses))
     else:
@@ -85,7 +89,7 @@ def _cmd_services(args: argparse.Namespace) -> int:
     failed = False
     for address in addresses:
         try:
-            names = list_services(address)
+            names = list_services(address, credentials=channel_credentials(settings))
         except grpc.RpcError as error:
             print(f"{address}: unreachable ({error.code().name})", file=sys.stderr)
             failed = True

@@ -28,7 +28,7 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from libs.auth import ensure_dev_tokens
-from libs.clients import GRPC_SCHEMES
+from libs.clients import GRPC_SCHEMES, channel_credentials
 from libs.db import EMBEDDED_DATABASE, embedded_pgdata, start_embedded_postgres, stop_embedded_postgres
 from libs.settings import SERVICE_NAMES, Settings
 
@@ -51,9 +51,11 @@ class Child:
     started_at: float = field(default=0.0)
     http: bool = False  # probed with GET /healthz instead of grpc.health.v1
     required: bool = True  # start-up fails without it
+    credentials: grpc.ChannelCredentials | None = None  # TLS / mTLS for the gRPC health check
 
     def status(self) -> str:
-        return http_health_status(self.address) if self.http else health_status(self.address)
+        return (http_health_status(self.address) if self.http
+                else health_status(self.address, credentials=self.credentials))
 
 
 def replica_addresses(address: str) -> list[str]:
@@ -65,13 +67,15 @@ def replica_addresses(address: str) -> list[str]:
     return [part.strip() for part in listed.split(",")]
 
 
-def health_status(address: str, timeout_s: float = 1.0) -> str:
+def health_status(address: str, timeout_s: float = 1.0, credentials: grpc.ChannelCredentials | None = None) -> str:
     """The overall health at `address`: SERVING, NOT_SERVING or UNREACHABLE; for a list of replicas
-    each is asked, and some but not all serving is "DEGRADED (k/n replicas serving)"."""
+    each is asked, and some but not all serving is "DEGRADED (k/n replicas serving)". Over TLS with
+    `credentials` (libs.clients.channel_credentials: the servers require client certificates when
+    they have a CA); a refused handshake is UNREACHABLE."""
     replicas = replica_addresses(address)
     if len(replicas) == 1:
-        return _health_of_one(replicas[0], timeout_s)
-    found = [_health_of_one(replica, timeout_s) for replica in replicas]
+        return _health_of_one(replicas[0], timeout_s, credentials)
+    found = [_health_of_one(replica, timeout_s, credentials) for replica in replicas]
     serving = found.count("SERVING")
     if serving == len(found):
         return "SERVING"
@@ -80,8 +84,9 @@ def health_status(address: str, timeout_s: float = 1.0) -> str:
     return f"DEGRADED ({serving}/{len(found)} replicas serving)"
 
 
-def _health_of_one(address: str, timeout_s: float) -> str:
-    with grpc.insecure_channel(address) as channel:
+def _health_of_one(address: str, timeout_s: float, credentials: grpc.ChannelCredentials | None) -> str:
+    with (grpc.insecure_channel(address) if credentials is None
+          else grpc.secure_channel(address, credentials)) as channel:
         try:
             reply = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(service=""),
                                                               timeout=timeout_s)
@@ -150,7 +155,8 @@ class Supervisor:
             self.tokens = ensure_dev_tokens(self.settings.state_dir)
         logs = self.settings.state_dir / "logs"
         for name in self.services:
-            child = Child(name=name, address=self.settings.addr_for(name), log_path=logs / f"{name}.log")
+            child = Child(name=name, address=self.settings.addr_for(name), log_path=logs / f"{name}.log",
+                          credentials=channel_credentials(self.settings))
             self.spawn(child)
             self.children.append(child)
         if self.gateway:

@@ -31,7 +31,7 @@ from cryptography import x509
 from cryptography.x509.oid import ExtendedKeyUsageOID
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from libs.clients import open_channel
+from libs.clients import channel_credentials, open_channel
 from libs.settings import SERVICE_NAMES, Settings
 from loyalty.profile.v1 import event_pb2
 from loyalty.profile.v1 import profile_service_pb2 as P
@@ -59,9 +59,9 @@ class Stack:
 
     def credentials(self, caller: str = "gateway") -> grpc.ChannelCredentials:
         """What `caller` presents: its certificate and key, trusting the CA."""
-        issued = self.certs.services[caller]
-        return grpc.ssl_channel_credentials(self.certs.ca_cert.read_bytes(), issued.key.read_bytes(),
-                                            issued.cert.read_bytes())
+        credentials = channel_credentials(self.settings(caller))
+        assert credentials is not None
+        return credentials
 
     def settings(self, caller: str = "gateway") -> Settings:
         """Settings of a process that calls the services as `caller` (the product's client path)."""
@@ -208,3 +208,22 @@ def test_loyalty_certs_from_the_command_line_prints_each_services_environment(tm
                          f"export LOYALTY_TLS_KEY_FILE={directory / f'{name}.key'}",
                          f"export LOYALTY_TLS_CA_FILE={directory / 'ca.pem'}"]
     assert stat.S_IMODE((directory / "ca.key").stat().st_mode) == 0o600
+
+
+def test_loyalty_status_and_services_check_the_servers_over_mtls(stack: Stack) -> None:
+    env = dict(os.environ, LOYALTY_STATE_DIR=str(stack.state_dir), LOYALTY_SCORING_ADDR=f"127.0.0.1:{free_port()}",
+               **{f"LOYALTY_{name.upper()}_ADDR": p.address for name, p in stack.processes.items()})
+
+    def run_cli(*args: str, tls: bool) -> subprocess.CompletedProcess[str]:
+        run_env = dict(env, **stack.certs.env("gateway")) if tls else env
+        return subprocess.run([sys.executable, "-m", "tools.cli", *args], env=run_env, cwd=REPO_ROOT,
+                              capture_output=True, text=True, timeout=60)
+
+    status = json.loads(run_cli("status", "--json", tls=True).stdout)
+    assert {name: status[name] for name in RUNNING} == dict.fromkeys(RUNNING, "SERVING"), status
+    assert status["scoring"] == "UNREACHABLE"  # nothing listens there: exit 1 below
+    # Without the certificates the servers refuse the handshake: never reported as serving.
+    plain = json.loads(run_cli("status", "--json", tls=False).stdout)
+    assert all(plain[name] == "UNREACHABLE" for name in RUNNING), plain
+    listed = run_cli("services", "--addr", stack.processes["rewards"].address, tls=True)
+    assert listed.returncode == 0 and "loyalty.rewards.v1.RewardsService" in listed.stdout, listed

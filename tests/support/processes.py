@@ -12,7 +12,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import grpc
-from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from tools.supervisor import health_status
 
@@ -46,8 +45,7 @@ class RunningProcess:
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
                 raise AssertionError(f"{self.name} exited with {self.process.returncode}:\n{self.log()[-4000:]}")
-            last = (health_status(self.address, timeout_s=0.5) if credentials is None
-                    else tls_health_status(self.address, credentials, timeout_s=0.5))
+            last = health_status(self.address, timeout_s=0.5, credentials=credentials)
             if last == wanted:
                 return
             time.sleep(0.05)
@@ -62,16 +60,6 @@ class RunningProcess:
             self.process.kill()
             self.process.wait()
             raise
-
-
-def tls_health_status(address: str, credentials: grpc.ChannelCredentials, timeout_s: float = 1.0) -> str:
-    """The server's health over TLS: its status name, or UNREACHABLE (handshake refused, or down)."""
-    with grpc.secure_channel(address, credentials) as channel:
-        try:
-            reply = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=timeout_s)
-        except grpc.RpcError:
-            return "UNREACHABLE"
-    return str(health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status))
 
 
 def start_module(name: str, module: str, env: dict[str, str], log_dir: Path,
