@@ -244,18 +244,10 @@ class FaultLoad(LoadRun):
         super().__init__(*args, **kwargs)  # type: ignore[arg-type]
         self.acknowledged: set[tuple[str, str]] = set()
 
-    async def _session(self, report: Report, scheduled: float) -> None:
-        events = self.sessions.next()
-        await self._send(report, "BatchRecordEvents", events, scheduled)
-
-    async def _refund(self, report: Report, scheduled: float) -> None:
-        event = self.refund_event()
-        if event is None:
-            return await self._balance(report, scheduled)
-        await self._send(report, "BatchRecordEvents(refund)", [event], scheduled)
-
     async def _send(self, report: Report, name: str, events: list[event_pb2.BehaviourEvent],
                     scheduled: float) -> None:
+        """BatchRecordEvents for `events`, retried with the same events through a fault; an event
+        answered ACCEPTED or DUPLICATE is acknowledged (stored)."""
         request = profile_service_pb2.BatchRecordEventsRequest(events=events)
         for _ in range(SESSION_ATTEMPTS):
             try:
@@ -269,16 +261,7 @@ class FaultLoad(LoadRun):
                 continue
             report.rpcs[name].latencies_ms.append((time.perf_counter() - scheduled) * 1e3)
             stored = {event_pb2.EVENT_STATUS_ACCEPTED, event_pb2.EVENT_STATUS_DUPLICATE}
-            by_id = {e.event_id: e for e in events}
-            for result in reply.results:
-                if result.status not in stored:
-                    continue
-                event = by_id[result.event_id]
-                self.acknowledged.add((event.member_id, event.event_id))
-                report.events_accepted += 1
-                if event.WhichOneof("payload") == "purchase":
-                    self.orders.append((event.member_id, event.purchase.order_id, event.purchase.amount.amount_minor,
-                                        event.event_id))
+            self.acknowledged.update((e.member_id, e.event_id) for e in self._record(report, events, reply, stored))
             return
         report.rpcs[name].errors["gave up after retries"] += 1
 

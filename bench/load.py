@@ -175,16 +175,28 @@ class LoadRun:
         return answer
 
     async def _session(self, report: Report, scheduled: float) -> None:
-        events = self.sessions.next()
-        reply = await self._timed(report, "BatchRecordEvents", self.loader.profile.BatchRecordEvents(
+        await self._send(report, "BatchRecordEvents", self.sessions.next(), scheduled)
+
+    async def _send(self, report: Report, name: str, events: list[event_pb2.BehaviourEvent],
+                    scheduled: float) -> None:
+        """One BatchRecordEvents call for `events`, timed as `name`."""
+        reply = await self._timed(report, name, self.loader.profile.BatchRecordEvents(
             profile_service_pb2.BatchRecordEventsRequest(events=events), timeout=10), scheduled)
-        if reply is None:
-            return
-        report.events_accepted += reply.accepted_count
-        accepted = {r.event_id for r in reply.results if r.status == event_pb2.EVENT_STATUS_ACCEPTED}
-        for e in events:
-            if e.WhichOneof("payload") == "purchase" and e.event_id in accepted:
+        if reply is not None:
+            self._record(report, events, reply, {event_pb2.EVENT_STATUS_ACCEPTED})
+
+    def _record(self, report: Report, events: list[event_pb2.BehaviourEvent],
+                reply: profile_service_pb2.BatchRecordEventsResponse, stored: set[event_pb2.EventStatus.ValueType]
+                ) -> list[event_pb2.BehaviourEvent]:
+        """Count the events `reply` answered with a status in `stored`, note the orders among them,
+        and return them."""
+        by_id = {e.event_id: e for e in events}
+        kept = [by_id[r.event_id] for r in reply.results if r.status in stored]
+        report.events_accepted += len(kept)
+        for e in kept:
+            if e.WhichOneof("payload") == "purchase":
                 self.orders.append((e.member_id, e.purchase.order_id, e.purchase.amount.amount_minor, e.event_id))
+        return kept
 
     def refund_event(self) -> event_pb2.BehaviourEvent | None:
         """A refund of half of an order of this run not refunded yet (not one of the last 20, whose
@@ -205,10 +217,7 @@ class LoadRun:
         event = self.refund_event()
         if event is None:
             return await self._balance(report, scheduled)
-        reply = await self._timed(report, "BatchRecordEvents(refund)", self.loader.profile.BatchRecordEvents(
-            profile_service_pb2.BatchRecordEventsRequest(events=[event]), timeout=10), scheduled)
-        if reply is not None:
-            report.events_accepted += reply.accepted_count
+        await self._send(report, "BatchRecordEvents(refund)", [event], scheduled)
 
     async def _redeem(self, report: Report, scheduled: float) -> None:
         member = self.rng.choice(self.members)  # points of this run's orders are still pending
