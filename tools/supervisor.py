@@ -154,9 +154,10 @@ class Supervisor:
         if self.settings.auth_tokens_file is None:
             self.tokens = ensure_dev_tokens(self.settings.state_dir)
         logs = self.settings.state_dir / "logs"
+        credentials = channel_credentials(self.settings)
         for name in self.services:
             child = Child(name=name, address=self.settings.addr_for(name), log_path=logs / f"{name}.log",
-                          credentials=channel_credentials(self.settings))
+                          credentials=credentials)
             self.spawn(child)
             self.children.append(child)
         if self.gateway:

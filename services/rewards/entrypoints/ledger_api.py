@@ -116,13 +116,13 @@ class LedgerApi:
             else:
                 rules = await self.rules.active(conn)
             day = programme_day(accrual.occurred_at.ToDatetime(UTC), zone)
-            budgeted = [c.campaign_id for c in rules.campaigns if c.budget_points > 0]
+            # No budget slices read: a preview prices against what the whole programme has awarded,
+            # not what the member's slice has left (a short slice is topped up when points are
+            # really accrued).
             snapshot = await accruals_repo.snapshot(
                 conn, [], [accrual.member_id], month_start(day), day, [c.campaign_id for c in rules.campaigns],
-                budgeted, self.accruer.slices)
-            # What the whole programme has awarded, not what the member's slice has left: a short
-            # slice is topped up when the points are really accrued.
-            budget_used = await budgets.used(conn, budgeted)
+                [], self.accruer.slices)
+            budget_used = await budgets.used(conn, [c.campaign_id for c in rules.campaigns if c.budget_points > 0])
         member = snapshot.survivors.get(accrual.member_id, accrual.member_id)
         tier_id, segment_id = snapshot.status.get(member, ("", ""))
         tier_id = request.tier_id or tier_id
