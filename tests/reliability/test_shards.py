@@ -163,22 +163,22 @@ async def activate_campaign(rewards: RewardsServiceStub, admin: Any, reader: Any
     await eventually(priced, f"accruals priced with campaign {campaign_id}")
 
 
+def campaign_award(breakdown: bytes, campaign_id: str) -> int:
+    """The points a stored breakdown awards from `campaign_id`."""
+    parsed = earning_pb2.PointsBreakdown.FromString(breakdown)
+    return sum(a.points for a in parsed.campaign_awards if a.campaign_id == campaign_id)
+
+
 def campaign_points(result: earning_pb2.AccrualResult, campaign_id: str, breakdowns: dict[str, bytes]) -> int:
     if result.outcome in NOT_AWARDED:
         return 0
-    breakdown = earning_pb2.PointsBreakdown.FromString(breakdowns[result.source_event_id])
-    return sum(a.points for a in breakdown.campaign_awards if a.campaign_id == campaign_id)
+    return campaign_award(breakdowns[result.source_event_id], campaign_id)
 
 
 async def awarded(db: asyncpg.Connection, campaign_id: str) -> int:
     """What the accrual rows say the campaign awarded (credits neither blocked nor rejected)."""
-    total = 0
-    for row in await db.fetch("SELECT status, breakdown FROM accruals WHERE breakdown IS NOT NULL"):
-        if row["status"] in NOT_AWARDED:
-            continue
-        breakdown = earning_pb2.PointsBreakdown.FromString(bytes(row["breakdown"]))
-        total += sum(a.points for a in breakdown.campaign_awards if a.campaign_id == campaign_id)
-    return total
+    rows = await db.fetch("SELECT status, breakdown FROM accruals WHERE breakdown IS NOT NULL")
+    return sum(campaign_award(bytes(r["breakdown"]), campaign_id) for r in rows if r["status"] not in NOT_AWARDED)
 
 
 async def budget_books(db: asyncpg.Connection, campaign_id: str) -> tuple[int, int]:
