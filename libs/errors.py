@@ -91,6 +91,11 @@ def unavailable(message: str, reason: str = "UNAVAILABLE") -> LoyaltyError:
     return LoyaltyError(grpc.StatusCode.UNAVAILABLE, reason, message)
 
 
+def aborted(message: str, reason: str = "ABORTED") -> LoyaltyError:
+    """A concurrency conflict the server gave up retrying: the caller may send the same request again."""
+    return LoyaltyError(grpc.StatusCode.ABORTED, reason, message)
+
+
 def unimplemented(method: str) -> LoyaltyError:
     return LoyaltyError(grpc.StatusCode.UNIMPLEMENTED, "NOT_IMPLEMENTED_YET", f"{method} is not implemented yet",
                         metadata={"method": method})

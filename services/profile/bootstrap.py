@@ -13,6 +13,7 @@ from loyalty.profile.v1 import profile_service_pb2_grpc
 from loyalty.rewards.v1 import rewards_pb2, rewards_pb2_grpc
 from services.profile.entrypoints.grpc_api import PACKAGE, ProfileServicer
 from services.profile.service_layer.outbox_relay import GrpcRewards, OutboxRelay
+from services.profile.settings import get_profile_settings
 
 SERVICE_DIR = Path(__file__).resolve().parent
 
@@ -40,7 +41,8 @@ def build_spec() -> ServiceSpec:
         relay = OutboxRelay(runtime.pool, GrpcRewards(rewards_pb2_grpc.RewardsServiceStub(channel)))
         for servicer in servicers:
             servicer.relay = relay
-        runtime.background.append(asyncio.create_task(relay.run(asyncio.Event()), name="outbox-relay"))
+        if get_profile_settings().outbox_relay_enabled:
+            runtime.background.append(asyncio.create_task(relay.run(asyncio.Event()), name="outbox-relay"))
 
     return ServiceSpec(
         name="profile",

@@ -18,6 +18,9 @@ class ProfileSettings(BaseSettings):
     # A configured file is never created: a missing production key must stop the service, not be
     # silently replaced by a new one that cannot open the stored data.
     pii_keys_file: Path | None = None
+    # Whether this process runs the outbox relay to rewards. Off for a replica that should only
+    # record (the relay runs on others; it is safe on several) and in the ingestion benchmark.
+    outbox_relay_enabled: bool = True
 
     def pii_keys_path(self, state_dir: Path) -> Path:
         return self.pii_keys_file or state_dir / PII_KEYS_FILE_NAME

@@ -242,6 +242,68 @@ async def test_the_same_event_from_eight_tasks_is_stored_once(profile_pool: asyn
     assert len(state["orders"]) == 1
 
 
+async def _record_while_another_call_creates(pool: asyncpg.Pool, ev: Events, status: int,
+                                             *events: event_pb2.BehaviourEvent
+                                             ) -> profile_service_pb2.BatchRecordEventsResponse:
+    """Record `events` for a member that does not exist yet while another transaction creates it
+    (with `status`) and commits only once the batch is waiting to insert the same member."""
+    async with pool.acquire() as other:
+        transaction = other.transaction()
+        await transaction.start()
+        await other.execute("INSERT INTO members (member_id, status, channel, joined_at, created_by_event)"
+                            " VALUES ($1, $2, 1, now(), true)", ev.member_id, status)
+        batch = asyncio.create_task(record(pool, *events))
+        for _ in range(500):  # bounded: 10 s
+            waiting = await pool.fetchval(
+                "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database()"
+                " AND wait_event_type = 'Lock' AND query LIKE 'INSERT INTO members%'")
+            if waiting or batch.done():
+                break
+            await asyncio.sleep(0.02)
+        assert not batch.done(), "the batch did not wait for the member being created"
+        await transaction.commit()
+    return await batch
+
+
+async def test_a_member_created_meanwhile_by_another_call_gets_the_events_without_the_created_flag(
+        profile_pool: asyncpg.Pool) -> None:
+    ev = Events()
+    response = await _record_while_another_call_creates(profile_pool, ev, 1, ev.purchase(3_000), ev.view("books"))
+    assert [r.status for r in response.results] == [S.EVENT_STATUS_ACCEPTED] * 2
+    assert response.members_created == 0
+    assert all(F.EVENT_FLAG_MEMBER_CREATED not in r.flags for r in response.results)
+    stored = await profile_pool.fetch("SELECT flags FROM events WHERE member_id = $1", ev.member_id)
+    assert [list(r["flags"]) for r in stored] == [[], []]
+    state = await footprint(profile_pool, ev.member_id)
+    assert (state["aggregates"]["spend_minor"], state["aggregates"]["view_count"], state["outbox"]) == (3_000, 1, 1)
+
+
+async def test_a_member_erased_meanwhile_rolls_the_batch_back_and_its_events_are_rejected(
+        profile_pool: asyncpg.Pool) -> None:
+    ev = Events()
+    response = await _record_while_another_call_creates(profile_pool, ev, 2, ev.purchase(3_000), ev.view())
+    assert [r.reject_reason for r in response.results] == [R.EVENT_REJECT_REASON_MEMBER_ERASED] * 2
+    assert response.members_created == 0
+    state = await footprint(profile_pool, ev.member_id)
+    assert (state["events"], state["aggregates"], state["orders"], state["outbox"]) == (0, {}, [], 0)
+
+
+async def test_concurrent_batches_creating_the_same_members_create_each_once(profile_pool: asyncpg.Pool) -> None:
+    members = [Events() for _ in range(20)]
+    batches = [[m.view() for m in members] for _ in range(6)]
+    responses = await asyncio.gather(*(record(profile_pool, *batch) for batch in batches))
+    assert sum(r.members_created for r in responses) == len(members)
+    assert all(r.accepted_count == len(members) for r in responses)
+    flagged = [r.member_id for response in responses for r in response.results
+               if F.EVENT_FLAG_MEMBER_CREATED in r.flags]
+    assert sorted(flagged) == sorted(m.member_id for m in members)
+    stored = await profile_pool.fetch(
+        "SELECT member_id, count(*) FILTER (WHERE $2::smallint = ANY (flags)) AS created, count(*) AS events"
+        " FROM events WHERE member_id = ANY ($1::text[]) GROUP BY member_id", [m.member_id for m in members],
+        F.EVENT_FLAG_MEMBER_CREATED)
+    assert sorted((r["created"], r["events"]) for r in stored) == [(1, 6)] * len(members)
+
+
 async def test_late_events_land_in_their_own_day(profile_pool: asyncpg.Pool) -> None:
     now = datetime.now(UTC)
     ev = Events(now=now)

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from datetime import datetime
 
 from libs.db import DbConnection
+from loyalty.profile.v1 import event_pb2
 from services.profile.domain.events import EVENT_COUNTERS
 
 
@@ -52,8 +53,11 @@ async def create_bare_members(connection: DbConnection, member_ids: Sequence[str
     return {r["member_id"] for r in rows}
 
 
-_ROW_COLUMNS = """n int, m text, e text, t smallint, o timestamptz, c smallint, d text, ip text, s text, ord text,
-        amt bigint, cat text, f smallint[], om text, h text, p text, sk text,
+# The columns of the two JSON documents a batch travels as (short keys keep them small): what
+# claim_events stores per event, and what write_accepted adds to the aggregates per event.
+CLAIM_COLUMNS = """n int, m text, e text, t smallint, o timestamptz, c smallint, d text, ip text, s text, ord text,
+        amt bigint, cat text, f smallint[], om text, h text, p text"""
+EFFECT_COLUMNS = """n int, m text, e text, t smallint, o timestamptz, sk text,
         pc int, sp bigint, it int, rc int, rm bigint, bs bigint, vc int, sc int, cc int, ca int,
         cats jsonb, ok smallint, ob text"""
 
@@ -66,7 +70,7 @@ async def claim_events(connection: DbConnection, rows_json: str) -> set[tuple[st
                                session_id, order_id, amount_minor, category, flags, original_member_id,
                                payload_sha256, payload)
             SELECT m, e, t, o, c, d, ip::inet, s, ord, amt, cat, f, om, decode(h, 'base64'), decode(p, 'base64')
-              FROM jsonb_to_recordset($1::jsonb) AS x({_ROW_COLUMNS})
+              FROM jsonb_to_recordset($1::jsonb) AS x({CLAIM_COLUMNS})
              ORDER BY m, e
             ON CONFLICT (member_id, event_id) DO NOTHING RETURNING member_id, event_id""",
         rows_json,
@@ -90,6 +94,17 @@ async def unclaim_events(connection: DbConnection, keys: Sequence[tuple[str, str
             """DELETE FROM events e USING unnest($1::text[], $2::text[]) AS k(m, i)
                 WHERE e.member_id = k.m AND e.event_id = k.i""",
             [k[0] for k in keys], [k[1] for k in keys],
+        )
+
+
+async def unflag_created(connection: DbConnection, keys: Sequence[tuple[str, str]]) -> None:
+    """Take MEMBER_CREATED off events stored earlier in the same transaction (never visible outside
+    it) whose member a concurrent call created first."""
+    if keys:
+        await connection.execute(
+            """UPDATE events e SET flags = array_remove(e.flags, $3::smallint)
+                 FROM unnest($1::text[], $2::text[]) AS k(m, i) WHERE e.member_id = k.m AND e.event_id = k.i""",
+            [k[0] for k in keys], [k[1] for k in keys], event_pb2.EVENT_FLAG_MEMBER_CREATED,
         )
 
 
@@ -135,7 +150,8 @@ COUNTERS = EVENT_COUNTERS
 DELTA_KEYS: dict[str, str] = dict(zip(COUNTERS, ("pc", "sp", "it", "rc", "rm", "bs", "vc", "sc", "cc", "ca"),
                                       strict=True))
 _DELTA = tuple(DELTA_KEYS.values())
-_SUMS = ", ".join(f"sum({d})::bigint AS {c}" for d, c in zip(_DELTA, COUNTERS, strict=True))
+# A counter that is zero is left out of the row (NULL here), hence the coalesce.
+_SUMS = ", ".join(f"coalesce(sum({d}), 0)::bigint AS {c}" for d, c in zip(_DELTA, COUNTERS, strict=True))
 _ADD = ", ".join(f"{c} = t.{c} + excluded.{c}" for c in COUNTERS)
 
 # One statement writes every effect of the accepted (already stored) events of a batch: new visits,
@@ -144,7 +160,7 @@ _ADD = ", ".join(f"{c} = t.{c} + excluded.{c}" for c in COUNTERS)
 # sums are GROUP BYs here rather than Python loops. Upserts run in key order, the same in every
 # batch, so concurrent batches cannot deadlock on each other's rows.
 _WRITE_ACCEPTED_SQL = f"""
-WITH input AS (SELECT * FROM jsonb_to_recordset($1::jsonb) AS x({_ROW_COLUMNS})),
+WITH input AS (SELECT * FROM jsonb_to_recordset($1::jsonb) AS x({EFFECT_COLUMNS})),
 new_sessions AS (
     INSERT INTO sessions (member_id, session_id)
     SELECT DISTINCT m, sk FROM input WHERE sk IS NOT NULL ORDER BY m, sk

@@ -43,9 +43,11 @@ class Rejection:
     message: str
 
 
-def payload_sha256(event: event_pb2.BehaviourEvent) -> bytes:
-    """Identity of an event's content: a retry with the same bytes is a duplicate, not a conflict."""
-    return hashlib.sha256(event.SerializeToString(deterministic=True)).digest()
+def serialized_with_sha256(event: event_pb2.BehaviourEvent) -> tuple[bytes, bytes]:
+    """The event's deterministic bytes and their SHA-256, the identity of its content: a retry with
+    the same bytes is a duplicate, not a conflict. The bytes are also what is stored."""
+    data = event.SerializeToString(deterministic=True)
+    return data, hashlib.sha256(data).digest()
 
 
 def event_type(event: event_pb2.BehaviourEvent) -> int:

@@ -18,8 +18,10 @@ from datetime import UTC, datetime
 from typing import Any, cast
 
 import asyncpg
+import orjson
 from opentelemetry import propagate, trace
 
+from libs import errors
 from libs.db import DbConnection
 from libs.distribution import by_shard
 from libs.validation import validate
@@ -29,6 +31,7 @@ from loyalty.rewards.v1 import earning_pb2
 from services.profile.adapters import events_repo
 from services.profile.domain import events as rules
 
+PLANNED_MEMBER_ATTEMPTS = 3  # a batch rolled back this often by members changing under it is refused
 MERGE_HOPS_MAX = 8  # a chain of merges longer than this is a data error, not a loop to follow
 
 OUTBOX_KIND_ACCRUAL = profile_service_pb2.OUTBOX_MESSAGE_KIND_ACCRUAL
@@ -42,6 +45,7 @@ class Item:
     index: int
     event: event_pb2.BehaviourEvent  # as cleaned (e.g. browse clipped)
     request_hash: bytes
+    stored_bytes: bytes  # the event as stored (cleaned), serialized
     occurred_at: datetime
     event_type: int
     sent_member_id: str
@@ -64,7 +68,8 @@ def _prepare(index: int, event: event_pb2.BehaviourEvent, now: datetime, currenc
     first: an impossible timestamp (nanos -1, year 0) is a rejected event, not a failed batch."""
     violations = validate(event)
     occurred_at = _EPOCH if violations else event.occurred_at.ToDatetime(tzinfo=UTC)
-    item = Item(index=index, event=event, request_hash=rules.payload_sha256(event), occurred_at=occurred_at,
+    data, digest = rules.serialized_with_sha256(event)
+    item = Item(index=index, event=event, request_hash=digest, stored_bytes=data, occurred_at=occurred_at,
                 event_type=rules.event_type(event), sent_member_id=event.member_id,
                 key=(event.member_id, event.event_id))
     if violations:
@@ -77,6 +82,8 @@ def _prepare(index: int, event: event_pb2.BehaviourEvent, now: datetime, currenc
             item.reject(check.reason, f"events[{index}].{check.field}", check.message)
             return item
     item.event, item.flags = rules.clean(event)
+    if item.event is not event:
+        item.stored_bytes = item.event.SerializeToString(deterministic=True)
     return item
 
 
@@ -98,22 +105,27 @@ def _dedupe_within_batch(items: list[Item]) -> None:
                         f"event_id also used by events[{seen.index}] with another payload")
 
 
-async def _resolve_members(connection: DbConnection, items: list[Item], create_unknown: bool) -> int:
-    """Point each event at the member it credits; create bare members when asked. Returns the
-    number of members created."""
+class _PlannedMemberChanged(Exception):
+    """A member this batch meant to create appeared meanwhile and is not a plain active member."""
+
+
+async def _resolve_members(connection: DbConnection, items: list[Item], create_unknown: bool) -> dict[str, Item]:
+    """Point each event at the member it credits. Unknown members, when the caller asks, are
+    planned (each with its first event) and inserted by _create_planned at the end of the
+    transaction: a new member's row locks out any concurrent batch naming it until commit, so
+    inserting it first would serialise those batches for their whole transactions."""
     live = [i for i in items if i.result is None]
     wanted = {i.sent_member_id for i in live}
     facts = await events_repo.fetch_members(connection, sorted(wanted))
-    created_ids: set[str] = set()
-    missing = sorted(wanted - set(facts))
+    planned: dict[str, Item] = {}
+    missing = wanted - set(facts)
     if missing and create_unknown:
-        first_event: dict[str, Item] = {}
         for item in sorted(live, key=lambda i: i.occurred_at):
-            first_event.setdefault(item.sent_member_id, item)
-        created_ids = await events_repo.create_bare_members(
-            connection, missing, [first_event[m].event.channel for m in missing],
-            [first_event[m].occurred_at for m in missing])
-        facts.update(await events_repo.fetch_members(connection, missing))
+            if item.sent_member_id in missing:
+                planned.setdefault(item.sent_member_id, item)
+        for member_id, first in planned.items():
+            facts[member_id] = events_repo.MemberFacts(member_id, member_pb2.MEMBER_STATUS_ACTIVE, None,
+                                                       first.occurred_at, None)
     # Follow merges to the survivor (rarely more than one hop).
     for _ in range(MERGE_HOPS_MAX):
         targets = {f.merged_into_member_id for f in facts.values()
@@ -128,7 +140,7 @@ async def _resolve_members(connection: DbConnection, items: list[Item], create_u
             item.reject(event_pb2.EVENT_REJECT_REASON_UNKNOWN_MEMBER, f"events[{item.index}].member_id",
                         "unknown member (send create_unknown_members to create it)")
             continue
-        if member_id in created_ids:
+        if member_id in planned:
             item.flags.append(event_pb2.EVENT_FLAG_MEMBER_CREATED)
         hops = 0
         while member.status == member_pb2.MEMBER_STATUS_MERGED and member.merged_into_member_id in facts:
@@ -149,12 +161,34 @@ async def _resolve_members(connection: DbConnection, items: list[Item], create_u
             item.flags.append(event_pb2.EVENT_FLAG_MEMBER_REDIRECTED)
         if member.last_activity_at is not None and item.occurred_at < member.last_activity_at:
             item.flags.append(event_pb2.EVENT_FLAG_LATE_ARRIVAL)
-    return len(created_ids)
+    return planned
 
 
-async def _claim(connection: DbConnection, items: list[Item]) -> tuple[list[Item], dict[int, dict[str, Any]]]:
+async def _create_planned(connection: DbConnection, planned: dict[str, Item], group: list[Item]) -> int:
+    """Insert the planned members, last in the transaction (their rows stay locked only until the
+    commit just after); returns how many this call created. A member a concurrent call created in
+    between is kept if it is a plain active member (its events were recorded for it all the same,
+    without the MEMBER_CREATED flag); anything else rolls the group back to be recorded again."""
+    if not planned:
+        return 0
+    ids = sorted(planned)
+    created = await events_repo.create_bare_members(connection, ids, [planned[m].event.channel for m in ids],
+                                                    [planned[m].occurred_at for m in ids])
+    lost = set(ids) - created
+    if lost:
+        facts = await events_repo.fetch_members(connection, sorted(lost))
+        if len(facts) < len(lost) or any(f.status != member_pb2.MEMBER_STATUS_ACTIVE for f in facts.values()):
+            raise _PlannedMemberChanged
+        flagged = [i for i in group if i.result is None and i.member_id in lost]
+        await events_repo.unflag_created(connection, [(i.member_id, i.event.event_id) for i in flagged])
+        for item in flagged:
+            item.flags.remove(event_pb2.EVENT_FLAG_MEMBER_CREATED)
+    return len(created)
+
+
+async def _claim(connection: DbConnection, items: list[Item]) -> list[Item]:
     """Store the new events (keyed by the member credited); the others are DUPLICATE (same payload)
-    or CONFLICT. Returns the new items and every live item's row, reused for the effects."""
+    or CONFLICT. Returns the new items."""
     live = sorted((i for i in items if i.result is None), key=lambda i: (i.member_id, i.event.event_id))
     # Two events of one batch may land on the same member and id (a merged duplicate's and its
     # survivor's): the first goes on, the second is a conflict in the batch.
@@ -171,9 +205,8 @@ async def _claim(connection: DbConnection, items: list[Item]) -> tuple[list[Item
             first[target] = item
     live = [i for i in live if i.result is None]
     if not live:
-        return [], {}
-    rows = {i.index: _row(i) for i in live}
-    new = await events_repo.claim_events(connection, json.dumps(list(rows.values())))
+        return []
+    new = await events_repo.claim_events(connection, orjson.dumps([_claim_row(i) for i in live]).decode())
     old = [i for i in live if (i.member_id, i.event.event_id) not in new]
     if old:
         stored = await events_repo.stored_hashes(connection, [(i.member_id, i.event.event_id) for i in old])
@@ -184,7 +217,7 @@ async def _claim(connection: DbConnection, items: list[Item]) -> tuple[list[Item
             else:
                 item.reject(event_pb2.EVENT_REJECT_REASON_CONFLICT, f"events[{item.index}].event_id",
                             "event_id was already recorded with another payload")
-    return [i for i in live if (i.member_id, i.event.event_id) in new], rows
+    return [i for i in live if (i.member_id, i.event.event_id) in new]
 
 
 async def _apply_orders(connection: DbConnection, fresh: list[Item]) -> None:
@@ -221,9 +254,8 @@ async def _apply_orders(connection: DbConnection, fresh: list[Item]) -> None:
     await events_repo.unclaim_events(connection, rejected)
 
 
-def _row(item: Item) -> dict[str, Any]:
-    """One accepted event as a JSON object for the batch statement: its columns, the deltas it adds
-    to the aggregates, its visit key and, for earning events, its outbox payload."""
+def _claim_row(item: Item) -> dict[str, Any]:
+    """One event as a JSON object for claim_events: its columns."""
     event = item.event
     kind = event.WhichOneof("payload")
     order_id: str | None = None
@@ -235,22 +267,36 @@ def _row(item: Item) -> dict[str, Any]:
         order_id, amount = event.refund.order_id, event.refund.amount.amount_minor
     elif kind in ("view", "browse", "click", "add_to_cart"):
         category = getattr(event, kind).category or None
-    delta = rules.delta_of(event)
-    outbox_kind: int | None = None
-    if item.event_type in rules.OUTBOX_EVENT_TYPES:
-        outbox_kind = OUTBOX_KIND_REVERSAL if item.event_type == types_pb2.EVENT_TYPE_REFUND else OUTBOX_KIND_ACCRUAL
     return {
         "n": item.index, "m": item.member_id, "e": event.event_id, "t": item.event_type,
         "o": item.occurred_at.isoformat(), "c": event.channel, "d": event.device_id or None,
         "ip": event.ip_address or None, "s": event.session_id or None, "ord": order_id, "amt": amount,
         "cat": category, "f": item.flags,
         "om": item.sent_member_id if item.sent_member_id != item.member_id else None,
-        "h": base64.b64encode(item.request_hash).decode(), "p": base64.b64encode(event.SerializeToString()).decode(),
-        "sk": rules.session_key(event, item.occurred_at),
-        **{key: getattr(delta, counter) for counter, key in events_repo.DELTA_KEYS.items()},
-        "cats": [[name, *values] for name, values in delta.categories.items()],
-        "ok": outbox_kind, "ob": base64.b64encode(_accrual(item)).decode() if outbox_kind is not None else None,
+        "h": base64.b64encode(item.request_hash).decode(), "p": base64.b64encode(item.stored_bytes).decode(),
     }
+
+
+_DELTA_KEYS = tuple(events_repo.DELTA_KEYS.items())
+
+
+def _effect_row(item: Item) -> dict[str, Any]:
+    """One accepted event as a JSON object for write_accepted: the deltas it adds to the aggregates
+    (counters that stay zero left out), its visit key and, for earning events, its outbox payload."""
+    event = item.event
+    delta = rules.delta_of(event)
+    row: dict[str, Any] = {"n": item.index, "m": item.member_id, "e": event.event_id, "t": item.event_type,
+                           "o": item.occurred_at.isoformat(), "sk": rules.session_key(event, item.occurred_at)}
+    for counter, key in _DELTA_KEYS:
+        value = getattr(delta, counter)
+        if value:
+            row[key] = value
+    if delta.categories:
+        row["cats"] = [[name, *values] for name, values in delta.categories.items()]
+    if item.event_type in rules.OUTBOX_EVENT_TYPES:
+        row["ok"] = OUTBOX_KIND_REVERSAL if item.event_type == types_pb2.EVENT_TYPE_REFUND else OUTBOX_KIND_ACCRUAL
+        row["ob"] = base64.b64encode(_accrual(item)).decode()
+    return row
 
 
 def _accrual(item: Item) -> bytes:
@@ -274,10 +320,28 @@ def _accrual(item: Item) -> bytes:
     return accrual.SerializeToString()
 
 
-async def _write_effects(connection: DbConnection, accepted: list[Item], rows: dict[int, dict[str, Any]]) -> None:
+async def _write_effects(connection: DbConnection, accepted: list[Item]) -> None:
     carrier: dict[str, str] = {}
     propagate.inject(carrier)  # the outbox rows carry the trace of the request that wrote them
-    await events_repo.write_accepted(connection, json.dumps([rows[i.index] for i in accepted]), json.dumps(carrier))
+    await events_repo.write_accepted(connection, orjson.dumps([_effect_row(i) for i in accepted]).decode(),
+                                     json.dumps(carrier))
+
+
+async def _record_group(pool: asyncpg.Pool, group: list[Item], create_unknown: bool) -> int:
+    """One shard's events in one transaction; returns the members it created."""
+    async with pool.acquire() as connection, connection.transaction():
+        planned = await _resolve_members(connection, group, create_unknown)
+        fresh = await _claim(connection, group)
+        await _apply_orders(connection, fresh)
+        accepted = [i for i in fresh if i.result is None]
+        if accepted:
+            await _write_effects(connection, accepted)
+        created = await _create_planned(connection, planned, accepted)
+    for item in accepted:
+        item.result = event_pb2.EventResult(index=item.index, event_id=item.event.event_id,
+                                            status=event_pb2.EVENT_STATUS_ACCEPTED, flags=cast(Any, item.flags),
+                                            member_id=item.member_id)
+    return created
 
 
 async def record_events(pool: asyncpg.Pool, request: profile_service_pb2.BatchRecordEventsRequest,
@@ -291,17 +355,18 @@ async def record_events(pool: asyncpg.Pool, request: profile_service_pb2.BatchRe
     _dedupe_within_batch(items)
     members_created = 0
     for group in by_shard((i for i in items if i.result is None), lambda i: i.sent_member_id, shards):
-        async with pool.acquire() as connection, connection.transaction():
-            members_created += await _resolve_members(connection, group, request.create_unknown_members)
-            fresh, rows = await _claim(connection, group)
-            await _apply_orders(connection, fresh)
-            accepted = [i for i in fresh if i.result is None]
-            if accepted:
-                await _write_effects(connection, accepted, rows)
-            for item in accepted:
-                item.result = event_pb2.EventResult(index=item.index, event_id=item.event.event_id,
-                                                    status=event_pb2.EVENT_STATUS_ACCEPTED, flags=cast(Any, item.flags),
-                                                    member_id=item.member_id)
+        for attempt in range(PLANNED_MEMBER_ATTEMPTS):
+            try:
+                members_created += await _record_group(pool, group, request.create_unknown_members)
+                break
+            except _PlannedMemberChanged:
+                if attempt == PLANNED_MEMBER_ATTEMPTS - 1:
+                    raise errors.aborted("members named by the batch kept changing while it was recorded; "
+                                         "send it again") from None
+                # Rolled back: record the group afresh, reading the members as they are now.
+                group = [_prepare(i.index, request.events[i.index], now, currency) for i in group]
+                for item in group:
+                    items[item.index] = item
     response = profile_service_pb2.BatchRecordEventsResponse(members_created=members_created)
     for item in items:
         assert item.result is not None
