@@ -1,5 +1,7 @@
 """BatchRecordEvents throughput over gRPC on loopback (batches of 500 mixed events, aggregates
 updated), reported with its ratio to a raw asyncpg COPY of the same event rows in the same run.
+The outbox rows are written as always, but profile's relay is off (no rewards runs here; its
+delivery is measured end to end by bench/load.py).
 
     .venv/bin/python -m bench.profile_events [--events 100000] [--concurrency 4]
 """
@@ -129,7 +131,8 @@ def main() -> None:
     args = parser.parse_args()
     events = make_events(args.events, args.members)
     state = Path(tempfile.mkdtemp(prefix="loyalty-bench-state-"))
-    with database() as dsn, service("profile", dsn, state) as profile:
+    # No rewards runs here: the relay is off rather than retrying a dead address between batches.
+    with database() as dsn, service("profile", dsn, state, LOYALTY_OUTBOX_RELAY_ENABLED="false") as profile:
         token = json.loads((state / "dev-tokens.json").read_text())["admin"]
         warm = make_events(2_000, 500, seed=99)
         for e in warm:
