@@ -12,7 +12,6 @@ of the product, where per-event statements would cap us at a few thousand events
 from __future__ import annotations
 
 import base64
-import json
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, cast
@@ -164,7 +163,7 @@ async def _resolve_members(connection: DbConnection, items: list[Item], create_u
     return planned
 
 
-async def _create_planned(connection: DbConnection, planned: dict[str, Item], group: list[Item]) -> int:
+async def _create_planned(connection: DbConnection, planned: dict[str, Item], accepted: list[Item]) -> int:
     """Insert the planned members, last in the transaction (their rows stay locked only until the
     commit just after); returns how many this call created. A member a concurrent call created in
     between is kept if it is a plain active member (its events were recorded for it all the same,
@@ -179,7 +178,7 @@ async def _create_planned(connection: DbConnection, planned: dict[str, Item], gr
         facts = await events_repo.fetch_members(connection, sorted(lost))
         if len(facts) < len(lost) or any(f.status != member_pb2.MEMBER_STATUS_ACTIVE for f in facts.values()):
             raise _PlannedMemberChanged
-        flagged = [i for i in group if i.result is None and i.member_id in lost]
+        flagged = [i for i in accepted if i.member_id in lost]
         await events_repo.unflag_created(connection, [(i.member_id, i.event.event_id) for i in flagged])
         for item in flagged:
             item.flags.remove(event_pb2.EVENT_FLAG_MEMBER_CREATED)
@@ -324,7 +323,7 @@ async def _write_effects(connection: DbConnection, accepted: list[Item]) -> None
     carrier: dict[str, str] = {}
     propagate.inject(carrier)  # the outbox rows carry the trace of the request that wrote them
     await events_repo.write_accepted(connection, orjson.dumps([_effect_row(i) for i in accepted]).decode(),
-                                     json.dumps(carrier))
+                                     orjson.dumps(carrier).decode())
 
 
 async def _record_group(pool: asyncpg.Pool, group: list[Item], create_unknown: bool) -> int:
