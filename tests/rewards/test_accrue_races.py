@@ -149,3 +149,20 @@ async def test_a_cap_used_up_while_risk_is_asked_is_priced_again(pool: asyncpg.P
     assert sorted([first.results[0].points, second.results[0].points]) == [10, 20]
     assert await posted(pool, member) == 30
     assert await pool.fetchval("SELECT sum(browse_points) FROM earning_days WHERE member_id = $1", member) == 30
+
+
+async def test_replicas_starting_together_seed_the_default_rules_once(pg_dsn: str) -> None:
+    """Every replica seeds version 1 at start-up: racing inserts may clash on the version or on the
+    one-active index, and either clash must leave the other's row, not fail the start-up."""
+    async with schema_pool(pg_dsn, "rewards_seed", SERVICE_DIR / "migrations", max_size=8) as seeding:
+        connections = [await seeding.acquire() for _ in range(8)]
+        try:
+            for _ in range(300):
+                await connections[0].execute("DELETE FROM earning_rule_sets")
+                await asyncio.gather(*(rules_repo.seed_default(c) for c in connections))
+                rows = await connections[0].fetch("SELECT version, state FROM earning_rule_sets")
+                assert [(r["version"], r["state"]) for r in rows] == [
+                    (1, earning_pb2.EarningRuleSetState.EARNING_RULE_SET_STATE_ACTIVE)]
+        finally:
+            for c in connections:
+                await seeding.release(c)

@@ -36,10 +36,12 @@ _COLUMNS = "version, state, rule_set, created_by, created_at, activated_at"
 
 async def seed_default(conn: DbConnection) -> None:
     """Version 1 with the product defaults, active, on a fresh installation (once, whatever the
-    number of replicas starting together)."""
+    number of replicas starting together). No conflict target: two replicas' inserts can both pass
+    the check on `version` and then clash on the one-active index instead, which is the same
+    "already seeded" and must not fail the start-up."""
     await conn.execute(
         "INSERT INTO earning_rule_sets (version, state, rule_set, created_by, activated_at)"
-        " VALUES (1, $1, $2, 'system', now()) ON CONFLICT (version) DO NOTHING",
+        " VALUES (1, $1, $2, 'system', now()) ON CONFLICT DO NOTHING",
         STATE.EARNING_RULE_SET_STATE_ACTIVE, default_rule_set().SerializeToString())
 
 
