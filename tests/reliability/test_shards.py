@@ -216,6 +216,17 @@ async def test_each_transaction_of_an_event_batch_writes_one_shard(sharded: Shar
     shards, tables = await transactions_by_shard(sharded, "profile", members)
     assert {"events", "member_aggregates", "outbox"} <= tables, tables
     assert_one_shard_each(shards)
+    # The purchases and browses go on to rewards through profile's relay: wait until they are
+    # credited, so that no later test of this module (a campaign budget) sees them arrive.
+    conn = await connect(sharded, "profile")
+    try:
+        async def delivered() -> bool:
+            return not await conn.fetchval("SELECT count(*) FROM outbox WHERE member_id = ANY($1::text[])"
+                                            " AND delivered_at IS NULL", members)
+
+        await eventually(delivered, "the batch's outbox delivered to rewards")
+    finally:
+        await conn.close()
 
 
 async def test_each_transaction_of_an_assessment_batch_writes_one_shard(sharded: Sharded,
