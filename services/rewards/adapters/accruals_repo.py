@@ -77,6 +77,10 @@ _SURVIVOR_CTES = """chain(start, member_id, depth) AS (
          WHERE a.merged_into IS NOT NULL AND c.depth < 16),
      survivor AS (SELECT DISTINCT ON (start) start, member_id FROM chain ORDER BY start, depth DESC)"""
 
+# The per-member tables are probed with `member_id = ANY(array of the credited members)`, an index
+# condition whatever the planner estimates. A join with the credited members left the plan to the
+# table statistics, and while they lagged behind a growing table (a fresh installation, a busy
+# day) it read every member's row of the month from earning_days for each batch.
 _SNAPSHOT_SQL = """
 WITH RECURSIVE """ + _SURVIVOR_CTES + """,
      credited AS (SELECT DISTINCT member_id FROM survivor),
@@ -87,12 +91,14 @@ SELECT array(SELECT (a.member_id, a.source_event_id, a.payload_sha256, a.result)
                  ON a.member_id = k.m AND a.source_event_id = k.s) AS stored,
        array(SELECT (start, member_id) FROM survivor) AS survivors,
        array(SELECT (s.member_id, s.tier_id, s.segment_id)
-               FROM member_status s JOIN credited USING (member_id)) AS status,
+               FROM member_status s WHERE s.member_id = ANY(array(SELECT member_id FROM credited))) AS status,
        array(SELECT (d.member_id, d.day, d.points, d.browse_points)
-               FROM earning_days d JOIN credited USING (member_id) WHERE d.day BETWEEN $4 AND $5) AS days,
+               FROM earning_days d
+              WHERE d.member_id = ANY(array(SELECT member_id FROM credited)) AND d.day BETWEEN $4 AND $5) AS days,
        array(SELECT (u.member_id, u.campaign_id, u.points)
-               FROM campaign_member_usage u JOIN credited USING (member_id)
-              WHERE u.campaign_id = ANY($6::text[])) AS campaigns,
+               FROM campaign_member_usage u
+              WHERE u.member_id = ANY(array(SELECT member_id FROM credited))
+                AND u.campaign_id = ANY($6::text[])) AS campaigns,
        array(SELECT (b.member_id, b.campaign_id, b.allowance - b.awarded, b.budget_points)
                FROM {budgets_from} b) AS budgets,
        array(SELECT nextval('ledger_entry_ids') FROM generate_series(1, $8)) AS entry_ids,
