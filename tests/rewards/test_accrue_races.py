@@ -20,11 +20,12 @@ from services.rewards.adapters.ledger import LedgerTx
 from services.rewards.adapters.risk_gate import GateAnswer
 from services.rewards.bootstrap import SERVICE_DIR
 from services.rewards.service_layer import operations
-from services.rewards.service_layer.accrue import RISK, Accruer
+from services.rewards.service_layer.accrue import Accruer
 from services.rewards.settings import RewardsSettings
 from tests.support.database import schema_pool
 
 OUTCOME = earning_pb2.AccrualOutcome
+RISK = earning_pb2.RiskOutcome
 
 
 class RacingGate:

@@ -54,9 +54,6 @@ from services.rewards.settings import RewardsSettings
 
 log = logging.getLogger(__name__)
 
-OUTCOME = earning_pb2.AccrualOutcome
-RISK = earning_pb2.RiskOutcome
-S = ledger_pb2.LedgerSource
 REFUND = types_pb2.EVENT_TYPE_REFUND
 SOURCE_EVENT_CONFLICT = "SOURCE_EVENT_CONFLICT"
 _MERGE_RACES_MAX = 8
@@ -65,8 +62,8 @@ _MERGE_RACES_MAX = 8
 def rejected(accrual: earning_pb2.Accrual, reason: str, message: str, violations: Sequence[FieldViolation] = ()
              ) -> earning_pb2.AccrualResult:
     result = earning_pb2.AccrualResult(source_event_id=accrual.source_event_id, member_id=accrual.member_id,
-                                       outcome=OUTCOME.ACCRUAL_OUTCOME_REJECTED,
-                                       risk_outcome=RISK.RISK_OUTCOME_NOT_REQUIRED)
+                                       outcome=earning_pb2.ACCRUAL_OUTCOME_REJECTED,
+                                       risk_outcome=earning_pb2.RISK_OUTCOME_NOT_REQUIRED)
     fill_item_error(result.error, reason, message, violations)
     return result
 
@@ -76,7 +73,7 @@ def duplicate_of(result: earning_pb2.AccrualResult) -> earning_pb2.AccrualResult
     answer = earning_pb2.AccrualResult()
     answer.CopyFrom(result)
     answer.original_outcome = result.outcome
-    answer.outcome = OUTCOME.ACCRUAL_OUTCOME_DUPLICATE
+    answer.outcome = earning_pb2.ACCRUAL_OUTCOME_DUPLICATE
     return answer
 
 
@@ -231,7 +228,7 @@ class Accruer:
             first = firsts[(item.accrual.member_id, item.accrual.source_event_id)]
             first_result = results[first.index]
             assert first_result is not None
-            same = item.digest == first.digest and first_result.outcome != OUTCOME.ACCRUAL_OUTCOME_REJECTED
+            same = item.digest == first.digest and first_result.outcome != earning_pb2.ACCRUAL_OUTCOME_REJECTED
             results[item.index] = duplicate_of(first_result) if same else conflict(item.accrual)
         return rewards_pb2.AccrueResponse(results=[r for r in results if r is not None])
 
@@ -330,7 +327,7 @@ class Accruer:
             records.append(record)
         # A blocked or rejected credit takes nothing from the caps and budgets.
         for item, record in zip(items, records, strict=True):
-            if record.status in (OUTCOME.ACCRUAL_OUTCOME_VOIDED_BLOCKED, OUTCOME.ACCRUAL_OUTCOME_REJECTED) \
+            if record.status in (earning_pb2.ACCRUAL_OUTCOME_VOIDED_BLOCKED, earning_pb2.ACCRUAL_OUTCOME_REJECTED) \
                     and item.day is not None and item.accrual.event_type != REFUND:
                 usage.add(item.credited, item.day, item.breakdown, sign=-1)
         writes = Writes()
@@ -350,15 +347,15 @@ class Accruer:
             member_id=a.member_id, source_event_id=a.source_event_id, payload_sha256=item.digest,
             credited_member_id=item.credited, event_type=a.event_type, order_id=a.order_id or None,
             occurred_at=a.occurred_at.ToDatetime(UTC), currency=a.amount.currency,
-            amount_minor=a.amount.amount_minor, status=OUTCOME.ACCRUAL_OUTCOME_NO_POINTS, points=0,
+            amount_minor=a.amount.amount_minor, status=earning_pb2.ACCRUAL_OUTCOME_NO_POINTS, points=0,
             qualifying_points=0, unposted=0, unposted_qualifying=0, entry_id=None, case_id=None, assessment_id=None,
             available_at=None, earning_rules_version=rules.version, day=item.day,
             breakdown=b.SerializeToString(), result=b"", gate_request=None, next_gate_attempt_at=None)
         if a.event_type == REFUND:
             await self._refund(tx, conn, item, result, record)
         elif b.total_points <= 0:
-            result.outcome = OUTCOME.ACCRUAL_OUTCOME_NO_POINTS
-            result.risk_outcome = RISK.RISK_OUTCOME_NOT_REQUIRED
+            result.outcome = earning_pb2.ACCRUAL_OUTCOME_NO_POINTS
+            result.risk_outcome = earning_pb2.RISK_OUTCOME_NOT_REQUIRED
         else:
             self._credit(tx, item, rules, result, record)
         record.status = result.outcome
@@ -369,7 +366,7 @@ class Accruer:
                 result: earning_pb2.AccrualResult, record: repo.AccrualRecord) -> None:
         a = item.accrual
         b = item.breakdown
-        answer = item.answer or GateAnswer(RISK.RISK_OUTCOME_UNAVAILABLE)
+        answer = item.answer or GateAnswer(earning_pb2.RISK_OUTCOME_UNAVAILABLE)
         credit = credits.Credit(member_id=item.credited, source_event_id=a.source_event_id,
                                 order_id=a.order_id or None, occurred_at=record.occurred_at, points=b.total_points,
                                 qualifying=b.qualifying_points, rules_version=rules.version,
@@ -379,13 +376,14 @@ class Accruer:
                                                            f" {c.points_removed} points (limit {c.limit})")
             for c in b.caps_applied]
         text = "; ".join(f"{r.rule_id or r.code}: {r.message}" for r in answer.reasons)[:2000]
-        if answer.outcome == RISK.RISK_OUTCOME_ALLOW:
-            placed = credits.allow(tx, credit, rules, self._zone, origin=credits.FRESH, source=S.LEDGER_SOURCE_ACCRUAL)
-        elif answer.outcome == RISK.RISK_OUTCOME_REVIEW:
+        if answer.outcome == earning_pb2.RISK_OUTCOME_ALLOW:
+            placed = credits.allow(tx, credit, rules, self._zone, origin=credits.FRESH,
+                                   source=ledger_pb2.LEDGER_SOURCE_ACCRUAL)
+        elif answer.outcome == earning_pb2.RISK_OUTCOME_REVIEW:
             placed = credits.hold(tx, credit, for_review=True, reason=text, reason_code="RISK_REVIEW")
-        elif answer.outcome == RISK.RISK_OUTCOME_BLOCK:
-            placed = credits.void(tx, credit, origin=credits.FRESH, source=S.LEDGER_SOURCE_ACCRUAL, reason=text,
-                                  reason_code="RISK_BLOCK")
+        elif answer.outcome == earning_pb2.RISK_OUTCOME_BLOCK:
+            placed = credits.void(tx, credit, origin=credits.FRESH, source=ledger_pb2.LEDGER_SOURCE_ACCRUAL,
+                                  reason=text, reason_code="RISK_BLOCK")
         else:
             placed = credits.hold(tx, credit, for_review=False, reason=text, reason_code="GATE_UNAVAILABLE")
             assert item.gate_request is not None
@@ -409,14 +407,14 @@ class Accruer:
         record.case_id = answer.case_id or None
         record.assessment_id = answer.assessment_id or None
         record.available_at = placed.available_at
-        if placed.outcome not in (OUTCOME.ACCRUAL_OUTCOME_POSTED, OUTCOME.ACCRUAL_OUTCOME_VOIDED_BLOCKED):
+        if placed.outcome not in (earning_pb2.ACCRUAL_OUTCOME_POSTED, earning_pb2.ACCRUAL_OUTCOME_VOIDED_BLOCKED):
             record.unposted = b.total_points
             record.unposted_qualifying = b.qualifying_points
 
     async def _refund(self, tx: LedgerTx, conn: DbConnection, item: Item, result: earning_pb2.AccrualResult,
                       record: repo.AccrualRecord) -> None:
         a = item.accrual
-        result.risk_outcome = RISK.RISK_OUTCOME_NOT_REQUIRED
+        result.risk_outcome = earning_pb2.RISK_OUTCOME_NOT_REQUIRED
         try:
             reversal = await reversals.reverse(
                 tx, conn, reversals.RefundRequest(
@@ -424,10 +422,10 @@ class Accruer:
                     refunded=a.amount, occurred_at=record.occurred_at, reason="refund event",
                     digest=item.digest), self._zone)
         except LoyaltyError as error:
-            result.outcome = OUTCOME.ACCRUAL_OUTCOME_REJECTED
+            result.outcome = earning_pb2.ACCRUAL_OUTCOME_REJECTED
             fill_item_error(result.error, error.reason, error.message)
             return
-        result.outcome = OUTCOME.ACCRUAL_OUTCOME_REVERSED
+        result.outcome = earning_pb2.ACCRUAL_OUTCOME_REVERSED
         result.points = -(reversal.posted_points_reversed + reversal.unposted_points_reversed)
         result.qualifying_points = -reversal.qualifying_points_reversed
         result.ledger_entry_id = reversal.ledger_entry_ids[0] if reversal.ledger_entry_ids else ""

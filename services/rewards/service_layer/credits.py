@@ -16,10 +16,6 @@ from services.rewards.adapters.ledger import Entry, LedgerTx
 from services.rewards.domain.expiry import expires_at
 from services.rewards.service_layer import notices
 
-T = ledger_pb2.LedgerEntryType
-S = ledger_pb2.LedgerSource
-OUTCOME = earning_pb2.AccrualOutcome
-
 # Where a credit's points sit before they post.
 FRESH = "fresh"  # nothing written yet: the credit enters the programme now
 HELD = "held"
@@ -69,13 +65,13 @@ def allow(tx: LedgerTx, credit: Credit, rules: earning_pb2.EarningRuleSet, zone:
                   operator_id=operator_id)
     if until is not None and until > tx.now and origin != PENDING:
         entry = tx.entry(Entry(
-            member_id=credit.member_id, type=T.LEDGER_ENTRY_TYPE_PENDING, points=credit.points,
+            member_id=credit.member_id, type=ledger_pb2.LEDGER_ENTRY_TYPE_PENDING, points=credit.points,
             pending_delta=credit.points, held_delta=-credit.points if origin == HELD else 0,
             issued=credit.points if origin == FRESH else 0, available_at=until, **common))  # type: ignore[arg-type]
-        return Placed(OUTCOME.ACCRUAL_OUTCOME_PENDING_PERIOD, entry.entry_id, None, until)
+        return Placed(earning_pb2.ACCRUAL_OUTCOME_PENDING_PERIOD, entry.entry_id, None, until)
     entry = tx.entry(Entry(
         member_id=credit.member_id,
-        type=T.LEDGER_ENTRY_TYPE_CREDIT if origin == FRESH else T.LEDGER_ENTRY_TYPE_RELEASE,
+        type=ledger_pb2.LEDGER_ENTRY_TYPE_CREDIT if origin == FRESH else ledger_pb2.LEDGER_ENTRY_TYPE_RELEASE,
         points=credit.points, posted_delta=credit.points,
         held_delta=-credit.points if origin == HELD else 0, pending_delta=-credit.points if origin == PENDING else 0,
         qualifying_delta=credit.qualifying, lifetime_delta=credit.points,
@@ -83,17 +79,18 @@ def allow(tx: LedgerTx, credit: Credit, rules: earning_pb2.EarningRuleSet, zone:
         qualifying_at=credit.occurred_at if credit.qualifying else None, **common))  # type: ignore[arg-type]
     lot_id = tx.new_lot(entry, credit.points, credit.occurred_at, expires_at(credit.occurred_at, rules.expiry, zone))
     notices.upgrade_check(tx, credit.member_id, credit.source_event_id, credit.points)
-    return Placed(OUTCOME.ACCRUAL_OUTCOME_POSTED, entry.entry_id, lot_id)
+    return Placed(earning_pb2.ACCRUAL_OUTCOME_POSTED, entry.entry_id, lot_id)
 
 
 def hold(tx: LedgerTx, credit: Credit, *, for_review: bool, reason: str, reason_code: str) -> Placed:
     """Hold a fresh credit: for a review case, or because the gate did not answer."""
     entry = tx.entry(Entry(
-        member_id=credit.member_id, type=T.LEDGER_ENTRY_TYPE_HOLD, points=credit.points, held_delta=credit.points,
-        issued=credit.points, source=S.LEDGER_SOURCE_ACCRUAL, source_event_id=credit.source_event_id,
-        order_id=credit.order_id, case_id=credit.case_id, earning_rules_version=credit.rules_version,
-        reason=reason, reason_code=reason_code))
-    outcome = OUTCOME.ACCRUAL_OUTCOME_HELD_REVIEW if for_review else OUTCOME.ACCRUAL_OUTCOME_HELD_GATE_UNAVAILABLE
+        member_id=credit.member_id, type=ledger_pb2.LEDGER_ENTRY_TYPE_HOLD, points=credit.points,
+        held_delta=credit.points, issued=credit.points, source=ledger_pb2.LEDGER_SOURCE_ACCRUAL,
+        source_event_id=credit.source_event_id, order_id=credit.order_id, case_id=credit.case_id,
+        earning_rules_version=credit.rules_version, reason=reason, reason_code=reason_code))
+    outcome = (earning_pb2.ACCRUAL_OUTCOME_HELD_REVIEW if for_review
+               else earning_pb2.ACCRUAL_OUTCOME_HELD_GATE_UNAVAILABLE)
     return Placed(outcome, entry.entry_id)
 
 
@@ -102,10 +99,10 @@ def void(tx: LedgerTx, credit: Credit, *, origin: str, source: int, reason: str,
     """Record points that will never be granted: a blocked fresh credit (no balance moves) or a
     settled hold (its points leave the held bucket)."""
     entry = tx.entry(Entry(
-        member_id=credit.member_id, type=T.LEDGER_ENTRY_TYPE_VOID, points=credit.points,
+        member_id=credit.member_id, type=ledger_pb2.LEDGER_ENTRY_TYPE_VOID, points=credit.points,
         held_delta=-credit.points if origin == HELD else 0, pending_delta=-credit.points if origin == PENDING else 0,
         issued=credit.points if origin == FRESH else 0, source=source, source_event_id=credit.source_event_id,
         order_id=credit.order_id, case_id=credit.case_id, related_entry_id=credit.hold_entry_id,
         earning_rules_version=credit.rules_version, reason=reason, reason_code=reason_code,
         request_id=request_id, operator_id=operator_id))
-    return Placed(OUTCOME.ACCRUAL_OUTCOME_VOIDED_BLOCKED, entry.entry_id)
+    return Placed(earning_pb2.ACCRUAL_OUTCOME_VOIDED_BLOCKED, entry.entry_id)
