@@ -4,10 +4,8 @@ a fresh installation growing faster than autovacuum analyses it)."""
 
 from __future__ import annotations
 
-import json
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime
-from typing import Any
 
 import asyncpg
 import pytest
@@ -16,6 +14,7 @@ from services.rewards.adapters import accruals_repo as repo
 from services.rewards.adapters.budgets import Slices
 from services.rewards.bootstrap import SERVICE_DIR
 from tests.support.database import schema_pool
+from tests.support.plans import Explaining, rows_read
 
 OTHERS = 4_000
 TABLES = ("earning_days", "member_status", "campaign_member_usage")
@@ -29,24 +28,6 @@ async def pool(pg_dsn: str) -> AsyncIterator[asyncpg.Pool]:
             for table in TABLES:
                 await conn.execute(f"ALTER TABLE {table} SET (autovacuum_enabled = false)")
         yield created
-
-
-class Explaining:
-    """A connection whose fetchrow also keeps the plan the statement ran with."""
-
-    def __init__(self, conn: asyncpg.Connection) -> None:
-        self.conn = conn
-        self.plan: dict[str, Any] = {}
-
-    async def fetchrow(self, sql: str, *args: Any) -> asyncpg.Record | None:
-        self.plan = json.loads(await self.conn.fetchval(f"EXPLAIN (ANALYZE, FORMAT JSON) {sql}", *args))[0]["Plan"]
-        return await self.conn.fetchrow(sql, *args)
-
-
-def rows_read(plan: dict[str, Any], table: str) -> int:
-    """The rows every scan of `table` in `plan` returned (over all its loops)."""
-    own = plan["Actual Rows"] * plan["Actual Loops"] if plan.get("Relation Name") == table else 0
-    return own + sum(rows_read(child, table) for child in plan.get("Plans", []))
 
 
 @pytest.mark.parametrize("lock", [False, True], ids=["read", "locked"])
