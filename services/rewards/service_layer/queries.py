@@ -19,6 +19,8 @@ LOT = ledger_pb2.LotState
 AS_OF_SKEW = timedelta(seconds=5)
 QUALIFYING_CHUNK_DEFAULT = 10_000
 
+# The chain's members are probed by index (= ANY(array)): a join with the recursive CTE, which the
+# planner cannot size, was planned as a scan of every member's qualifying entries.
 _BALANCE_SQL = """
 WITH RECURSIVE merged(member_id, depth) AS (
     SELECT $1::text, 0
@@ -27,7 +29,8 @@ WITH RECURSIVE merged(member_id, depth) AS (
 )
 SELECT a.posted, a.pending, a.held, a.reserved, a.lifetime, a.merged_into,
        (SELECT coalesce(sum(e.qualifying_delta), 0)::bigint FROM ledger_entries e
-         WHERE e.member_id IN (SELECT member_id FROM merged) AND e.qualifying_delta <> 0 AND e.qualifying_at >= $2
+         WHERE e.member_id = ANY(array(SELECT member_id FROM merged)) AND e.qualifying_delta <> 0
+           AND e.qualifying_at >= $2
        ) AS qualifying,
        (SELECT min(expires_at) FROM lots WHERE member_id = $1 AND state = 1) AS next_expiry,
        (SELECT coalesce(sum(remaining_points), 0)::bigint FROM lots
