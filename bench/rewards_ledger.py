@@ -68,27 +68,31 @@ async def accrue_batches(stub: Any, md: Any, batches: int, streams: int) -> tupl
 
 async def raw_credits(dsn: str, batches: int) -> float:
     """The same number of credits as one INSERT of 100 entries + one UPDATE of 100 balances per
-    transaction, into bare tables: what the ledger would cost without any logic."""
+    transaction, into bare tables: what the ledger would cost without any logic. The tables are
+    ordinary (logged) ones, committed as durably as the ledger's: temporary tables skip the
+    write-ahead log and would make the baseline four times faster than anything durable."""
     connection = await asyncpg.connect(dsn)
     try:
         await connection.execute(
-            "CREATE TEMP TABLE raw_entries (member_id text, entry_id bigint, points bigint, created_at timestamptz,"
+            "CREATE SCHEMA raw_bench;"
+            "CREATE TABLE raw_bench.entries (member_id text, entry_id bigint, points bigint, created_at timestamptz,"
             " PRIMARY KEY (member_id, entry_id));"
-            "CREATE TEMP TABLE raw_balances (member_id text PRIMARY KEY, posted bigint)")
+            "CREATE TABLE raw_bench.balances (member_id text PRIMARY KEY, posted bigint)")
         members = [[f"rm-{b}-{i}" for i in range(BATCH)] for b in range(batches)]
-        await connection.execute("INSERT INTO raw_balances SELECT unnest($1::text[]), 0",
+        await connection.execute("INSERT INTO raw_bench.balances SELECT unnest($1::text[]), 0",
                                  [m for batch in members for m in batch])
         points = [50 + i for i in range(BATCH)]
         with Timer() as timer:
             for b, batch in enumerate(members):
                 async with connection.transaction():
                     await connection.execute(
-                        "INSERT INTO raw_entries SELECT m, $2 + n, p, now()"
+                        "INSERT INTO raw_bench.entries SELECT m, $2 + n, p, now()"
                         " FROM unnest($1::text[], $3::bigint[]) WITH ORDINALITY AS u(m, p, n)",
                         batch, b * BATCH, points)
                     await connection.execute(
-                        "UPDATE raw_balances SET posted = posted + u.p FROM unnest($1::text[], $2::bigint[]) AS u(m, p)"
-                        " WHERE member_id = u.m", batch, points)
+                        "UPDATE raw_bench.balances SET posted = posted + u.p"
+                        " FROM unnest($1::text[], $2::bigint[]) AS u(m, p) WHERE member_id = u.m", batch, points)
+        await connection.execute("DROP SCHEMA raw_bench CASCADE")
         return batches * BATCH / timer.seconds
     finally:
         await connection.close()
