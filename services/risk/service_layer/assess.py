@@ -16,7 +16,6 @@ Two statements per round, whatever the batch size, and no lock held while comput
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 from collections.abc import Callable, Sequence
@@ -27,6 +26,7 @@ from typing import Any
 
 import asyncpg
 import numpy as np
+import orjson
 from google.protobuf import timestamp_pb2
 
 from libs import errors
@@ -403,10 +403,8 @@ def compact_explanation(judgement: Judgement, model: ModelResult | None, text: s
     rule texts are not repeated per assessment: they live in the stored rule set version."""
     outcomes = judgement.outcomes
     errors_by_rule = {o.rule.rule_id: o.error for o in outcomes if o.error}
-    return _COMPACT_JSON.encode({"r": "".join([_DIGITS[o.result] for o in outcomes]), "e": errors_by_rule,
-                                 "t": model.threshold if model else 0.0, "s": text}).encode()
+    return orjson.dumps({"r": "".join([_DIGITS[o.result] for o in outcomes]), "e": errors_by_rule,
+                         "t": model.threshold if model else 0.0, "s": text})
 
 
-# json.dumps(..., separators=(",", ":")) builds an encoder per call; one does for all.
-_COMPACT_JSON = json.JSONEncoder(separators=(",", ":"))
 _DIGITS = {result: str(int(result)) for result in Result}
