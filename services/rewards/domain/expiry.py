@@ -9,6 +9,7 @@ datetime would silently be read in the host's zone.
 from __future__ import annotations
 
 import calendar
+import functools
 from datetime import UTC, date, datetime, timedelta
 from zoneinfo import ZoneInfo
 
@@ -60,16 +61,19 @@ def add_months(local: datetime, months: int) -> datetime:
     return local.replace(year=year, month=month, day=day)
 
 
-def _end_of_period(local: datetime, period_months: int, zone: ZoneInfo) -> datetime:
-    """The last microsecond (UTC) of the `period_months`-long calendar period holding `local`.
+@functools.lru_cache(maxsize=1024)
+def _end_of_period(year: int, month: int, period_months: int, zone: ZoneInfo) -> datetime:
+    """The last microsecond (UTC) of the `period_months`-long calendar period holding the month
+    (`year`, `month`) in `zone`.
 
     Periods are aligned on the calendar year (quarters start in January, April, July, October).
     The end is computed as the first instant of the next period minus one microsecond, in UTC, so
-    that it is exact whatever the length of the month or a daylight-saving shift in the zone.
+    that it is exact whatever the length of the month or a daylight-saving shift in the zone. It
+    depends on the month alone, so the few months a batch of credits falls in are computed once.
     """
-    first_month = (local.month - 1) // period_months * period_months + 1
-    year, month = _shift_months(local.year, first_month, period_months)
-    next_start = datetime(year, month, 1, tzinfo=zone)
+    first_month = (month - 1) // period_months * period_months + 1
+    next_year, next_month = _shift_months(year, first_month, period_months)
+    next_start = datetime(next_year, next_month, 1, tzinfo=zone)
     return next_start.astimezone(UTC) - _ONE_MICROSECOND
 
 
@@ -81,11 +85,13 @@ def expires_at(earned_at: datetime, policy: earning_pb2.ExpiryPolicy, zone: Zone
     the instant itself.
     """
     _require_aware(earned_at)
-    local = add_months(earned_at.astimezone(zone), policy.lifetime_months)
+    local = earned_at.astimezone(zone)
     period_months = _PERIOD_MONTHS.get(policy.rounding)
     if period_months is None:
-        return local.astimezone(UTC)
-    return _end_of_period(local, period_months, zone)
+        return add_months(local, policy.lifetime_months).astimezone(UTC)
+    # Rounded up to the end of a period, the day within the month no longer matters.
+    year, month = _shift_months(local.year, local.month, policy.lifetime_months)
+    return _end_of_period(year, month, period_months, zone)
 
 
 def expiring_soon_notice(policy: earning_pb2.ExpiryPolicy) -> timedelta:

@@ -89,6 +89,7 @@ class Item:
     index: int
     accrual: earning_pb2.Accrual
     digest: bytes
+    occurred_at: datetime
     credited: str = ""  # the member credited: the survivor after a merge
     day: date | None = None
     breakdown: earning_pb2.PointsBreakdown = field(default_factory=earning_pb2.PointsBreakdown)
@@ -195,8 +196,9 @@ class Accruer:
             if violations:
                 results[i] = rejected(accrual, "INVALID_ARGUMENT", "the accrual is invalid", violations)
                 continue
-            item = Item(i, accrual, payload_digest(accrual),
-                        day=programme_day(accrual.occurred_at.ToDatetime(UTC), self._zone))
+            occurred_at = accrual.occurred_at.ToDatetime(UTC)
+            item = Item(i, accrual, payload_digest(accrual), occurred_at,
+                        day=programme_day(occurred_at, self._zone))
             key = (accrual.member_id, accrual.source_event_id)
             if key in firsts:
                 repeats.append(item)
@@ -346,7 +348,7 @@ class Accruer:
         record = repo.AccrualRecord(
             member_id=a.member_id, source_event_id=a.source_event_id, payload_sha256=item.digest,
             credited_member_id=item.credited, event_type=a.event_type, order_id=a.order_id or None,
-            occurred_at=a.occurred_at.ToDatetime(UTC), currency=a.amount.currency,
+            occurred_at=item.occurred_at, currency=a.amount.currency,
             amount_minor=a.amount.amount_minor, status=earning_pb2.ACCRUAL_OUTCOME_NO_POINTS, points=0,
             qualifying_points=0, unposted=0, unposted_qualifying=0, entry_id=None, case_id=None, assessment_id=None,
             available_at=None, earning_rules_version=rules.version, day=item.day,
