@@ -92,6 +92,18 @@ def admin(dev_tokens: dict[str, str]) -> Any:
     return bearer(dev_tokens["admin"])
 
 
+@pytest.fixture
+def reader(dev_tokens: dict[str, str]) -> Any:
+    """Read-only metadata (rewards.read and the other services' read scopes)."""
+    return bearer(dev_tokens["readonly"])
+
+
+@pytest.fixture
+def relay_caller(dev_tokens: dict[str, str]) -> Any:
+    """What profile's outbox relay presents to rewards."""
+    return bearer(dev_tokens["profile"])
+
+
 def bearer(token: str) -> tuple[tuple[str, str]]:
     return (("authorization", f"Bearer {token}"),)
 

@@ -38,11 +38,6 @@ def storefront(dev_tokens: dict[str, str]) -> Any:
     return bearer(dev_tokens["storefront"])  # rewards.read, rewards.write, disputes.write
 
 
-@pytest.fixture
-def relay_caller(dev_tokens: dict[str, str]) -> Any:
-    return bearer(dev_tokens["profile"])
-
-
 async def records(pool: asyncpg.Pool, **where: str) -> list[asyncpg.Record]:
     clauses = " AND ".join(f"{name} = ${i}" for i, name in enumerate(where, 1))
     return list(await pool.fetch(f"SELECT action, actor, on_behalf_of, member_id, resource_id, before_json,"

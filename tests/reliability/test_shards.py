@@ -90,16 +90,6 @@ async def rewards(sharded: Sharded) -> AsyncIterator[RewardsServiceStub]:
         yield RewardsServiceStub(channel)
 
 
-@pytest.fixture
-def relay_caller(dev_tokens: dict[str, str]) -> Any:
-    return bearer(dev_tokens["profile"])
-
-
-@pytest.fixture
-def reader(dev_tokens: dict[str, str]) -> Any:
-    return bearer(dev_tokens["readonly"])
-
-
 async def transactions_by_shard(sharded: Sharded, schema: str, keys: list[str]
                                 ) -> tuple[dict[int, set[int]], set[str]]:
     """For the rows of `keys` (member ids and shard anchors) in every member-keyed table of

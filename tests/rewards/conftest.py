@@ -43,16 +43,6 @@ def writer(dev_tokens: dict[str, str]) -> Any:
     return bearer(dev_tokens["storefront"])  # rewards.read + rewards.write
 
 
-@pytest.fixture
-def reader(dev_tokens: dict[str, str]) -> Any:
-    return bearer(dev_tokens["readonly"])  # rewards.read
-
-
-@pytest.fixture
-def relay_caller(dev_tokens: dict[str, str]) -> Any:
-    return bearer(dev_tokens["profile"])  # what profile's outbox relay presents
-
-
 def purchase(member_id: str, amount_minor: int = 10_000, *, at: datetime | None = None, order_id: str | None = None,
              **fields: Any) -> earning_pb2.Accrual:
     """A valid PURCHASE accrual (CNY) for `member_id`; tests change what they are about."""
