@@ -208,31 +208,24 @@ async def add_usage(conn: DbConnection, days: dict[tuple[str, date], tuple[int, 
     await writes.execute(conn)
 
 
+# One array of rows (migration 0007's accrual_write, whose fields follow the columns).
 _INSERT_SQL = """
 INSERT INTO accruals (member_id, source_event_id, payload_sha256, credited_member_id, event_type, order_id,
                       occurred_at, currency, amount_minor, status, points, qualifying_points, unposted,
                       unposted_qualifying, entry_id, case_id, assessment_id, available_at, earning_rules_version,
                       day, breakdown, result, gate_request, next_gate_attempt_at)
-SELECT * FROM unnest($1::text[], $2::text[], $3::bytea[], $4::text[], $5::smallint[], $6::text[],
-                     $7::timestamptz[], $8::text[], $9::bigint[], $10::smallint[], $11::bigint[], $12::bigint[],
-                     $13::bigint[], $14::bigint[], $15::bigint[], $16::text[], $17::text[], $18::timestamptz[],
-                     $19::bigint[], $20::date[], $21::bytea[], $22::bytea[], $23::bytea[], $24::timestamptz[])
+SELECT * FROM unnest($1::accrual_write[])
 """
 
 
 def stage_insert(writes: Writes, records: Sequence[AccrualRecord]) -> None:
     if not records:
         return
-    r = records
-    writes.add(
-        _INSERT_SQL, [x.member_id for x in r], [x.source_event_id for x in r], [x.payload_sha256 for x in r],
-        [x.credited_member_id for x in r], [x.event_type for x in r], [x.order_id for x in r],
-        [x.occurred_at for x in r], [x.currency for x in r], [x.amount_minor for x in r], [x.status for x in r],
-        [x.points for x in r], [x.qualifying_points for x in r], [x.unposted for x in r],
-        [x.unposted_qualifying for x in r], [x.entry_id for x in r], [x.case_id for x in r],
-        [x.assessment_id for x in r], [x.available_at for x in r], [x.earning_rules_version for x in r],
-        [x.day for x in r], [x.breakdown for x in r], [x.result for x in r], [x.gate_request for x in r],
-        [x.next_gate_attempt_at for x in r])
+    writes.add(_INSERT_SQL, [
+        (x.member_id, x.source_event_id, x.payload_sha256, x.credited_member_id, x.event_type, x.order_id,
+         x.occurred_at, x.currency, x.amount_minor, x.status, x.points, x.qualifying_points, x.unposted,
+         x.unposted_qualifying, x.entry_id, x.case_id, x.assessment_id, x.available_at, x.earning_rules_version,
+         x.day, x.breakdown, x.result, x.gate_request, x.next_gate_attempt_at) for x in records])
 
 
 def is_unique_violation(error: BaseException) -> bool:

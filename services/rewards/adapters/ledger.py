@@ -122,6 +122,7 @@ ON CONFLICT (member_id) DO UPDATE SET updated_at = a.updated_at
 RETURNING member_id, posted, pending, held, reserved, lifetime, merged_into
 """
 
+# Rows travel as one array of row values per table (migration 0007): see the types there.
 _INSERT_ENTRIES_SQL = """
 INSERT INTO ledger_entries (
     member_id, entry_id, type, points, posted_delta, pending_delta, held_delta, reserved_delta,
@@ -134,25 +135,14 @@ SELECT e.member_id, e.entry_id, e.type, e.points, e.posted_delta, e.pending_delt
        CASE WHEN e.lot_ids = '' THEN NULL ELSE string_to_array(e.lot_ids, ',')::bigint[] END,
        CASE WHEN e.lot_points = '' THEN NULL ELSE string_to_array(e.lot_points, ',')::bigint[] END,
        e.reason, e.reason_code, e.actor, e.request_id, e.operator_id, e.earning_rules_version,
-       e.available_at, e.qualifying_at, $30
-  FROM unnest($1::text[], $2::bigint[], $3::smallint[], $4::bigint[], $5::bigint[], $6::bigint[], $7::bigint[],
-              $8::bigint[], $9::bigint[], $10::bigint[], $11::bigint[], $12::bigint[], $13::smallint[], $14::text[],
-              $15::text[], $16::text[], $17::text[], $18::text[], $19::bigint[], $20::text[], $21::text[],
-              $22::text[], $23::text[], $24::text[], $25::text[], $26::text[], $27::bigint[],
-              $28::timestamptz[], $29::timestamptz[])
-       AS e(member_id, entry_id, type, points, posted_delta, pending_delta, held_delta, reserved_delta,
-            qualifying_delta, lifetime_delta, issued, posted_balance_after, source, source_event_id, order_id,
-            redemption_id, case_id, dispute_id, related_entry_id, lot_ids, lot_points, reason, reason_code,
-            actor, request_id, operator_id, earning_rules_version, available_at, qualifying_at)
+       e.available_at, e.qualifying_at, $2
+  FROM unnest($1::ledger_entry_write[]) AS e
 """
 
 _INSERT_LOTS_SQL = """
 INSERT INTO lots (member_id, lot_id, source_entry_id, source_event_id, original_points, remaining_points,
                   earned_at, expires_at, state, updated_at)
-SELECT l.*, $10 FROM unnest($1::text[], $2::bigint[], $3::bigint[], $4::text[], $5::bigint[], $6::bigint[],
-                            $7::timestamptz[], $8::timestamptz[], $9::smallint[])
-                 AS l(member_id, lot_id, source_entry_id, source_event_id, original_points, remaining_points,
-                      earned_at, expires_at, state)
+SELECT l.*, $2 FROM unnest($1::lot_write[]) AS l
 """
 
 _UPDATE_LOTS_SQL = """
@@ -163,9 +153,8 @@ UPDATE lots SET remaining_points = u.remaining, state = u.state, updated_at = $5
 
 _UPDATE_ACCOUNTS_SQL = """
 UPDATE accounts SET posted = u.posted, pending = u.pending, held = u.held, reserved = u.reserved,
-                    lifetime = u.lifetime, updated_at = $7
-  FROM unnest($1::text[], $2::bigint[], $3::bigint[], $4::bigint[], $5::bigint[], $6::bigint[])
-       AS u(member_id, posted, pending, held, reserved, lifetime)
+                    lifetime = u.lifetime, updated_at = $2
+  FROM unnest($1::account_write[]) AS u
  WHERE accounts.member_id = u.member_id
 """
 
@@ -375,33 +364,24 @@ class LedgerTx:
             else:
                 updates.append((member_id, lot_id, remaining, state))
         if self.entries:
-            e = self.entries
-            writes.add(
-                _INSERT_ENTRIES_SQL,
-                [x.member_id for x in e], [x.entry_id for x in e], [x.type for x in e], [x.points for x in e],
-                [x.posted_delta for x in e], [x.pending_delta for x in e], [x.held_delta for x in e],
-                [x.reserved_delta for x in e], [x.qualifying_delta for x in e], [x.lifetime_delta for x in e],
-                [x.issued for x in e], [x.posted_balance_after for x in e], [x.source for x in e],
-                [x.source_event_id for x in e], [x.order_id for x in e], [x.redemption_id for x in e],
-                [x.case_id for x in e], [x.dispute_id for x in e], [x.related_entry_id for x in e],
-                [_csv(x.lot_ids) for x in e], [_csv(x.lot_points) for x in e], [x.reason for x in e],
-                [x.reason_code for x in e], [x.actor for x in e], [x.request_id for x in e],
-                [x.operator_id for x in e], [x.earning_rules_version for x in e], [x.available_at for x in e],
-                [x.qualifying_at for x in e], self.now)
+            writes.add(_INSERT_ENTRIES_SQL, [
+                (x.member_id, x.entry_id, x.type, x.points, x.posted_delta, x.pending_delta, x.held_delta,
+                 x.reserved_delta, x.qualifying_delta, x.lifetime_delta, x.issued, x.posted_balance_after, x.source,
+                 x.source_event_id, x.order_id, x.redemption_id, x.case_id, x.dispute_id, x.related_entry_id,
+                 _csv(x.lot_ids), _csv(x.lot_points), x.reason, x.reason_code, x.actor, x.request_id,
+                 x.operator_id, x.earning_rules_version, x.available_at, x.qualifying_at)
+                for x in self.entries], self.now)
         if self.new_lots:
-            n = self.new_lots
-            writes.add(
-                _INSERT_LOTS_SQL, [x.member_id for x in n], [x.lot_id for x in n], [x.source_entry_id for x in n],
-                [x.source_event_id for x in n], [x.original_points for x in n], [x.remaining_points for x in n],
-                [x.earned_at for x in n], [x.expires_at for x in n], [x.state for x in n], self.now)
+            writes.add(_INSERT_LOTS_SQL, [
+                (x.member_id, x.lot_id, x.source_entry_id, x.source_event_id, x.original_points, x.remaining_points,
+                 x.earned_at, x.expires_at, x.state) for x in self.new_lots], self.now)
         if updates:
             writes.add(_UPDATE_LOTS_SQL, [u[0] for u in updates], [u[1] for u in updates],
                        [u[2] for u in updates], [u[3] for u in updates], self.now)
         changed = [a for a in self.accounts.values() if a.changed]
         if changed:
-            writes.add(_UPDATE_ACCOUNTS_SQL, [a.member_id for a in changed], [a.posted for a in changed],
-                       [a.pending for a in changed], [a.held for a in changed],
-                       [a.reserved for a in changed], [a.lifetime for a in changed], self.now)
+            writes.add(_UPDATE_ACCOUNTS_SQL,
+                       [(a.member_id, a.posted, a.pending, a.held, a.reserved, a.lifetime) for a in changed], self.now)
         if self.notices:
             n2 = self.notices
             writes.add(_INSERT_NOTICES_SQL, [x.member_id for x in n2], [x.kind for x in n2],
