@@ -324,8 +324,7 @@ class Accruer:
         items = fresh
         records: list[repo.AccrualRecord] = []
         for item in items:
-            record = await self._settle(tx, conn, item, rules)
-            results[item.index] = earning_pb2.AccrualResult.FromString(record.result)
+            record, results[item.index] = await self._settle(tx, conn, item, rules)
             records.append(record)
         # A blocked or rejected credit takes nothing from the caps and budgets.
         for item, record in zip(items, records, strict=True):
@@ -339,8 +338,9 @@ class Accruer:
         await tx.flush(writes)
 
     async def _settle(self, tx: LedgerTx, conn: DbConnection, item: Item, rules: earning_pb2.EarningRuleSet
-                      ) -> repo.AccrualRecord:
-        """Decide and stage one accrual's outcome; returns its row (with its result)."""
+                      ) -> tuple[repo.AccrualRecord, earning_pb2.AccrualResult]:
+        """Decide and stage one accrual's outcome; returns its row (with its result, serialized) and
+        the result."""
         a = item.accrual
         b = item.breakdown
         result = earning_pb2.AccrualResult(source_event_id=a.source_event_id, member_id=a.member_id,
@@ -362,7 +362,7 @@ class Accruer:
             self._credit(tx, item, rules, result, record)
         record.status = result.outcome
         record.result = result.SerializeToString()
-        return record
+        return record, result
 
     def _credit(self, tx: LedgerTx, item: Item, rules: earning_pb2.EarningRuleSet,
                 result: earning_pb2.AccrualResult, record: repo.AccrualRecord) -> None:
