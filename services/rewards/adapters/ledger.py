@@ -383,9 +383,9 @@ class LedgerTx:
             writes.add(_UPDATE_ACCOUNTS_SQL,
                        [(a.member_id, a.posted, a.pending, a.held, a.reserved, a.lifetime) for a in changed], self.now)
         if self.notices:
-            n2 = self.notices
-            writes.add(_INSERT_NOTICES_SQL, [x.member_id for x in n2], [x.kind for x in n2],
-                       [json.dumps(x.payload) for x in n2], [x.dedupe_key for x in n2], current_traceparent())
+            n = self.notices
+            writes.add(_INSERT_NOTICES_SQL, [x.member_id for x in n], [x.kind for x in n],
+                       [json.dumps(x.payload) for x in n], [x.dedupe_key for x in n], current_traceparent())
         await writes.execute(self.conn)
         for account in changed:
             account.changed = False
