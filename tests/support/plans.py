@@ -10,20 +10,31 @@ import asyncpg
 
 
 class Explaining:
-    """A connection for code under test that also keeps the plan (EXPLAIN ANALYZE) of the first
-    statement it runs through fetchrow; the statement then runs as usual."""
+    """A connection for code under test that also keeps the plan (EXPLAIN ANALYZE) of every
+    statement it runs (`plans`, in order; `plan` is the first's); each then runs as usual."""
 
     def __init__(self, conn: asyncpg.Connection) -> None:
         self.conn = conn
-        self.plan: dict[str, Any] | None = None
+        self.plans: list[dict[str, Any]] = []
+
+    @property
+    def plan(self) -> dict[str, Any] | None:
+        return self.plans[0] if self.plans else None
+
+    async def _explain(self, sql: str, args: tuple[Any, ...]) -> None:
+        explained = await self.conn.fetchval(f"EXPLAIN (ANALYZE, FORMAT JSON) {sql}", *args)
+        self.plans.append(json.loads(explained)[0]["Plan"])
 
     async def fetchrow(self, sql: str, *args: Any) -> asyncpg.Record | None:
-        if self.plan is None:
-            explained = await self.conn.fetchval(f"EXPLAIN (ANALYZE, FORMAT JSON) {sql}", *args)
-            self.plan = json.loads(explained)[0]["Plan"]
+        await self._explain(sql, args)
         return await self.conn.fetchrow(sql, *args)
 
+    async def fetch(self, sql: str, *args: Any) -> list[asyncpg.Record]:
+        await self._explain(sql, args)
+        return await self.conn.fetch(sql, *args)
+
     async def fetchval(self, sql: str, *args: Any) -> Any:
+        await self._explain(sql, args)
         return await self.conn.fetchval(sql, *args)
 
 
@@ -32,3 +43,15 @@ def rows_read(plan: dict[str, Any] | None, table: str) -> int:
     assert plan is not None, "no statement was explained"
     own = plan["Actual Rows"] * plan["Actual Loops"] if plan.get("Relation Name") == table else 0
     return own + sum(rows_read(child, table) for child in plan.get("Plans", []))
+
+
+def rows_visited(plans: list[dict[str, Any]], table: str) -> int:
+    """The rows the scans of `table` in `plans` looked at, over all their loops: those they returned
+    and those their filters removed (a scan of the wrong index returns few rows but visits many)."""
+    def visited(plan: dict[str, Any]) -> int:
+        own = 0
+        if plan.get("Relation Name") == table:
+            own = (plan["Actual Rows"] + plan.get("Rows Removed by Filter", 0)
+                   + plan.get("Rows Removed by Index Recheck", 0)) * plan["Actual Loops"]
+        return own + sum(visited(child) for child in plan.get("Plans", []))
+    return sum(visited(plan) for plan in plans)

@@ -21,21 +21,30 @@ QUALIFYING_CHUNK_DEFAULT = 10_000
 
 # The chain's members are probed by index (= ANY(array)): a join with the recursive CTE, which the
 # planner cannot size, was planned as a scan of every member's qualifying entries.
+# A member's open lots are read by member only (MATERIALIZED: the expiry conditions stay outside).
+# With an expiry condition beside the member, the planner may take lots_due (every open lot by
+# expiry) and filter the member: the lots of a whole month share one expiry date, and a month's new
+# date is one the statistics have not seen yet, so it looks rare. After a burst of credits that
+# plan read every lot of the month for one balance (5.5 ms at 60,000 lots, against 1.1 ms).
+OPEN_LOTS_CTE = """open_lots AS MATERIALIZED (
+    SELECT expires_at, remaining_points FROM lots WHERE member_id = $1 AND state = 1)"""
+
 _BALANCE_SQL = """
 WITH RECURSIVE merged(member_id, depth) AS (
     SELECT $1::text, 0
   UNION ALL
     SELECT a.member_id, m.depth + 1 FROM accounts a JOIN merged m ON a.merged_into = m.member_id WHERE m.depth < 16
-)
+), """ + OPEN_LOTS_CTE + """
 SELECT a.posted, a.pending, a.held, a.reserved, a.lifetime, a.merged_into,
        (SELECT coalesce(sum(e.qualifying_delta), 0)::bigint FROM ledger_entries e
          WHERE e.member_id = ANY(array(SELECT member_id FROM merged)) AND e.qualifying_delta <> 0
            AND e.qualifying_at >= $2
        ) AS qualifying,
-       (SELECT min(expires_at) FROM lots WHERE member_id = $1 AND state = 1) AS next_expiry,
-       (SELECT coalesce(sum(remaining_points), 0)::bigint FROM lots
-         WHERE member_id = $1 AND state = 1 AND expires_at < $3) AS expiring_soon
+       n.next_expiry,
+       (SELECT sum(remaining_points)::bigint FROM open_lots WHERE expires_at = n.next_expiry) AS next_expiring,
+       (SELECT coalesce(sum(remaining_points), 0)::bigint FROM open_lots WHERE expires_at < $3) AS expiring_soon
   FROM (SELECT 1) AS one LEFT JOIN accounts a ON a.member_id = $1
+       CROSS JOIN (SELECT min(expires_at) AS next_expiry FROM open_lots) AS n
 """
 
 
@@ -64,9 +73,7 @@ async def balance(conn: DbConnection, member_id: str, rules: earning_pb2.Earning
     result.expiring_soon_points = r["expiring_soon"]
     if r["next_expiry"] is not None:
         result.next_expiry_at.FromDatetime(r["next_expiry"])
-        result.next_expiring_points = await conn.fetchval(
-            "SELECT sum(remaining_points)::bigint FROM lots WHERE member_id = $1 AND state = 1 AND expires_at = $2",
-            member_id, r["next_expiry"])
+        result.next_expiring_points = r["next_expiring"]
     return result
 
 
@@ -157,13 +164,13 @@ async def list_expiring(conn: DbConnection, request: rewards_pb2.ListExpiringPoi
     if horizon.tzinfo is None:
         horizon = horizon.replace(tzinfo=now.tzinfo)
     rows = await conn.fetch(
-        """SELECT expires_at, sum(remaining_points)::bigint AS points, count(*) AS lots FROM lots
-            WHERE member_id = $1 AND state = 1 AND expires_at < $2
-              AND ($3::timestamptz IS NULL OR expires_at > $3)
-            GROUP BY expires_at ORDER BY expires_at LIMIT $4""",
+        f"""WITH {OPEN_LOTS_CTE}
+            SELECT expires_at, sum(remaining_points)::bigint AS points, count(*) AS lots FROM open_lots
+             WHERE expires_at < $2 AND ($3::timestamptz IS NULL OR expires_at > $3)
+             GROUP BY expires_at ORDER BY expires_at LIMIT $4""",
         request.member_id, horizon, datetime.fromisoformat(after[0]) if after else None, size + 1)
-    total = await conn.fetchval("SELECT coalesce(sum(remaining_points), 0)::bigint FROM lots"
-                                " WHERE member_id = $1 AND state = 1 AND expires_at < $2", request.member_id, horizon)
+    total = await conn.fetchval(f"WITH {OPEN_LOTS_CTE} SELECT coalesce(sum(remaining_points), 0)::bigint"
+                                " FROM open_lots WHERE expires_at < $2", request.member_id, horizon)
     page, more = paging.split(rows, size)
     response = rewards_pb2.ListExpiringPointsResponse(total_points=total)
     for r in page:
