@@ -19,8 +19,6 @@ LOT = ledger_pb2.LotState
 AS_OF_SKEW = timedelta(seconds=5)
 QUALIFYING_CHUNK_DEFAULT = 10_000
 
-# The chain's members are probed by index (= ANY(array)): a join with the recursive CTE, which the
-# planner cannot size, was planned as a scan of every member's qualifying entries.
 # A member's open lots are read by member only (MATERIALIZED: the expiry conditions stay outside).
 # With an expiry condition beside the member, the planner may take lots_due (every open lot by
 # expiry) and filter the member: the lots of a whole month share one expiry date, and a month's new
@@ -29,6 +27,8 @@ QUALIFYING_CHUNK_DEFAULT = 10_000
 OPEN_LOTS_CTE = """open_lots AS MATERIALIZED (
     SELECT expires_at, remaining_points FROM lots WHERE member_id = $1 AND state = 1)"""
 
+# The chain's members are probed by index (= ANY(array)): a join with the recursive CTE, which the
+# planner cannot size, was planned as a scan of every member's qualifying entries.
 _BALANCE_SQL = """
 WITH RECURSIVE merged(member_id, depth) AS (
     SELECT $1::text, 0
