@@ -153,8 +153,9 @@ async def stack_stubs(stack: Stack) -> AsyncIterator[StackStubs]:
 
 
 @pytest.fixture
-def operator(dev_tokens: dict[str, str]) -> Any:
-    return bearer(dev_tokens["admin"])
+def operator(admin: Any) -> Any:
+    """An operator of tier policies: the development admin (the root conftest's `admin`)."""
+    return admin
 
 
 @pytest.fixture

@@ -4,6 +4,7 @@ planner's statistics say."""
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
 from typing import Any
 
 import asyncpg
@@ -38,20 +39,23 @@ class Explaining:
         return await self.conn.fetchval(sql, *args)
 
 
+def _scans(plan: dict[str, Any], table: str) -> Iterator[dict[str, Any]]:
+    """The nodes of `plan` that scan `table`."""
+    if plan.get("Relation Name") == table:
+        yield plan
+    for child in plan.get("Plans", []):
+        yield from _scans(child, table)
+
+
 def rows_read(plan: dict[str, Any] | None, table: str) -> int:
     """The rows every scan of `table` in `plan` returned, over all its loops."""
     assert plan is not None, "no statement was explained"
-    own = plan["Actual Rows"] * plan["Actual Loops"] if plan.get("Relation Name") == table else 0
-    return own + sum(rows_read(child, table) for child in plan.get("Plans", []))
+    return sum(scan["Actual Rows"] * scan["Actual Loops"] for scan in _scans(plan, table))
 
 
 def rows_visited(plans: list[dict[str, Any]], table: str) -> int:
     """The rows the scans of `table` in `plans` looked at, over all their loops: those they returned
     and those their filters removed (a scan of the wrong index returns few rows but visits many)."""
-    def visited(plan: dict[str, Any]) -> int:
-        own = 0
-        if plan.get("Relation Name") == table:
-            own = (plan["Actual Rows"] + plan.get("Rows Removed by Filter", 0)
-                   + plan.get("Rows Removed by Index Recheck", 0)) * plan["Actual Loops"]
-        return own + sum(visited(child) for child in plan.get("Plans", []))
-    return sum(visited(plan) for plan in plans)
+    return sum((scan["Actual Rows"] + scan.get("Rows Removed by Filter", 0)
+                + scan.get("Rows Removed by Index Recheck", 0)) * scan["Actual Loops"]
+               for plan in plans for scan in _scans(plan, table))
